@@ -1,0 +1,74 @@
+"""Prompt builders and the label mask: ScienceQA QCM-A and LLaVA-style conversations.
+
+Both reduce to a list of segments (text, is_target); ``encode_segments`` tokenizes them, puts the loss on
+target segments only and truncates to ``max_seq_len``. Training and evaluation use the same builders, so
+the prompt a model is evaluated on is byte-identical to the one it was trained on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from memvp_ds.model.vlm import IGNORE_INDEX
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+Segment = Tuple[str, bool]
+_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+
+
+@dataclass
+class EncodedText:
+    input_ids: List[int]
+    labels: List[int]
+
+
+def scienceqa_prompt(question: str, choices: Sequence[str], hint: Optional[str]) -> str:
+    """The QCM part of the official QCM-A format."""
+    context = (hint or "").strip() or "N/A"
+    options = " ".join(f"({OPTION_LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
+    return f"Question: {question}\nContext: {context}\nOptions: {options}\n"
+
+
+def scienceqa_target(answer_index: int) -> str:
+    return f"Answer: The answer is {OPTION_LETTERS[answer_index]}."
+
+
+def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
+    """LLaVA turns [{"from": "human"|"gpt", "value": ...}] as 'USER: ...\\nASSISTANT: ...' segments.
+
+    The ``<image>`` placeholder is removed: the image enters through the strategy, not the text.
+    """
+    segments: List[Segment] = []
+    for turn in turns:
+        text = _IMAGE_PLACEHOLDER.sub(" ", turn["value"]).strip()
+        if turn["from"] == "human":
+            segments.append((f"USER: {text}\nASSISTANT: ", False))
+        elif turn["from"] == "gpt":
+            segments.append((f"{text}\n", True))
+        else:
+            raise ValueError(f"conversation turn 'from' must be 'human' or 'gpt', got {turn['from']!r}")
+    return segments
+
+
+def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
+    """Tokenize segments behind BOS; labels are the token ids on target segments (and EOS), else -100.
+
+    EOS ends the sequence only if it ends with a target. Too long a sequence loses tokens from the start
+    of the text after BOS (the oldest context), so the answer the loss is computed on is kept whole.
+    """
+    input_ids: List[int] = [tokenizer.bos_token_id]
+    labels: List[int] = [IGNORE_INDEX]
+    for text, is_target in segments:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        input_ids += ids
+        labels += ids if is_target else [IGNORE_INDEX] * len(ids)
+    if segments and segments[-1][1]:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    overflow = len(input_ids) - max_seq_len
+    if overflow > 0:
+        input_ids = input_ids[:1] + input_ids[1 + overflow :]
+        labels = labels[:1] + labels[1 + overflow :]
+    return EncodedText(input_ids=input_ids, labels=labels)

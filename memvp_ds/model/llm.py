@@ -1,0 +1,79 @@
+"""Loading the frozen language model and checking that its blocks have the shape MemVP needs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from memvp_ds.config import ConfigError, LLMConfig
+
+# Extra norms that sit around the FFN in "sandwich-norm" blocks (Gemma 2/3, OLMo 2). There the FFN output
+# is normalised before the residual add, so a memory term added to it would not be the MemVP formulation.
+_SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "post_mlp_layernorm")
+_REQUIRED = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The chosen LLM does not have LLaMA's pre-norm decoder block."""
+
+
+def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks of an HF causal LM, after checking each is a LLaMA-style pre-norm block.
+
+    A block must compute ``h = x + attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))``:
+    MemVP extends ``mlp`` with visual key/value memory and reads its input, the normalised ``h``.
+    """
+    arch = type(llm).__name__
+    if getattr(llm.config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(f"{arch} is an encoder-decoder model; MemVP needs a decoder-only LLM")
+    layers = getattr(llm.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedArchitectureError(
+            f"{arch} has no 'layers' list of decoder blocks in its base model; supported: LLaMA-style decoders "
+            "(Llama 1/2/3, Mistral, Qwen2, ...)"
+        )
+    block = layers[0]
+    missing = [name for name in _REQUIRED if not hasattr(block, name)]
+    sandwich = [name for name in _SANDWICH_NORMS if hasattr(block, name)]
+    if missing or sandwich:
+        reason = f"lacks {missing}" if missing else f"has extra FFN norms {sandwich}"
+        raise UnsupportedArchitectureError(
+            f"{arch}: decoder block {type(block).__name__} {reason}; MemVP needs the LLaMA pre-norm block "
+            f"({', '.join(_REQUIRED)})"
+        )
+    return layers
+
+
+def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+    if cfg.path is None:
+        inline = dict(cfg.config)
+        return AutoConfig.for_model(inline.pop("model_type"), **inline)
+    if not os.path.isdir(cfg.path):
+        raise ConfigError(f"model.llm.path: '{cfg.path}' is not a directory (expected a local HF model directory)")
+    if not os.path.isfile(os.path.join(cfg.path, "config.json")):
+        raise ConfigError(f"model.llm.path: '{cfg.path}' has no config.json; is it an HF model directory?")
+    return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
+    """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
+
+    The architecture is checked on a meta-device copy first, so a wrong model choice fails in
+    milliseconds instead of after reading tens of gigabytes.
+    """
+    hf_config = _load_hf_config(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    common = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        decoder_layers(AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code))
+    if cfg.path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            llm = AutoModelForCausalLM.from_config(hf_config, **common)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf_config, use_safetensors=True, **common)
+    llm.requires_grad_(False)
+    return llm

@@ -1,0 +1,9 @@
+"""Registry of visual-prompting strategies: adding a method is one file plus one line here."""
+
+from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy
+from memvp_ds.model.strategies.input_prefix import InputPrefixStrategy
+from memvp_ds.model.strategies.memvp import MemVPStrategy
+
+STRATEGIES = {cls.name: cls for cls in (MemVPStrategy, InputPrefixStrategy)}
+
+__all__ = ["STRATEGIES", "DecoderInputs", "VisualStrategy"]

@@ -1,0 +1,58 @@
+"""The interface every visual-prompting strategy implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from memvp_ds.config import ModelConfig
+
+
+@dataclass
+class DecoderInputs:
+    """What the strategy hands to the LLM's decoder stack for one forward (or one generation prefill).
+
+    Exactly one of ``input_ids`` / ``inputs_embeds`` is set. ``prefix_len`` positions at the front are
+    not text (e.g. visual tokens) and are dropped before the LM head.
+    """
+
+    attention_mask: torch.Tensor
+    input_ids: Optional[torch.Tensor] = None
+    inputs_embeds: Optional[torch.Tensor] = None
+    prefix_len: int = 0
+
+
+def image_indicator(image_features: torch.Tensor, has_image: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, 1, 1) float mask, 0 for rows without an image; ``has_image=None`` means every row has one."""
+    if has_image is None:
+        return image_features.new_ones(image_features.shape[0], 1, 1)
+    return has_image.to(image_features.dtype).view(-1, 1, 1)
+
+
+class VisualStrategy(nn.Module):
+    """One way of feeding projected visual features to a frozen decoder-only LLM.
+
+    A strategy owns all of its trainable tensors and uses them only inside its own ``forward`` (or in hooks
+    it registers on LLM submodules with tensors computed in that ``forward``): under ZeRO-3 a parameter is
+    gathered only while the module that owns it runs. ``forward`` is called once per model forward and once
+    per ``generate`` call; anything per-image is computed there, never per layer or per decoded token.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: Optional[torch.Tensor],
+        has_image: Optional[torch.Tensor],
+    ) -> DecoderInputs:
+        raise NotImplementedError

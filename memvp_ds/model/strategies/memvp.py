@@ -1,0 +1,71 @@
+"""MemVP: projected visual features become extra key/value memory of every FFN (Jie et al., ICML 2024)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+
+from memvp_ds.config import ModelConfig
+from memvp_ds.model.llm import decoder_layers
+from memvp_ds.model.projector import VisualProjector
+from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator
+
+
+class MemVPStrategy(VisualStrategy):
+    """``out = h + FFN(x) + s * Dropout(SiLU(x K^T)) V`` in every decoder block, with x = ffn_norm(h).
+
+    K = Z + P1 and V = Z + P2, where Z is the projected visual features (zeroed for text-only rows) padded
+    with zero rows to M. P1 ("memory keys", randn * 0.02) and P2 ("memory values", zeros) are shared by all
+    layers. K/V are built once in ``forward`` and read by a forward hook on each block's ``mlp``, whose input
+    is exactly x, so the FFN input is computed once and the HF module tree (and its weight names) is unchanged.
+    """
+
+    name = "memvp"
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
+        super().__init__(cfg, llm)
+        width = llm.config.hidden_size
+        rows = cfg.memvp.memory_rows
+        self.projector = VisualProjector(cfg.visual_dim, width, cfg.projector)
+        self.memory_keys = nn.Parameter(torch.randn(1, rows, width) * 0.02)
+        self.memory_values = nn.Parameter(torch.zeros(1, rows, width))
+        self.memory_scale = cfg.memvp.memory_scale
+        self.dropout = nn.Dropout(cfg.memvp.dropout)
+        # K/V of the current forward. Deliberately kept after forward returns: backward through a
+        # gradient-checkpointed block re-runs the hook, which must see the very same K/V tensors.
+        self._keys: Optional[torch.Tensor] = None
+        self._values: Optional[torch.Tensor] = None
+        for layer in decoder_layers(llm):
+            layer.mlp.register_forward_hook(self._add_memory_term)
+
+    def forward(self, input_ids, attention_mask, image_features, has_image) -> DecoderInputs:
+        rows, batch = self.memory_keys.shape[1], input_ids.shape[0]
+        if image_features is None:
+            visual = None
+        else:
+            if image_features.shape[1] > rows:
+                raise ValueError(
+                    f"{image_features.shape[1]} visual tokens exceed the {rows} memory rows "
+                    "(model.memvp.memory_rows)"
+                )
+            visual = self.projector(image_features) * image_indicator(image_features, has_image)
+            visual = F.pad(visual, (0, 0, 0, rows - visual.shape[1]))
+        keys = self.memory_keys if visual is None else visual + self.memory_keys
+        values = self.memory_values if visual is None else visual + self.memory_values
+        self._keys = keys.expand(batch, -1, -1)
+        self._values = values.expand(batch, -1, -1)
+        return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+
+    def _add_memory_term(self, mlp: nn.Module, args: tuple, ffn_out: torch.Tensor) -> torch.Tensor:
+        ffn_in = args[0]
+        if self._keys is None:
+            raise RuntimeError("MemVP memory used before the strategy's forward computed K/V")
+        # .to() is a no-op when trainable and frozen weights share a dtype (the DeepSpeed case); it only
+        # copies when fp32 trainable tensors meet a bf16 LLM outside autocast.
+        scores = F.silu(torch.matmul(ffn_in, self._keys.transpose(1, 2).to(ffn_in.dtype)))
+        memory_out = torch.matmul(self.dropout(scores), self._values.to(ffn_in.dtype))
+        return ffn_out + self.memory_scale * memory_out

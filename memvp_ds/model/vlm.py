@@ -1,0 +1,165 @@
+"""The vision-language model: a frozen HF causal LM plus one visual-prompting strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from memvp_ds.config import ModelConfig
+from memvp_ds.model.llm import load_frozen_llm
+from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor
+    """(B, T, vocab) for the text positions only, whatever the strategy prepends."""
+    loss: Optional[torch.Tensor] = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only attended tokens, so left padding and masked prefixes shift nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over label positions that are not IGNORE_INDEX (0 if there are none)."""
+    shifted_logits = logits[:, :-1].flatten(0, 1).float()
+    shifted_labels = labels[:, 1:].flatten()
+    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def is_trainable(param: nn.Parameter) -> bool:
+    """The one predicate for what trains: used for the optimizer, checkpoints and exports alike."""
+    return param.requires_grad
+
+
+class VisualPromptedLM(nn.Module):
+    """``llm`` (frozen HF causal LM) + ``strategy`` (all trainable tensors)."""
+
+    def __init__(self, llm: PreTrainedModel, strategy: VisualStrategy):
+        super().__init__()
+        self.llm = llm
+        self.strategy = strategy
+
+    @property
+    def _decoder(self) -> nn.Module:
+        return self.llm.base_model
+
+    def _run_decoder(self, inputs: DecoderInputs, **kwargs) -> torch.Tensor:
+        out = self._decoder(
+            input_ids=inputs.input_ids,
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=positions_from_mask(inputs.attention_mask),
+            **kwargs,
+        )
+        return out.last_hidden_state[:, inputs.prefix_len :]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        has_image: Optional[torch.Tensor] = None,
+    ) -> VLMOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs = self.strategy(input_ids, attention_mask, image_features, has_image)
+        hidden = self._run_decoder(inputs, use_cache=False)
+        logits = self.llm.get_output_embeddings()(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return VLMOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        has_image: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 16,
+        eos_token_id: Optional[int] = None,
+        stop_when_done: bool = True,
+    ) -> torch.Tensor:
+        """Batched greedy decoding with the LLM's KV cache; prompts must be left-padded.
+
+        Returns the (B, max_new_tokens or fewer) new tokens; rows that produced ``eos_token_id`` are
+        filled with it afterwards. ``stop_when_done=False`` always runs ``max_new_tokens`` steps, which
+        data-parallel ZeRO-3 needs: every rank must make the same number of forward calls.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate expects left-padded prompts: attention_mask[:, -1] must be 1 for every row")
+        inputs = self.strategy(input_ids, attention_mask, image_features, has_image)
+        cache = DynamicCache(config=self.llm.config)
+        mask = inputs.attention_mask
+        hidden = self._run_decoder(inputs, past_key_values=cache, use_cache=True)
+        lm_head = self.llm.get_output_embeddings()
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            next_token = lm_head(hidden[:, -1]).argmax(-1)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            new_tokens.append(next_token)
+            if step == max_new_tokens - 1 or (stop_when_done and bool(finished.all())):
+                break
+            positions = positions_from_mask(mask)[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            hidden = self._decoder(
+                input_ids=next_token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+        return torch.stack(new_tokens, dim=1)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant checkpointing of every decoder block.
+
+        Reentrant checkpointing would silently drop the gradient of the MemVP K/V, which enter each block
+        from outside rather than through its inputs.
+        """
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def trainable_parameters(self) -> Dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if is_trainable(p)}
+
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the trainable tensors (detached), keyed by their names in this module."""
+        return {name: p.detach() for name, p in self.trainable_parameters().items()}
+
+    def load_trainable(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore trainable tensors; the key set must match exactly (no frozen weights, nothing missing)."""
+        expected = set(self.trainable_parameters())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise KeyError(f"trainable weights do not match the model: missing {missing}, unexpected {unexpected}")
+        params = self.trainable_parameters()
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: stored shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+
+
+def build_model(cfg: ModelConfig) -> VisualPromptedLM:
+    """Load the frozen LLM named by ``cfg.llm`` and attach the strategy ``cfg.strategy``."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
+    llm = load_frozen_llm(cfg.llm)
+    strategy = STRATEGIES[cfg.strategy](cfg, llm)
+    return VisualPromptedLM(llm, strategy)
