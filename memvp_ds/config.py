@@ -191,7 +191,7 @@ def _merge(schema: Any, layer: Any, source: str) -> Any:
         valid = ", ".join(_valid_keys(schema, key))
         raise ConfigError(f"{source}: unknown key '{key}'. Valid keys here: {valid}") from None
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid value for '{err.full_key}': {err.msg}") from None
+        raise ConfigError(f"{source}: invalid value for '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
@@ -217,9 +217,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"override '{item}' is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
+    _check_strategy(cfg.model.strategy)
+    return cfg
+
+
+def _check_strategy(name: str) -> None:
+    from memvp_ds.model.strategies import STRATEGIES  # deferred: the registry imports torch
+
+    if name not in STRATEGIES:
+        raise ConfigError(f"model.strategy: unknown strategy '{name}'; choose one of {sorted(STRATEGIES)}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -133,7 +133,12 @@ class VisualPromptedLM(nn.Module):
         Reentrant checkpointing would silently drop the gradient of the MemVP K/V, which enter each block
         from outside rather than through its inputs.
         """
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        # transformers renamed the method (and its argument) during 5.x; use whichever this version has.
+        if hasattr(self.llm, "activation_checkpointing_enable"):
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def trainable_parameters(self) -> Dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if is_trainable(p)}

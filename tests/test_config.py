@@ -1,0 +1,60 @@
+import pytest
+
+from memvp_ds import ConfigError, build_model, load_config
+from tests.conftest import CONFIGS, tiny_config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(str(path))
+    assert cfg.model.strategy in ("memvp", "input_prefix")
+
+
+def test_official_recipe_values():
+    cfg = load_config(str(CONFIGS / "memvp_llama13b_sqa.yaml"))
+    assert cfg.model.memvp.memory_rows == 400 and cfg.model.memvp.memory_scale == 0.1
+    assert cfg.train.epochs == 20 and cfg.train.warmup_epochs == 2 and cfg.train.weight_decay == 0.02
+    # 8 GPUs x 4 = 32 -> 9e-3 * 32 / 256
+    assert cfg.train.lr(world_size=8) == pytest.approx(9e-3 * 32 / 256)
+    assert load_config(str(CONFIGS / "memvp_llama7b_sqa.yaml")).model.memvp.memory_rows == 320
+
+
+def test_overrides_apply_last():
+    cfg = tiny_config("memvp", "train.blr=0.25", "model.memvp.memory_rows=32")
+    assert cfg.train.blr == 0.25 and cfg.model.memvp.memory_rows == 32
+
+
+def test_unknown_key_names_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        tiny_config("memvp", "train.lerning_rate=1")
+    assert "train.lerning_rate" in str(err.value) and "blr" in str(err.value) and "micro_batch_size" in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  strategyy: memvp\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert str(bad) in str(err.value) and "model.strategyy" in str(err.value)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError) as err:
+        tiny_config("memvp", "train.micro_batch_size=four")
+    assert "train.micro_batch_size" in str(err.value)
+
+
+def test_unknown_strategy_lists_choices():
+    with pytest.raises(ConfigError, match="input_prefix.*memvp"):
+        tiny_config("memvp", "model.strategy=nonsense")
+
+
+def test_more_visual_tokens_than_memory_rows_is_rejected():
+    with pytest.raises(ConfigError, match="memory_rows"):
+        tiny_config("memvp", "model.visual_tokens=64")
+
+
+def test_missing_llm_path_is_clear(tmp_path):
+    cfg = load_config(str(CONFIGS / "memvp_llama7b_sqa.yaml"), [f"model.llm.path={tmp_path}/absent"])
+    with pytest.raises(ConfigError, match="model.llm.path.*absent.*not a directory"):
+        build_model(cfg.model)

@@ -1,0 +1,94 @@
+"""input_prefix against a manual inputs_embeds computation; generate against repeated full forwards."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+
+N, C = 16, 32
+
+
+def _randomise_trainable(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_input_prefix_text_logits_equal_manual_inputs_embeds():
+    model = tiny_model("input_prefix").eval()
+    ids = torch.randint(4, 512, (2, 7))
+    feats = torch.randn(2, N, C)
+    with torch.no_grad():
+        ours = model(ids, image_features=feats).logits
+        visual = model.strategy.projector(feats)
+        embeds = torch.cat([visual, model.llm.get_input_embeddings()(ids)], dim=1)
+        manual = model.llm(inputs_embeds=embeds).logits[:, N:]
+    assert ours.shape == (2, 7, 512)
+    torch.testing.assert_close(ours, manual, atol=1e-5, rtol=1e-5)
+
+
+def test_input_prefix_text_only_row_equals_plain_llm():
+    model = tiny_model("input_prefix").eval()
+    ids = torch.randint(4, 512, (2, 7))
+    with torch.no_grad():
+        ours = model(ids, image_features=torch.randn(2, N, C), has_image=torch.tensor([False, True])).logits
+        plain = model.llm(input_ids=ids).logits
+    torch.testing.assert_close(ours[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours[1], plain[1], atol=1e-4)
+
+
+def test_input_prefix_loss_ignores_visual_positions():
+    model = tiny_model("input_prefix").eval()
+    ids = torch.randint(4, 512, (2, 7))
+    feats = torch.randn(2, N, C)
+    out = model(ids, image_features=feats, labels=ids)
+    logp = torch.log_softmax(out.logits[:, :-1], -1)
+    manual = -logp.gather(-1, ids[:, 1:, None]).mean()
+    torch.testing.assert_close(out.loss, manual)
+
+
+def _greedy_by_full_forwards(model, ids, feats, has_image, steps):
+    ids = ids.clone()
+    for _ in range(steps):
+        logits = model(ids[None], image_features=feats[None], has_image=has_image[None]).logits
+        ids = torch.cat([ids, logits[0, -1].argmax()[None]])
+    return ids[-steps:]
+
+
+@pytest.mark.parametrize("strategy", ["memvp", "input_prefix"])
+def test_generate_matches_repeated_full_forwards(strategy):
+    model = tiny_model(strategy).eval()
+    _randomise_trainable(model)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 512, (n,), generator=g) for n in (3, 8, 5)]
+    feats = torch.randn(3, N, C, generator=g)
+    has_image = torch.tensor([True, True, False])
+    width = max(len(p) for p in prompts)
+    batch = torch.full((3, width), 3)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    steps = 6
+    with torch.no_grad():
+        generated = model.generate(batch, mask, image_features=feats, has_image=has_image, max_new_tokens=steps)
+        for row, prompt in enumerate(prompts):
+            expected = _greedy_by_full_forwards(model, prompt, feats[row], has_image[row], steps)
+            assert generated[row].tolist() == expected.tolist(), f"row {row}"
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    model = tiny_model("memvp").eval()
+    ids = torch.randint(4, 512, (2, 5))
+    free = model.generate(ids, max_new_tokens=5)
+    eos = int(free[0, 1])  # make row 0 "finish" at its second token
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=eos)
+    assert out[0, :2].tolist() == free[0, :2].tolist() and set(out[0, 2:].tolist()) <= {eos}
+
+
+def test_generate_rejects_right_padding():
+    model = tiny_model("memvp").eval()
+    mask = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), mask)
