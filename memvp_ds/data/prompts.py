@@ -35,6 +35,11 @@ def scienceqa_target(answer_index: int) -> str:
     return f"Answer: The answer is {OPTION_LETTERS[answer_index]}."
 
 
+def strip_image_placeholder(text: str) -> str:
+    """Remove LLaVA's ``<image>`` marker: the image enters through the strategy, not the text."""
+    return _IMAGE_PLACEHOLDER.sub(" ", text).strip()
+
+
 def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
     """LLaVA turns [{"from": "human"|"gpt", "value": ...}] as 'USER: ...\\nASSISTANT: ...' segments.
 
@@ -42,7 +47,7 @@ def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
     """
     segments: List[Segment] = []
     for turn in turns:
-        text = _IMAGE_PLACEHOLDER.sub(" ", turn["value"]).strip()
+        text = strip_image_placeholder(turn["value"])
         if turn["from"] == "human":
             segments.append((f"USER: {text}\nASSISTANT: ", False))
         elif turn["from"] == "gpt":

@@ -1,0 +1,1 @@
+"""data_prep: images -> CLIP features -> verified WebDataset shards."""

@@ -1,0 +1,173 @@
+"""memvp-prep / python -m data_prep: turn image-text datasets into WebDataset shards of CLIP features."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Extract CLIP features once and write verified WebDataset shards for memvp_ds training.
+
+Typical flow:
+  memvp-prep synthetic data/synth                       # or use real ScienceQA
+  memvp-prep extract --source scienceqa --root data/synth --out data/synth_shards \\
+      --clip-model ViT-L-14 --clip-pretrained /ckpt/open_clip_vit_l14_openai.bin
+  memvp-prep verify data/synth_shards
+On a cluster: run extract with --part i/n in each array task, then merge + verify (slurm/extract.sh).
+"""
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="dataset -> shards of CLIP features (resumable, splittable into parts)",
+        description="Read a dataset, extract CLIP patch features with the MemVP recipe and write "
+        "{split}-{index:06d}.tar shards plus manifest.json. Rerunning skips shards that are complete and "
+        "intact. Missing or corrupt images are counted, listed in errors.jsonl and their samples kept "
+        "text-only (or dropped).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--source", required=True, choices=["scienceqa", "llava", "jsonl"], help="dataset format")
+    p.add_argument("--root", help="scienceqa: folder with problems.json, pid_splits.json, images/")
+    p.add_argument("--annotations", help="llava/jsonl: the .json or .jsonl annotation file")
+    p.add_argument("--image-root", default=".", help="llava/jsonl: folder that image paths are relative to")
+    p.add_argument("--split", default="train", help="llava/jsonl: split name for records without one")
+    p.add_argument("--splits", nargs="*", help="scienceqa: splits to extract (default train val test)")
+    p.add_argument("--out", required=True, help="output folder for shards and manifest")
+    p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name or model-config JSON path")
+    p.add_argument("--clip-pretrained", default="openai",
+                   help="local checkpoint file, 'random' (tests/demo), or an open_clip tag with --allow-download")
+    p.add_argument("--allow-download", action="store_true", help="let open_clip download pretrained weights")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--layer", choices=["penultimate", "last"], default="penultimate", help="transformer block")
+    p.add_argument("--keep-cls", action="store_true", help="keep the CLS token (not the official recipe)")
+    p.add_argument("--no-quick-gelu", action="store_true", help="the weights use GELU rather than QuickGELU")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--shard-size-mb", type=float, help="target shard size (overrides --samples-per-shard)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
+    p.add_argument("--part", default="0/1", help="i/n: this task's share of the shards (array jobs)")
+    p.add_argument("--on-bad-image", choices=["text-only", "drop"], default="text-only")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
+def _build_source(args):
+    from data_prep.sources import JsonlQASource, LlavaSource, ScienceQASource
+
+    if args.source == "scienceqa":
+        if not args.root:
+            sys.exit("extract: --root is required for --source scienceqa")
+        return ScienceQASource(args.root, args.splits)
+    if not args.annotations:
+        sys.exit(f"extract: --annotations is required for --source {args.source}")
+    cls = LlavaSource if args.source == "llava" else JsonlQASource
+    return cls(args.annotations, args.image_root, args.split)
+
+
+def _parse_part(text: str):
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        sys.exit(f"--part must look like i/n (e.g. 0/4), got '{text}'")
+    return index, count
+
+
+def cmd_extract(args) -> int:
+    from data_prep.extract import ExtractOptions, run_extract
+    from memvp_ds.vision.clip_features import FeatureRecipe
+
+    recipe = FeatureRecipe(
+        model=args.clip_model, pretrained=args.clip_pretrained, image_size=args.image_size, layer=args.layer,
+        keep_cls=args.keep_cls, quick_gelu=not args.no_quick_gelu,
+    )
+    index, count = _parse_part(args.part)
+    opts = ExtractOptions(
+        out_dir=args.out, samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size_mb,
+        batch_size=args.batch_size, num_workers=args.workers, part_index=index, part_count=count,
+        on_bad_image=args.on_bad_image, device=args.device, allow_download=args.allow_download,
+    )
+    manifest = run_extract(_build_source(args), recipe, opts)
+    errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
+    for split, counts in manifest["splits"].items():
+        print(f"{split}: {counts['samples']} samples ({counts['with_image']} with image) in {counts['shards']} shards")
+    print(f"bad images: {errors} ({'kept text-only' if opts.on_bad_image == 'text-only' else 'dropped'}); see errors.jsonl"
+          if errors else "bad images: 0")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from data_prep.verify import verify
+
+    problems = verify(args.dir)
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_inspect(args) -> int:
+    from data_prep.verify import inspect
+
+    print(inspect(args.dir))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from data_prep.verify import merge
+
+    merged = merge(args.dir)
+    print(f"merged {merged['merged_from']} parts: {len(merged['shards'])} shards -> {args.dir}/manifest.json")
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    from data_prep.synthetic import make_synthetic_scienceqa
+
+    counts = make_synthetic_scienceqa(args.out, args.num_train, args.num_val, args.num_test, args.image_size, seed=args.seed)
+    print(f"wrote synthetic ScienceQA to {args.out}: {counts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memvp-prep", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_extract(sub)
+    for name, help_text in (
+        ("verify", "re-read every shard: count, sha256, feature shape and dtype against the manifest; exit 1 on any mismatch"),
+        ("inspect", "print counts per split, the feature recipe and one sample"),
+        ("merge", "combine manifest.part-i-of-n.json of all parts into manifest.json"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("dir", help="shard folder (holds the manifest)")
+    p = sub.add_parser("synthetic", help="write a small ScienceQA-format dataset of coloured shapes",
+                       description="Coloured shapes at positions with multiple-choice questions that need the "
+                       "image (plus ~10%% text-only questions), in ScienceQA's file layout.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--num-test", type=int, default=500)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+COMMANDS = {"extract": cmd_extract, "verify": cmd_verify, "inspect": cmd_inspect, "merge": cmd_merge,
+            "synthetic": cmd_synthetic}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"memvp-prep {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

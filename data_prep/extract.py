@@ -1,0 +1,209 @@
+"""The extract pipeline: examples -> decoded images (worker processes) -> CLIP features -> shards.
+
+Work is planned as a fixed list of shards (``{split}-{index:06d}.tar``, ``samples_per_shard`` examples each,
+in source order), so every run, every ``--part i/n`` and every resume agrees on which example goes where.
+The manifest is rewritten atomically after each finished shard and is the resume state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data_prep.shards import MANIFEST, read_manifest, sha256_of, split_counts, write_json_atomic, write_shard
+from data_prep.sources.base import Example, Source
+from memvp_ds.vision.clip_features import (
+    ClipFeatureExtractor,
+    FeatureRecipe,
+    image_transform,
+    load_clip_visual,
+    load_image,
+)
+
+log = logging.getLogger("data_prep")
+TOOL_VERSION = "memvp_ds-data_prep 0.1.0"
+
+
+@dataclass
+class ExtractOptions:
+    out_dir: str
+    samples_per_shard: int = 1000
+    shard_size_mb: Optional[float] = None
+    """Target shard size; overrides samples_per_shard using the recipe's bytes per sample."""
+    batch_size: int = 64
+    num_workers: int = 4
+    part_index: int = 0
+    part_count: int = 1
+    on_bad_image: str = "text-only"
+    """What a missing or corrupt image turns its sample into: text-only (kept without features) or drop."""
+    device: Optional[str] = None
+    allow_download: bool = False
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    split: str
+    examples: List[Example]
+
+
+def plan_shards(examples: Sequence[Example], samples_per_shard: int) -> List[ShardPlan]:
+    plans: List[ShardPlan] = []
+    per_split_index: Dict[str, int] = {}
+    for example in examples:
+        last = plans[-1] if plans else None
+        if last is None or last.split != example.split or len(last.examples) >= samples_per_shard:
+            index = per_split_index.get(example.split, 0)
+            per_split_index[example.split] = index + 1
+            last = ShardPlan(f"{example.split}-{index:06d}.tar", example.split, [])
+            plans.append(last)
+        last.examples.append(example)
+    return plans
+
+
+def manifest_name(part_index: int, part_count: int) -> str:
+    return MANIFEST if part_count == 1 else f"manifest.part-{part_index}-of-{part_count}.json"
+
+
+class _ImageDataset(Dataset):
+    """Decodes and transforms one example's image in a worker; failures become (None, reason)."""
+
+    def __init__(self, examples: Sequence[Example], recipe: FeatureRecipe):
+        self.examples, self.transform = examples, image_transform(recipe)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+        path = self.examples[index].image
+        if path is None:
+            return index, None, None
+        try:
+            return index, self.transform(load_image(path)), None
+        except Exception as err:  # any decode failure is data, not a crash: count and report it
+            return index, None, f"{type(err).__name__}: {err}"
+
+
+def _collate(items):
+    indices = [i for i, _, _ in items]
+    images = [img for _, img, _ in items if img is not None]
+    valid = [img is not None for _, img, _ in items]
+    errors = [err for _, _, err in items]
+    return indices, (torch.stack(images) if images else None), valid, errors
+
+
+def _load_resumable(path: str, header: Dict[str, Any], out_dir: str) -> Dict[str, Dict[str, Any]]:
+    """Entries of a previous run's manifest whose shard files are still intact (same settings only)."""
+    if not os.path.isfile(path):
+        return {}
+    previous = read_manifest(path)
+    if any(previous.get(k) != v for k, v in header.items()):
+        log.warning("%s was written with different settings; starting over", path)
+        return {}
+    intact = {}
+    for entry in previous.get("shards", []):
+        shard_path = os.path.join(out_dir, entry["name"])
+        if os.path.isfile(shard_path) and os.path.getsize(shard_path) == entry["bytes"] and sha256_of(shard_path) == entry["sha256"]:
+            intact[entry["name"]] = entry
+    return intact
+
+
+def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> Dict[str, Any]:
+    """Extract (this part of) the dataset into shards; returns the manifest written."""
+    if opts.on_bad_image not in ("text-only", "drop"):
+        raise ValueError(f"--on-bad-image must be 'text-only' or 'drop', got '{opts.on_bad_image}'")
+    if not 0 <= opts.part_index < opts.part_count:
+        raise ValueError(f"--part {opts.part_index}/{opts.part_count}: index must be in [0, {opts.part_count})")
+    os.makedirs(opts.out_dir, exist_ok=True)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = ClipFeatureExtractor(load_clip_visual(recipe, opts.allow_download), recipe).to(device)
+    samples_per_shard = opts.samples_per_shard
+    if opts.shard_size_mb:
+        bytes_per_sample = extractor.tokens * extractor.dim * np.dtype(recipe.dtype).itemsize + 2048
+        samples_per_shard = max(1, int(opts.shard_size_mb * 2**20 // bytes_per_sample))
+
+    plans = plan_shards(list(source.examples()), samples_per_shard)
+    mine = [plan for ordinal, plan in enumerate(plans) if ordinal % opts.part_count == opts.part_index]
+    header = {
+        "tool": TOOL_VERSION,
+        "source": source.describe(),
+        "recipe": {**recipe.to_dict(), "tokens": extractor.tokens, "dim": extractor.dim},
+        "samples_per_shard": samples_per_shard,
+        "on_bad_image": opts.on_bad_image,
+        "part": {"index": opts.part_index, "count": opts.part_count},
+        "planned_shards": len(plans),
+    }
+    manifest_path = os.path.join(opts.out_dir, manifest_name(opts.part_index, opts.part_count))
+    done = _load_resumable(manifest_path, header, opts.out_dir)
+    todo = [plan for plan in mine if plan.name not in done]
+    if done:
+        log.info("resuming: %d of %d shards already complete and verified", len(done), len(mine))
+
+    manifest = {**header, "complete": False, "shards": [done[p.name] for p in mine if p.name in done]}
+    write_json_atomic(manifest_path, manifest)
+    examples = [example for plan in todo for example in plan.examples]
+    loader = DataLoader(
+        _ImageDataset(examples, recipe),
+        batch_size=opts.batch_size,
+        num_workers=opts.num_workers,
+        collate_fn=_collate,
+        pin_memory=device == "cuda",
+    )
+    dtype = getattr(np, recipe.dtype)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    pending: List[Tuple[str, Dict[str, Any], Optional[np.ndarray]]] = []
+    pending_errors: List[Dict[str, str]] = []
+    plan_iter = iter(todo)
+    current, seen_in_current = next(plan_iter, None), 0
+    start = time.time()
+    with tqdm(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
+        for indices, images, valid, errors in loader:
+            features = None
+            if images is not None:
+                with autocast:
+                    features = extractor(images.to(device, non_blocking=True)).float().cpu().numpy().astype(dtype)
+            feature_rows = iter(features) if features is not None else iter(())
+            for index, ok, error in zip(indices, valid, errors):
+                example = examples[index]
+                row = next(feature_rows) if ok else None
+                if error is not None:
+                    pending_errors.append({"key": example.key, "image": example.image, "reason": error})
+                    if opts.on_bad_image == "drop":
+                        row = None
+                if not (error is not None and opts.on_bad_image == "drop"):
+                    pending.append((example.key, {**example.fields, "has_image": row is not None}, row))
+                seen_in_current += 1
+                if seen_in_current == len(current.examples):  # the shard's last example: close it
+                    entry = write_shard(os.path.join(opts.out_dir, current.name), pending)
+                    entry.update(split=current.split, errors=pending_errors)
+                    manifest["shards"].append(entry)
+                    write_json_atomic(manifest_path, manifest)
+                    pending, pending_errors = [], []
+                    current, seen_in_current = next(plan_iter, None), 0
+            bar.update(len(indices))
+    manifest["shards"].sort(key=lambda entry: (entry["split"], entry["name"]))
+    manifest.update(complete=True, splits=split_counts(manifest["shards"]))
+    write_json_atomic(manifest_path, manifest)
+    _write_errors(opts.out_dir, manifest, opts)
+    elapsed = time.time() - start
+    log.info("extracted %d examples in %.1fs (%.1f img/s)", len(examples), elapsed, len(examples) / max(elapsed, 1e-9))
+    return manifest
+
+
+def _write_errors(out_dir: str, manifest: Dict[str, Any], opts: ExtractOptions) -> None:
+    name = "errors.jsonl" if opts.part_count == 1 else f"errors.part-{opts.part_index}-of-{opts.part_count}.jsonl"
+    tmp = os.path.join(out_dir, name + ".tmp")
+    with open(tmp, "w") as f:
+        for shard in manifest["shards"]:
+            for error in shard.get("errors", []):
+                f.write(json.dumps({**error, "shard": shard["name"]}) + "\n")
+    os.replace(tmp, os.path.join(out_dir, name))

@@ -1,0 +1,126 @@
+"""Re-reading shards against their manifest, inspecting them, and merging the manifests of parts."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from typing import Any, Dict, List
+
+from data_prep.shards import MANIFEST, decode_features, read_manifest, sha256_of, split_counts, write_json_atomic
+
+_PART = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
+
+
+def read_shard(path: str):
+    """Yield (key, fields, features-or-None) from a shard written by data_prep."""
+    samples: Dict[str, Dict[str, Any]] = {}
+    order: List[str] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = os.path.basename(member.name).partition(".")
+            data = tar.extractfile(member).read()
+            if key not in samples:
+                samples[key] = {}
+                order.append(key)
+            samples[key][ext] = data
+    for key in order:
+        fields = json.loads(samples[key]["json"])
+        features = decode_features(samples[key]["npy"]) if "npy" in samples[key] else None
+        yield key, fields, features
+
+
+def verify(out_dir: str) -> List[str]:
+    """Problems found (empty when every shard matches the manifest in count, checksum, shape and dtype)."""
+    manifest = read_manifest(out_dir)
+    recipe = manifest["recipe"]
+    expected_shape = (recipe["tokens"], recipe["dim"])
+    problems: List[str] = []
+    if not manifest.get("complete"):
+        problems.append(f"{out_dir}: manifest is not complete (extraction unfinished or parts not merged)")
+    for entry in manifest["shards"]:
+        path = os.path.join(out_dir, entry["name"])
+        if not os.path.isfile(path):
+            problems.append(f"{entry['name']}: missing")
+            continue
+        if os.path.getsize(path) != entry["bytes"] or sha256_of(path) != entry["sha256"]:
+            problems.append(f"{entry['name']}: size or sha256 differs from the manifest (corrupt or truncated)")
+        try:
+            count = with_image = 0
+            for key, fields, features in read_shard(path):
+                count += 1
+                if features is not None:
+                    with_image += 1
+                    if features.shape != expected_shape or str(features.dtype) != recipe["dtype"]:
+                        problems.append(
+                            f"{entry['name']}: sample {key} has features {features.shape} {features.dtype}, "
+                            f"expected {expected_shape} {recipe['dtype']}"
+                        )
+                if fields.get("has_image") != (features is not None):
+                    problems.append(f"{entry['name']}: sample {key} has_image disagrees with its features")
+        except Exception as err:
+            problems.append(f"{entry['name']}: unreadable ({type(err).__name__}: {err})")
+            continue
+        if (count, with_image) != (entry["samples"], entry["with_image"]):
+            problems.append(
+                f"{entry['name']}: {count} samples ({with_image} with image), manifest says "
+                f"{entry['samples']} ({entry['with_image']})"
+            )
+    return problems
+
+
+def inspect(out_dir: str) -> str:
+    """A short human-readable description: recipe, counts per split, errors, one sample."""
+    manifest = read_manifest(out_dir)
+    recipe = manifest["recipe"]
+    lines = [
+        f"source: {manifest['source']}",
+        f"recipe: {recipe['model']} ({recipe['pretrained']}), {recipe['layer']} layer, "
+        f"{recipe['tokens']} x {recipe['dim']} {recipe['dtype']}",
+    ]
+    for split, counts in sorted(split_counts(manifest["shards"]).items()):
+        lines.append(f"{split}: {counts['samples']} samples, {counts['with_image']} with image, {counts['shards']} shards")
+    errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
+    lines.append(f"image errors: {errors}")
+    if manifest["shards"]:
+        key, fields, features = next(read_shard(os.path.join(out_dir, manifest["shards"][0]["name"])))
+        shape = "none" if features is None else f"{features.shape} {features.dtype}"
+        lines.append(f"first sample {key}: features {shape}; fields {json.dumps(fields)[:300]}")
+    return "\n".join(lines)
+
+
+def merge(out_dir: str) -> Dict[str, Any]:
+    """Combine ``manifest.part-i-of-n.json`` of all n parts into ``manifest.json``."""
+    parts = {}
+    for path in glob.glob(os.path.join(out_dir, "manifest.part-*-of-*.json")):
+        index, count = map(int, _PART.search(path).groups())
+        parts[index] = (count, read_manifest(path))
+    if not parts:
+        raise FileNotFoundError(f"no manifest.part-*-of-*.json in {out_dir}")
+    counts = {count for count, _ in parts.values()}
+    if len(counts) != 1:
+        raise ValueError(f"{out_dir}: part manifests disagree on the number of parts: {sorted(counts)}")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - set(parts))
+    if missing:
+        raise ValueError(f"{out_dir}: parts {missing} of {count} have no manifest")
+    first = parts[0][1]
+    shards = []
+    for index in range(count):
+        part = parts[index][1]
+        if not part.get("complete"):
+            raise ValueError(f"{out_dir}: part {index} of {count} is not complete")
+        for key in ("source", "recipe", "samples_per_shard", "tool"):
+            if part[key] != first[key]:
+                raise ValueError(f"{out_dir}: part {index} differs from part 0 in '{key}'")
+        shards += part["shards"]
+    shards.sort(key=lambda entry: (entry["split"], entry["name"]))
+    merged = {key: first[key] for key in ("tool", "source", "recipe", "samples_per_shard", "on_bad_image")}
+    merged.update(part={"index": 0, "count": 1}, merged_from=count, complete=True, shards=shards)
+    merged.update(planned_shards=first["planned_shards"], splits=split_counts(shards))
+    if len(shards) != first["planned_shards"]:
+        raise ValueError(f"{out_dir}: parts hold {len(shards)} shards, {first['planned_shards']} were planned")
+    write_json_atomic(os.path.join(out_dir, MANIFEST), merged)
+    return merged

@@ -1,0 +1,135 @@
+"""CLIP patch features with the official MemVP recipe, shared by data_prep and online prediction.
+
+Default recipe: bicubic resize of the whole image to 224 x 224 (no crop), ImageNet mean/std (a quirk of the
+official code, not CLIP's own statistics), all transformer blocks but the last, CLS dropped, ln_post
+applied, no projection: 256 x 1024 for ViT-L/14, stored as fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class FeatureRecipe:
+    model: str = "ViT-L-14"
+    """open_clip model name, or a path to an open_clip model-config JSON (custom or tiny models)."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag, a local checkpoint file, or 'random' (random weights: tests and demos)."""
+    image_size: int = 224
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    layer: str = "penultimate"
+    """penultimate (official) or last transformer block."""
+    keep_cls: bool = False
+    quick_gelu: bool = True
+    """OpenAI's CLIP weights were trained with QuickGELU; a local checkpoint file cannot tell open_clip so."""
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.layer not in ("penultimate", "last"):
+            raise ValueError(f"feature layer must be 'penultimate' or 'last', got '{self.layer}'")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def image_transform(recipe: FeatureRecipe) -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.Resize((recipe.image_size, recipe.image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(recipe.mean, recipe.std),
+        ]
+    )
+
+
+def load_image(path: str) -> Image.Image:
+    """Fully decode an image as RGB; raises on missing, truncated or corrupt files."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def _model_name(recipe: FeatureRecipe) -> str:
+    """Register a model-config JSON with open_clip and return the name it is known by."""
+    import open_clip
+
+    if not recipe.model.endswith(".json"):
+        return recipe.model
+    if not os.path.isfile(recipe.model):
+        raise FileNotFoundError(f"open_clip model config not found: {recipe.model}")
+    with open(recipe.model) as f:
+        if "vision_cfg" not in json.load(f):
+            raise ValueError(f"{recipe.model}: not an open_clip model config (no 'vision_cfg')")
+    open_clip.add_model_config(recipe.model)
+    return os.path.splitext(os.path.basename(recipe.model))[0]
+
+
+def load_clip_visual(recipe: FeatureRecipe, allow_download: bool = False) -> nn.Module:
+    """The vision tower of an open_clip model; weights from a local file unless downloads are allowed."""
+    import open_clip
+
+    name = _model_name(recipe)
+    pretrained = recipe.pretrained
+    if pretrained == "random":
+        pretrained = None
+        torch.manual_seed(0)  # every process (array task, rank) must build the same random tower
+    elif not os.path.isfile(pretrained) and not allow_download:
+        raise FileNotFoundError(
+            f"CLIP weights '{pretrained}' are not a local file; pass the checkpoint path "
+            "(e.g. open_clip_pytorch_model.bin) or allow downloads explicitly"
+        )
+    model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu)
+    visual = model.visual.eval().requires_grad_(False)
+    for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post"):
+        if not hasattr(visual, attr):
+            raise ValueError(f"open_clip model '{name}' has no ViT attribute '{attr}'; only ViT towers are supported")
+    return visual
+
+
+class ClipFeatureExtractor(nn.Module):
+    """Batched images (B, 3, H, W), already transformed -> patch tokens (B, N, C) per the recipe."""
+
+    def __init__(self, visual: nn.Module, recipe: FeatureRecipe):
+        super().__init__()
+        self.visual, self.recipe = visual, recipe
+
+    @property
+    def tokens(self) -> int:
+        grid = self.visual.grid_size
+        return grid[0] * grid[1] + (1 if self.recipe.keep_cls else 0)
+
+    @property
+    def dim(self) -> int:
+        return self.visual.transformer.width
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+        blocks = v.transformer.resblocks
+        depth = len(blocks) - 1 if self.recipe.layer == "penultimate" else len(blocks)
+        batch_first = getattr(v.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks[:depth]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        if not self.recipe.keep_cls:
+            x = x[:, 1:]
+        return v.ln_post(x)
