@@ -159,6 +159,8 @@ class EvalConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
+    peak_tflops: Optional[float] = None
+    """Per-device peak for train/mfu; default: looked up from the GPU name (none on CPU, so no MFU there)."""
 
 
 @dataclass

@@ -77,3 +77,31 @@ def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) ->
         input_ids = input_ids[:1] + input_ids[1 + overflow :]
         labels = labels[:1] + labels[1 + overflow :]
     return EncodedText(input_ids=input_ids, labels=labels)
+
+
+PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
+
+
+def build_segments(fields: dict, prompt_format: str, with_target: bool = True) -> List[Segment]:
+    """Segments for one stored sample. ``with_target=False`` gives the prompt a model answers at eval time.
+
+    qcm_a: ScienceQA question/hint/choices -> 'Answer: The answer is X.'; qa: generic question -> answer
+    (with options when the sample has choices); conversation: LLaVA turns (eval prompts end before the
+    last answer).
+    """
+    if prompt_format == "qcm_a":
+        segments = [(scienceqa_prompt(fields["question"], fields["choices"], fields.get("hint")), False)]
+        target = scienceqa_target(int(fields["answer"]))
+    elif prompt_format == "qa":
+        prompt = f"Question: {fields['question']}\n"
+        if fields.get("choices"):
+            prompt += "Options: " + " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(fields["choices"])) + "\n"
+        segments, target = [(prompt, False)], f"Answer: {fields['answer']}"
+    elif prompt_format == "conversation":
+        segments = conversation_segments(fields["conversations"])
+        if with_target:
+            return segments
+        return segments[:-1] if segments and segments[-1][1] else segments
+    else:
+        raise ValueError(f"data.prompt_format: unknown format '{prompt_format}'; choose one of {PROMPT_FORMATS}")
+    return segments + [(target, True)] if with_target else segments

@@ -1,0 +1,1 @@
+"""The engine: DeepSpeed setup, the training loop, checkpoints, logging."""

@@ -1,0 +1,197 @@
+"""Checkpoints in two tiers: resumable training state, and an export of the trainable weights.
+
+Resumable state lives in ``<output_dir>/checkpoints/step-XXXXXXXX/`` and counts only once complete: it is
+written into a hidden temporary folder, renamed, and only then does the ``latest`` pointer move to it. It
+holds the trainable tensors' fp32 master weights and Adam moments gathered to full size (so a checkpoint
+from N ranks resumes on M), per-rank RNG states, and a JSON with the step, data position and config —
+megabytes, never the frozen LLM. Everything is safetensors or JSON: loading unpickles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memvp_ds.config import Config, config_from_dict, config_to_dict
+from memvp_ds.engine.distributed import DistInfo, barrier
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE = "state.json"
+TRAINABLE = "trainable.safetensors"
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _link_optimizer_states(optimizer) -> None:
+    """Work around DeepSpeed ZeRO-1/2 linking Adam states to parameters only for the param group that
+    stepped first (it links after the first group's step, then never again), which leaves the no-decay
+    group's moments invisible to safe_get/set_full_optimizer_state."""
+    if getattr(optimizer, "_hp_optimizer_states_linked", None) is not None and getattr(optimizer, "optimizer", None):
+        if all(optimizer.optimizer.state.get(p) for g in optimizer.optimizer.param_groups for p in g["params"]):
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _gather_trainable(model, optimizer) -> Dict[str, torch.Tensor]:
+    """Full fp32 weights and Adam moments of every trainable tensor (collective: call on all ranks)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_optimizer_states(optimizer)
+    tensors = {}
+    for name, param in model.trainable_parameters().items():
+        tensors[f"param/{name}"] = safe_get_full_fp32_param(param).detach().float().cpu().contiguous()
+        for key in ADAM_STATES:
+            state = safe_get_full_optimizer_state(param, key)
+            if state is not None:
+                tensors[f"{key}/{name}"] = state.detach().float().cpu().contiguous()
+    return tensors
+
+
+def _rng_state() -> Dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(model, optimizer, dist_info: DistInfo, output_dir: str, step: int, state: Dict[str, Any],
+                    keep_last: int) -> str:
+    """Write ``step-<step>`` atomically on a shared file system; every rank must call this."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    name = f"step-{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    tensors = _gather_trainable(model, optimizer)
+    if dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(tensors, os.path.join(tmp, TRAINABLE))
+    barrier()
+    save_file(_rng_state(), os.path.join(tmp, f"rng-rank{dist_info.rank}.safetensors"))
+    barrier()
+    if dist_info.is_main:
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump({**state, "step": step, "world_size": dist_info.world_size}, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_latest(root, name)
+        _prune(root, keep_last)
+    barrier()
+    return final
+
+
+def _write_latest(root: str, name: str) -> None:
+    tmp = os.path.join(root, f".{LATEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def _prune(root: str, keep_last: int) -> None:
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isfile(os.path.join(root, d, STATE)))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
+    """``auto``: the checkpoint ``latest`` points to, if any; ``never``: None; otherwise a checkpoint folder."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        if not os.path.isfile(os.path.join(resume, STATE)):
+            raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {STATE})")
+        return resume
+    pointer = os.path.join(output_dir, CHECKPOINTS, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(output_dir, CHECKPOINTS, f.read().strip())
+    if not os.path.isfile(os.path.join(path, STATE)):
+        raise FileNotFoundError(f"{pointer} points to {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int) -> Dict[str, Any]:
+    """Restore trainable weights, Adam moments and step count, and this rank's RNG; return the JSON state."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    with open(os.path.join(path, STATE)) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(path, TRAINABLE))
+    params = model.trainable_parameters()
+    stored = {key.split("/", 1)[1] for key in tensors if key.startswith("param/")}
+    if stored != set(params):
+        raise KeyError(f"{path}: trainable tensors {sorted(stored)} do not match the model's {sorted(params)}")
+    for name, param in params.items():
+        weight = tensors[f"param/{name}"]
+        safe_set_full_fp32_param(param, weight)
+        # The module's own (possibly low-precision, possibly partitioned) copy must match too.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(weight.to(param.dtype))
+        for key in ADAM_STATES:
+            if f"{key}/{name}" in tensors:
+                safe_set_full_optimizer_state(param, tensors[f"{key}/{name}"], key)
+    _set_adam_step(optimizer, state["optimizer_steps"])
+    rng_file = os.path.join(path, f"rng-rank{dist_info.rank}.safetensors")
+    if state["world_size"] == dist_info.world_size and os.path.isfile(rng_file):
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:  # another world size: dropout streams cannot be replayed; keep them distinct per rank
+        torch.manual_seed(seed + 1000 * state["step"] + dist_info.rank)
+    return state
+
+
+def _set_adam_step(optimizer, steps: int) -> None:
+    """Adam's bias correction depends on the number of updates; restore it in the wrapped torch optimizer."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    for group in base.param_groups:
+        if "step" in group:
+            group["step"] = steps
+        for param in group["params"]:
+            slot = base.state.get(param)
+            if slot is not None and "step" in slot:
+                slot["step"] = torch.tensor(float(steps), dtype=slot["step"].dtype, device=slot["step"].device) \
+                    if torch.is_tensor(slot["step"]) else steps
+
+
+def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str) -> None:
+    """Trainable weights + resolved config in one safetensors file (collective: call on all ranks)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    tensors = {name: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
+               for name, p in model.trainable_parameters().items()}
+    if dist_info.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata={"memvp_ds_config": json.dumps(config_to_dict(cfg))})
+        os.replace(tmp, path)
+    barrier()
+
+
+def load_exported(path: str, llm_path: Optional[str] = None):
+    """Rebuild a model from an export without DeepSpeed: base LLM from the stored config (or ``llm_path``)."""
+    from safetensors import safe_open
+
+    from memvp_ds.model import build_model
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported weights not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "memvp_ds_config" not in metadata:
+        raise ValueError(f"{path} is not a memvp_ds export (no memvp_ds_config metadata)")
+    cfg = config_from_dict(json.loads(metadata["memvp_ds_config"]))
+    if llm_path is not None:
+        cfg.model.llm.path, cfg.model.llm.config = llm_path, None
+    model = build_model(cfg.model)
+    model.load_trainable(load_file(path))
+    return model, cfg

@@ -1,0 +1,51 @@
+"""Deriving the DeepSpeed JSON from our config: ds_configs/*.json hold only ZeRO settings and "auto"s."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+from memvp_ds.config import Config, ConfigError
+
+
+def _fill(ds: Dict[str, Any], key_path: str, value: Any, ours: str, source: str) -> None:
+    """Set ``key_path`` (dotted) to ``value`` where it is "auto" or absent; a different value is an error."""
+    *parents, leaf = key_path.split(".")
+    node = ds
+    for part in parents:
+        node = node.setdefault(part, {})
+    current = node.get(leaf, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(f"{source}: '{key_path}' is {current!r} but {ours} gives {value!r}; set it to \"auto\"")
+    node[leaf] = value
+
+
+def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    path = cfg.train.ds_config
+    if not os.path.isfile(path):
+        raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path}")
+    with open(path) as f:
+        try:
+            ds = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid JSON: {err}") from None
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"{path}: remove the '{section}' section; the optimizer and schedule come from train.*")
+    train = cfg.train
+    _fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size", path)
+    _fill(ds, "gradient_accumulation_steps", train.grad_accum_steps, "train.grad_accum_steps", path)
+    _fill(ds, "train_batch_size", train.global_batch(world_size), "train.micro_batch_size x grad_accum x world", path)
+    _fill(ds, "gradient_clipping", train.grad_clip, "train.grad_clip", path)
+    _fill(ds, "bf16.enabled", train.precision == "bf16", "train.precision", path)
+    _fill(ds, "fp16.enabled", train.precision == "fp16", "train.precision", path)
+    # A client torch optimizer (AdamW) under ZeRO: DeepSpeed calls it "untested" but partitions it fine.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: Dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,287 @@
+"""The training loop: DeepSpeed engine around the model, streamed batches, schedule, checkpoints, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from memvp_ds.config import Config, ConfigError, to_yaml
+from memvp_ds.data.collate import SampleEncoder
+from memvp_ds.data.stream import build_train_loader, iterate_eval_batches, shard_urls
+from memvp_ds.data.tokenizer import load_tokenizer
+from memvp_ds.engine import checkpoint as ckpt
+from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
+from memvp_ds.engine.distributed import DistInfo, all_reduce_sum, any_rank, barrier
+from memvp_ds.engine.metrics import ScalarLogger, max_memory_gb, peak_flops, training_flops_per_position
+from memvp_ds.engine.schedule import lr_at
+from memvp_ds.model import build_model
+
+log = logging.getLogger("memvp_ds")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "has_image")
+STATUS = "status.json"
+
+
+@dataclass
+class DataPlan:
+    train_urls: List[str]
+    val_urls: Optional[List[str]]
+    train_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def _read_manifest(cfg: Config, first_shard: str) -> Dict[str, Any]:
+    path = cfg.data.manifest or os.path.join(os.path.dirname(first_shard), "manifest.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.manifest: {path} not found (data_prep writes it next to the shards)")
+    with open(path) as f:
+        manifest = json.load(f)
+    recipe = manifest["recipe"]
+    if (recipe["tokens"], recipe["dim"]) != (cfg.model.visual_tokens, cfg.model.visual_dim):
+        raise ConfigError(
+            f"{path}: shards hold {recipe['tokens']} x {recipe['dim']} features but model.visual_tokens x "
+            f"model.visual_dim is {cfg.model.visual_tokens} x {cfg.model.visual_dim}"
+        )
+    return manifest
+
+
+def plan_data(cfg: Config, world_size: int) -> DataPlan:
+    """Check shards and manifest against the config and size the run; no model is touched."""
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards is not set")
+    train_urls = shard_urls(cfg.data.train_shards)
+    val_urls = shard_urls(cfg.data.val_shards) if cfg.data.val_shards else None
+    manifest = _read_manifest(cfg, train_urls[0])
+    names = {os.path.basename(u) for u in train_urls}
+    samples = sum(s["samples"] for s in manifest["shards"] if s["name"] in names)
+    if samples == 0:
+        raise ConfigError(f"data.train_shards: none of {sorted(names)[:3]}... is listed in the manifest")
+    global_batch = cfg.train.global_batch(world_size)
+    steps_per_epoch = max(1, samples // global_batch)
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    warmup = min(total, round(cfg.train.warmup_epochs * steps_per_epoch))
+    return DataPlan(train_urls, val_urls, samples, steps_per_epoch, total, warmup)
+
+
+def _param_groups(model, weight_decay: float):
+    """Weight decay on matrices and memory tensors, none on biases."""
+    params = model.trainable_parameters()
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _StopFlag:
+    """SIGUSR1 (Slurm's pre-kill warning) or SIGTERM: save at the next step boundary and exit cleanly."""
+
+    def __init__(self):
+        self.raised: Optional[str] = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
+        self.out = cfg.train.output_dir
+        # Validation first: configs, DeepSpeed JSON, shards, manifest, tokenizer. Then the heavy parts.
+        self.ds_config = build_ds_config(cfg, dist_info.world_size)
+        self.plan = plan_data(cfg, dist_info.world_size)
+        tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
+        if tokenizer_path is None:
+            raise ConfigError("data.tokenizer: needed when the LLM comes from an inline config (model.llm.config)")
+        self.tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)
+        self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
+        self.engine = self._build_engine()
+        self.model = self.engine.module
+
+    def _build_engine(self):
+        import deepspeed
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # identical strategy init on every rank
+        self._hf_ds_config = None
+        if zero_stage(self.ds_config) == 3:
+            # Kept alive on purpose: transformers then builds/loads the LLM partitioned (zero.Init) instead
+            # of materialising all of it on every rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        model = build_model(cfg.model)
+        if cfg.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr(self.dist.world_size),
+            betas=tuple(cfg.train.adam_betas), **({"fused": True} if torch.cuda.is_available() else {}),
+        )
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        torch.manual_seed(cfg.train.seed + self.dist.rank)  # dropout masks differ per rank
+        return engine
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _encoder(self, with_target: bool = True) -> SampleEncoder:
+        return SampleEncoder(self.tokenizer, self.cfg.data.prompt_format, self.cfg.data.max_seq_len,
+                             self.cfg.model.visual_tokens, self.cfg.model.visual_dim, with_target)
+
+    def _train_loader(self, skip_micro_batches: int):
+        data = self.cfg.data
+        return build_train_loader(
+            self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
+            data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
+            data.shuffle_buffer, skip_micro_batches,
+        )
+
+    def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        device = self.engine.device
+        moved = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+        moved["image_features"] = moved["image_features"].to(self._compute_dtype())
+        return moved
+
+    def _compute_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.cfg.train.precision]
+
+    # -- loop -----------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        cfg, plan = self.cfg, self.plan
+        step, micro_batches = 0, 0
+        if self.resume_from:
+            state = ckpt.load_checkpoint(self.model, self.engine.optimizer, self.dist, self.resume_from, cfg.train.seed)
+            step, micro_batches = state["step"], self._resumed_position(state["data"])
+            log.info("resumed from %s at step %d", self.resume_from, step)
+        if self.dist.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
+        logger = ScalarLogger(os.path.join(self.out, "tb"), cfg.logging.tensorboard and self.dist.is_main,
+                              purge_step=step + 1 if step else None)
+        stop = _StopFlag()
+        batches = iter(self._train_loader(micro_batches))
+        base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)
+        window = {"loss": 0.0, "tokens": 0, "samples": 0, "positions": 0, "skipped": 0, "time": time.time(), "steps": 0}
+        losses: List[float] = []
+        bar = tqdm(total=plan.total_steps, initial=step, disable=not self.dist.is_main, desc="train", unit="step")
+        self.engine.train()
+        while step < plan.total_steps:
+            lr = lr_at(step, base_lr, plan.warmup_steps, plan.total_steps, cfg.train.min_lr)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for _ in range(cfg.train.grad_accum_steps):
+                raw = next(batches)
+                micro_batches += 1
+                batch = self._to_device(raw)
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                step_loss += loss.item() / cfg.train.grad_accum_steps
+                window["tokens"] += int(raw["attention_mask"].sum())
+                window["positions"] += raw["input_ids"].numel()
+                window["samples"] += raw["input_ids"].shape[0]
+                window["skipped"] += raw["skipped_samples"]
+            step += 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+            grad_norm = self.engine.get_global_grad_norm()
+            if step % cfg.logging.log_interval == 0 or step == plan.total_steps:
+                losses += self._log_window(logger, window, step, lr, grad_norm, peak)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                window = {k: 0 if k != "time" else time.time() for k in window}
+            bar.update(1)
+            data_state = {"micro_batches": micro_batches, "streams": self._streams()}
+            if step % cfg.train.save_interval == 0 or step == plan.total_steps:
+                self._save(step, data_state)
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and plan.val_urls:
+                logger.log(self.evaluate_loss(), step)
+            if any_rank(stop.raised is not None):
+                if step % cfg.train.save_interval != 0 and step != plan.total_steps:
+                    self._save(step, data_state)
+                bar.close()
+                log.warning("stop signal (%s) at step %d: checkpoint saved, exiting to resume later", stop.raised, step)
+                self._write_status("preempted", step)
+                logger.close()
+                return {"status": "preempted", "step": step, "losses": losses}
+        bar.close()
+        if plan.val_urls:
+            logger.log(self.evaluate_loss(), step)
+        ckpt.export_trainable(self.model, self.dist, cfg, os.path.join(self.out, "export", "trainable.safetensors"))
+        self._write_status("complete", step)
+        logger.close()
+        return {"status": "complete", "step": step, "losses": losses}
+
+    def _resumed_position(self, data_state: Dict[str, int]) -> int:
+        """Micro-batches per rank to skip. Same stream layout: exact. Another layout (world size x workers)
+        cannot replay the old order; it keeps the number of samples consumed, which is what the epoch
+        position means, and the new streams read their own shard subsets from there."""
+        if data_state["streams"] == self._streams():
+            return data_state["micro_batches"]
+        log.warning("data streams changed from %d to %d: data order after resume is approximate",
+                    data_state["streams"], self._streams())
+        return data_state["micro_batches"] * data_state["streams"] // self._streams()
+
+    def _streams(self) -> int:
+        return self.dist.world_size * max(self.cfg.data.num_workers, 1)
+
+    def _log_window(self, logger, window, step, lr, grad_norm, peak) -> List[float]:
+        """Average the window over ranks, log it, and return the mean loss (all ranks get the same)."""
+        totals = all_reduce_sum(torch.tensor(
+            [window["loss"], window["tokens"], window["samples"], window["positions"], window["skipped"]],
+            dtype=torch.float64))
+        elapsed = max(time.time() - window["time"], 1e-9)
+        loss = totals[0].item() / self.dist.world_size / max(window["steps"], 1)
+        scalars = {
+            "train/loss": loss, "train/lr": lr,
+            "train/tokens_per_s": totals[1].item() / elapsed, "train/samples_per_s": totals[2].item() / elapsed,
+            "mem/max_allocated_gb": max_memory_gb(), "data/skipped_samples": totals[4].item(),
+        }
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        if peak:
+            rows = max(window["samples"], 1)
+            flops = training_flops_per_position(self.model, int(window["positions"] / rows)) * totals[3].item()
+            scalars["train/mfu"] = flops / elapsed / (peak * self.dist.world_size)
+        logger.log(scalars, step)
+        log.info("step %d: %s", step, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
+        return [loss]
+
+    def _save(self, step: int, data_state: Dict[str, int]) -> None:
+        state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg)}
+        ckpt.save_checkpoint(self.model, self.engine.optimizer, self.dist, self.out, step, state, self.cfg.train.keep_last)
+
+    def _write_status(self, status: str, step: int) -> None:
+        if self.dist.is_main:
+            tmp = os.path.join(self.out, STATUS + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"status": status, "step": step, "total_steps": self.plan.total_steps}, f)
+            os.replace(tmp, os.path.join(self.out, STATUS))
+        barrier()
+
+    @torch.no_grad()
+    def evaluate_loss(self) -> Dict[str, float]:
+        """Token-weighted validation loss over every val sample, identical on any number of ranks."""
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for raw in iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
+                                        self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
+                                        self.cfg.eval.max_samples, left_pad=False):
+            raw["labels"][~raw["valid"]] = -100
+            batch = self._to_device(raw)
+            loss = self.engine(**batch).loss.float().item()
+            tokens = int((raw["labels"][:, 1:] != -100).sum())
+            total += torch.tensor([loss * tokens, tokens], dtype=torch.float64)
+        total = all_reduce_sum(total)
+        self.engine.train()
+        return {"eval/loss": (total[0] / total[1].clamp(min=1)).item()}

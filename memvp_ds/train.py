@@ -1,0 +1,49 @@
+"""Train a visual-prompting strategy on a frozen LLM.
+
+    deepspeed memvp_ds/train.py --config configs/memvp_llama13b_sqa.yaml train.micro_batch_size=2
+    python memvp_ds/train.py --config configs/tiny_memvp.yaml data.train_shards=...   # one process
+    torchrun --nproc_per_node 8 memvp_ds/train.py --config ...                        # or srun, see slurm/
+
+Config: the YAML file, then ``key=value`` overrides (dotted keys of memvp_ds.config). Resumes from the
+newest complete checkpoint in train.output_dir unless train.resume=never.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from memvp_ds.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
+
+    from memvp_ds.engine.distributed import destroy, init_distributed
+    from memvp_ds.engine.trainer import Trainer
+
+    dist_info = init_distributed()
+    if not dist_info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    result = Trainer(cfg, dist_info).train()
+    destroy()
+    return 0 if result["status"] in ("complete", "preempted") else 1
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/train.py): make the package importable
+        import os
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
