@@ -43,3 +43,34 @@ def tokenizer_dir(tmp_path_factory) -> str:
 def _single_thread_determinism():
     # Two cores here; keeping torch to what the machine has avoids oversubscription when ranks run beside.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+TINY_VIT = str(REPO / "memvp_ds" / "vision" / "model_configs" / "tiny-vit.json")
+
+
+def prepare_dataset(root: Path, num_train=192, num_val=32, num_test=32, samples_per_shard=24) -> dict:
+    """Synthetic ScienceQA -> tiny-CLIP shards -> tokenizer trained on its text (the real pipeline)."""
+    from data_prep.extract import ExtractOptions, run_extract
+    from data_prep.sources import ScienceQASource
+    from data_prep.synthetic import make_synthetic_scienceqa
+    from memvp_ds.data.prompts import build_segments
+    from memvp_ds.data.tokenizer import train_tokenizer
+    from memvp_ds.vision.clip_features import FeatureRecipe
+
+    make_synthetic_scienceqa(str(root / "sqa"), num_train, num_val, num_test, seed=0)
+    recipe = FeatureRecipe(model=TINY_VIT, pretrained="random", image_size=64)
+    manifest = run_extract(ScienceQASource(str(root / "sqa")), recipe,
+                           ExtractOptions(out_dir=str(root / "shards"), samples_per_shard=samples_per_shard, num_workers=0))
+    import json
+
+    problems = json.load(open(root / "sqa" / "problems.json"))
+    texts = ["".join(t for t, _ in build_segments(p, "qcm_a")) for p in problems.values()]
+    train_tokenizer(texts, str(root / "tokenizer"), vocab_size=400)
+    shards = lambda split: "::".join(str(root / "shards" / s["name"]) for s in manifest["shards"] if s["split"] == split)
+    return {"root": root, "train": shards("train"), "val": shards("val"), "test": shards("test"),
+            "tokenizer": str(root / "tokenizer"), "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> dict:
+    return prepare_dataset(tmp_path_factory.mktemp("dataset"))

@@ -23,7 +23,7 @@ def test_memvp_on_other_prenorm_decoders(model_type):
     with torch.no_grad():
         plain = load_frozen_llm(cfg.model.llm)(input_ids=ids).logits
         assert torch.equal(model(ids).logits, plain)
-        model.strategy.memory_values.normal_()
+        model.strategy.memory.memory_values.normal_()
         out = model(ids, image_features=torch.randn(2, 16, 32))
     assert not torch.allclose(out.logits, plain, atol=1e-4)
     assert model.generate(ids, max_new_tokens=3).shape == (2, 3)

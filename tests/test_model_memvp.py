@@ -32,7 +32,7 @@ def _reference_logits(cfg, strategy, ids, feats, has_image):
     z = z * has_image.float()[:, None, None]
     rows = cfg.model.memvp.memory_rows
     z = torch.cat([z, torch.zeros(B, rows - N, z.shape[-1])], dim=1)
-    keys, values = z + strategy.memory_keys, z + strategy.memory_values
+    keys, values = z + strategy.memory.memory_keys, z + strategy.memory.memory_values
     s = cfg.model.memvp.memory_scale
 
     def hook(module, args, out):
@@ -100,15 +100,15 @@ def test_trainable_set_is_exactly_projector_and_memory():
     model = tiny_model("memvp")
     names = set(model.trainable_state_dict())
     assert names == {
-        "strategy.memory_keys",
-        "strategy.memory_values",
+        "strategy.memory.memory_keys",
+        "strategy.memory.memory_values",
         "strategy.projector.fc1.weight",
         "strategy.projector.fc1.bias",
         "strategy.projector.fc2.weight",
         "strategy.projector.fc2.bias",
     }
     assert not any(p.requires_grad for p in model.llm.parameters())
-    keys, values = model.strategy.memory_keys, model.strategy.memory_values
+    keys, values = model.strategy.memory.memory_keys, model.strategy.memory.memory_values
     assert keys.shape == values.shape == (1, 24, 64)
     assert torch.count_nonzero(values) == 0 and 0.01 < keys.std() < 0.03
 

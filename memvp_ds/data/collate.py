@@ -34,6 +34,8 @@ class SampleEncoder:
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
         fields = json.loads(raw["json"])
+        if fields.get("has_image") and "npy" not in raw:
+            raise ValueError(f"sample {raw['__key__']}: has_image but no features (cut off in a truncated shard?)")
         features = None
         if "npy" in raw:
             features = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)

@@ -46,10 +46,24 @@ class _SkipCounter:
     def __init__(self):
         self.count = 0
 
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        log.warning("skipping unreadable data (%d so far): %s: %s", self.count, type(exn).__name__, exn)
+    def __call__(self, exn: Exception, samples: int = 1) -> bool:
+        self.count += samples
+        log.warning("skipping unreadable data (%d samples so far): %s: %s", self.count, type(exn).__name__, exn)
         return True
+
+
+def _read_shards(shards: Iterator[Dict[str, str]], expected: Dict[str, int], skipped: _SkipCounter
+                 ) -> Iterator[Dict[str, Any]]:
+    """Raw samples shard by shard. A shard that ends early (truncated: tar readers stop quietly at a cut)
+    is caught by comparing with the manifest's sample count, and the missing samples are counted."""
+    for shard in shards:
+        count = 0
+        for sample in wds.tarfile_samples(iter([shard]), handler=skipped):
+            count += 1
+            yield sample
+        wanted = expected.get(os.path.basename(shard["url"]))
+        if wanted is not None and count < wanted:
+            skipped(ValueError(f"{shard['url']}: {count} of {wanted} samples (truncated shard?)"), wanted - count)
 
 
 class TrainStream(IterableDataset):
@@ -57,8 +71,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: List[str], encoder: SampleEncoder, micro_batch: int, collate_fn: Callable,
                  seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                 skip_micro_batches: int = 0):
+                 skip_micro_batches: int = 0, expected_counts: Optional[Dict[str, int]] = None):
         self.urls, self.encoder, self.micro_batch, self.collate_fn = urls, encoder, micro_batch, collate_fn
+        self.expected_counts = expected_counts or {}
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
         self.workers = max(num_workers, 1)
         self.streams = world_size * self.workers
@@ -94,7 +109,7 @@ class TrainStream(IterableDataset):
         stream = self.rank * self.workers + worker
         rng = random.Random(self.seed * 7919 + stream)
         skipped = _SkipCounter()
-        raw = wds.tarfile_samples(self._shards(stream), handler=skipped)
+        raw = _read_shards(self._shards(stream), self.expected_counts, skipped)
         raw = _shuffled(raw, self.shuffle_buffer, rng)
         to_skip = self._skip_samples(worker)
         pending: List[TokenizedSample] = []
@@ -132,12 +147,14 @@ def _shuffled(samples: Iterator[Dict[str, Any]], buffer_size: int, rng: random.R
 
 def build_train_loader(urls: List[str], encoder: SampleEncoder, micro_batch: int, pad_id: int, pad_to_multiple: int,
                        seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                       skip_micro_batches: int) -> DataLoader:
+                       skip_micro_batches: int, expected_counts: Dict[str, int]) -> DataLoader:
     collate_fn = _Collate(pad_id, encoder.feature_shape, pad_to_multiple, left_pad=False)
     stream = TrainStream(urls, encoder, micro_batch, collate_fn, seed, rank, world_size, num_workers, shuffle_buffer,
-                         skip_micro_batches=skip_micro_batches)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                         skip_micro_batches=skip_micro_batches, expected_counts=expected_counts)
+    # Its own generator: creating the iterator must not draw from the global RNG, whose state (dropout)
+    # a resumed run restores exactly.
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -166,7 +183,7 @@ def iterate_eval_batches(urls: List[str], encoder: SampleEncoder, batch_size: in
     samples: List[TokenizedSample] = []
     filler: Optional[TokenizedSample] = None
     total = 0
-    for index, raw in enumerate(wds.tarfile_samples(iter({"url": u} for u in urls), handler=skipped)):
+    for index, raw in enumerate(_read_shards(iter({"url": u} for u in urls), {}, skipped)):
         if max_samples is not None and index >= max_samples:
             break
         total += 1

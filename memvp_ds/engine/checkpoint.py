@@ -37,6 +37,22 @@ def _link_optimizer_states(optimizer) -> None:
             optimizer._lazy_init_hp_params_optimizer_state()
 
 
+def _ensure_adam_states(optimizer) -> None:
+    """Create torch AdamW's state (zeros, step 0) where it does not exist yet, as before the first update,
+    so that a checkpoint can be loaded into a freshly built engine."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    for group in base.param_groups:
+        step_device = lambda p: p.device if group.get("fused") or group.get("capturable") else "cpu"
+        for param in group["params"]:
+            if not base.state.get(param):
+                base.state[param] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32, device=step_device(param)),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+    _link_optimizer_states(optimizer)
+
+
 def _gather_trainable(model, optimizer) -> Dict[str, torch.Tensor]:
     """Full fp32 weights and Adam moments of every trainable tensor (collective: call on all ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -125,6 +141,7 @@ def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int)
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
     tensors = load_file(os.path.join(path, TRAINABLE))
+    _ensure_adam_states(optimizer)
     params = model.trainable_parameters()
     stored = {key.split("/", 1)[1] for key in tensors if key.startswith("param/")}
     if stored != set(params):

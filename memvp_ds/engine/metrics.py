@@ -39,7 +39,7 @@ def training_flops_per_position(model, positions_per_row: int) -> float:
     embed = model.llm.get_input_embeddings().weight.numel() if hasattr(model.llm.get_input_embeddings(), "weight") else 0
     frozen = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.llm.parameters()) - embed
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.trainable_parameters().values())
-    memory_rows = getattr(getattr(model.strategy, "memory_keys", None), "shape", [0, 0])[1]
+    memory_rows = model.strategy.cfg.memvp.memory_rows if model.strategy.name == "memvp" else 0
     flops = 4 * frozen + 3 * 4 * layers * width * positions_per_row + 3 * 4 * layers * width * memory_rows
     return flops + 6 * trainable / max(positions_per_row, 1)
 

@@ -20,7 +20,7 @@ from memvp_ds.data.stream import build_train_loader, iterate_eval_batches, shard
 from memvp_ds.data.tokenizer import load_tokenizer
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
-from memvp_ds.engine.distributed import DistInfo, all_reduce_sum, any_rank, barrier
+from memvp_ds.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier
 from memvp_ds.engine.metrics import ScalarLogger, max_memory_gb, peak_flops, training_flops_per_position
 from memvp_ds.engine.schedule import lr_at
 from memvp_ds.model import build_model
@@ -35,6 +35,8 @@ class DataPlan:
     train_urls: List[str]
     val_urls: Optional[List[str]]
     train_samples: int
+    shard_samples: Dict[str, int]
+    """Manifest sample count per shard file name: a shard that yields fewer was truncated."""
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -70,7 +72,8 @@ def plan_data(cfg: Config, world_size: int) -> DataPlan:
     steps_per_epoch = max(1, samples // global_batch)
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     warmup = min(total, round(cfg.train.warmup_epochs * steps_per_epoch))
-    return DataPlan(train_urls, val_urls, samples, steps_per_epoch, total, warmup)
+    counts = {s["name"]: s["samples"] for s in manifest["shards"]}
+    return DataPlan(train_urls, val_urls, samples, counts, steps_per_epoch, total, warmup)
 
 
 def _param_groups(model, weight_decay: float):
@@ -107,6 +110,7 @@ class Trainer:
         self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
         self.engine = self._build_engine()
         self.model = self.engine.module
+        self.load_peak_gb = max_memory_gb()  # ZeRO-3 should keep this far below the full model per rank
 
     def _build_engine(self):
         import deepspeed
@@ -114,9 +118,10 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical strategy init on every rank
         self._hf_ds_config = None
-        if zero_stage(self.ds_config) == 3:
-            # Kept alive on purpose: transformers then builds/loads the LLM partitioned (zero.Init) instead
-            # of materialising all of it on every rank.
+        if zero_stage(self.ds_config) == 3 and cfg.model.llm.path is not None:
+            # Kept alive on purpose: transformers then loads the checkpoint partitioned (zero.Init) instead
+            # of materialising all of it on every rank. Randomly initialised inline models (tests, demos)
+            # are built whole so that their weights do not depend on the ZeRO stage; initialize partitions them.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
@@ -141,7 +146,7 @@ class Trainer:
         return build_train_loader(
             self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
             data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
-            data.shuffle_buffer, skip_micro_batches,
+            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples,
         )
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -168,6 +173,8 @@ class Trainer:
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
         logger = ScalarLogger(os.path.join(self.out, "tb"), cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
+        load_peaks = all_gather_objects(self.load_peak_gb)
+        logger.log({f"mem/rank{rank}_load_peak_gb": gb for rank, gb in enumerate(load_peaks)}, step)
         stop = _StopFlag()
         batches = iter(self._train_loader(micro_batches))
         base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)
@@ -242,10 +249,12 @@ class Trainer:
             dtype=torch.float64))
         elapsed = max(time.time() - window["time"], 1e-9)
         loss = totals[0].item() / self.dist.world_size / max(window["steps"], 1)
+        memory = all_gather_objects(max_memory_gb())
         scalars = {
             "train/loss": loss, "train/lr": lr,
             "train/tokens_per_s": totals[1].item() / elapsed, "train/samples_per_s": totals[2].item() / elapsed,
-            "mem/max_allocated_gb": max_memory_gb(), "data/skipped_samples": totals[4].item(),
+            "mem/max_allocated_gb": max(memory), "data/skipped_samples": totals[4].item(),
+            **{f"mem/rank{rank}_max_allocated_gb": gb for rank, gb in enumerate(memory)},
         }
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)

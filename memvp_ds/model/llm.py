@@ -62,18 +62,24 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
 
     The architecture is checked on a meta-device copy first, so a wrong model choice fails in
-    milliseconds instead of after reading tens of gigabytes.
+    milliseconds instead of after reading tens of gigabytes. Under ZeRO-3 (transformers' DeepSpeed
+    integration active) models are built partitioned by zero.Init, which a meta copy cannot go through;
+    there the check runs right after the partitioned load.
     """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     hf_config = _load_hf_config(cfg)
     dtype = getattr(torch, cfg.dtype)
     common = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):
-        decoder_layers(AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code))
+    if not is_deepspeed_zero3_enabled():
+        with torch.device("meta"):
+            decoder_layers(AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code))
     if cfg.path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             llm = AutoModelForCausalLM.from_config(hf_config, **common)
     else:
         llm = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf_config, use_safetensors=True, **common)
+    decoder_layers(llm)
     llm.requires_grad_(False)
     return llm

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,13 +15,30 @@ from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator
 
 
+class VisualMemory(nn.Module):
+    """P1 ("memory keys", randn * 0.02) and P2 ("memory values", zeros), shared by all layers.
+
+    A module of its own whose forward returns K and V as tensors: ZeRO-3 gathers a module's parameters
+    around its forward and, through hooks on its tensor outputs, again for its backward. Keeping P1/P2
+    here, used nowhere else, is what makes MemVP safe under ZeRO-3.
+    """
+
+    def __init__(self, rows: int, width: int):
+        super().__init__()
+        self.memory_keys = nn.Parameter(torch.randn(1, rows, width) * 0.02)
+        self.memory_values = nn.Parameter(torch.zeros(1, rows, width))
+
+    def forward(self, visual_rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return visual_rows + self.memory_keys, visual_rows + self.memory_values
+
+
 class MemVPStrategy(VisualStrategy):
     """``out = h + FFN(x) + s * Dropout(SiLU(x K^T)) V`` in every decoder block, with x = ffn_norm(h).
 
     K = Z + P1 and V = Z + P2, where Z is the projected visual features (zeroed for text-only rows) padded
-    with zero rows to M. P1 ("memory keys", randn * 0.02) and P2 ("memory values", zeros) are shared by all
-    layers. K/V are built once in ``forward`` and read by a forward hook on each block's ``mlp``, whose input
-    is exactly x, so the FFN input is computed once and the HF module tree (and its weight names) is unchanged.
+    with zero rows to M. K/V are built once in ``forward`` and read by a forward hook on each block's
+    ``mlp``, whose input is exactly x, so the FFN input is computed once and the HF module tree (and its
+    weight names) is unchanged.
     """
 
     name = "memvp"
@@ -29,10 +46,8 @@ class MemVPStrategy(VisualStrategy):
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
         width = llm.config.hidden_size
-        rows = cfg.memvp.memory_rows
         self.projector = VisualProjector(cfg.visual_dim, width, cfg.projector)
-        self.memory_keys = nn.Parameter(torch.randn(1, rows, width) * 0.02)
-        self.memory_values = nn.Parameter(torch.zeros(1, rows, width))
+        self.memory = VisualMemory(cfg.memvp.memory_rows, width)
         self.memory_scale = cfg.memvp.memory_scale
         self.dropout = nn.Dropout(cfg.memvp.dropout)
         # K/V of the current forward. Deliberately kept after forward returns: backward through a
@@ -43,9 +58,10 @@ class MemVPStrategy(VisualStrategy):
             layer.mlp.register_forward_hook(self._add_memory_term)
 
     def forward(self, input_ids, attention_mask, image_features, has_image) -> DecoderInputs:
-        rows, batch = self.memory_keys.shape[1], input_ids.shape[0]
+        rows, width = self.memory.memory_keys.shape[1:]
         if image_features is None:
-            visual = None
+            visual = torch.zeros(input_ids.shape[0], rows, width, device=input_ids.device,
+                                 dtype=self.projector.fc2.weight.dtype)
         else:
             if image_features.shape[1] > rows:
                 raise ValueError(
@@ -54,10 +70,7 @@ class MemVPStrategy(VisualStrategy):
                 )
             visual = self.projector(image_features) * image_indicator(image_features, has_image)
             visual = F.pad(visual, (0, 0, 0, rows - visual.shape[1]))
-        keys = self.memory_keys if visual is None else visual + self.memory_keys
-        values = self.memory_values if visual is None else visual + self.memory_values
-        self._keys = keys.expand(batch, -1, -1)
-        self._values = values.expand(batch, -1, -1)
+        self._keys, self._values = self.memory(visual)
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 
     def _add_memory_term(self, mlp: nn.Module, args: tuple, ffn_out: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""The real entry point with real DeepSpeed engines: 2 CPU ranks (gloo) against single-process runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, run_train, scalars, train_overrides
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+# Dropout off where runs with different rank counts are compared: dropout masks are per-rank streams.
+NO_DROPOUT = "model.memvp.dropout=0.0"
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, tmp_path_factory):
+    """Runs shared by several tests (each launch costs ~20 s on two cores)."""
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    common = (f"train.max_steps={STEPS}", "train.save_interval=4", NO_DROPOUT, "logging.peak_tflops=1.0")
+    # Same global batch and the same data streams: 2 ranks x 1 worker x accum 1 == 1 rank x 2 workers x accum 2.
+    out["zero2_2ranks"] = base / "zero2_2ranks"
+    run_train(train_overrides(dataset, out["zero2_2ranks"], *common, "train.ds_config=ds_configs/zero2.json"), ranks=2)
+    out["single"] = base / "single"
+    run_train(train_overrides(dataset, out["single"], *common, "data.num_workers=2", "train.grad_accum_steps=2"))
+    out["zero3_2ranks_ckpt"] = base / "zero3_2ranks_ckpt"
+    run_train(train_overrides(dataset, out["zero3_2ranks_ckpt"], *common, "train.ds_config=ds_configs/zero3.json",
+                              "train.gradient_checkpointing=true"), ranks=2)
+    return out
+
+
+def _losses(out_dir):
+    return [value for _, value in sorted(scalars(out_dir, "train/loss").items())]
+
+
+def test_two_rank_zero2_matches_single_process_and_learns(runs):
+    two, one = _losses(runs["zero2_2ranks"]), _losses(runs["single"])
+    assert len(two) == len(one) == STEPS
+    assert two == pytest.approx(one, rel=2e-4, abs=2e-4)
+    assert sum(two[-3:]) / 3 < sum(two[:3]) / 3 - 0.3, f"loss did not go down: {two}"
+
+
+def test_two_rank_zero3_with_gradient_checkpointing_matches_single_process(runs):
+    three, one = _losses(runs["zero3_2ranks_ckpt"]), _losses(runs["single"])
+    assert three == pytest.approx(one, rel=2e-4, abs=2e-4)
+
+
+def test_tensorboard_has_every_scalar_and_status_is_complete(runs):
+    out = runs["zero2_2ranks"]
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
+                "train/mfu", "mem/max_allocated_gb", "eval/loss"):
+        values = scalars(out, tag)
+        assert values and all(v == v for v in values.values()), tag
+    lrs = scalars(out, "train/lr")
+    assert lrs[1] < lrs[2] and lrs[STEPS] < max(lrs.values()), "warm-up then decay"
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    assert (out / "config.yaml").is_file()
+
+
+def test_checkpoints_hold_only_trainable_state_and_keep_last(runs):
+    root = runs["zero2_2ranks"] / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"step-{STEPS:08d}"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == [
+        "step-00000004", "step-00000008", "step-00000012"]
+    tensors = load_file(root / f"step-{STEPS:08d}" / "trainable.safetensors")
+    names = {key.split("/", 1)[1] for key in tensors}
+    assert names == {"strategy.memory.memory_keys", "strategy.memory.memory_values", "strategy.projector.fc1.weight",
+                     "strategy.projector.fc1.bias", "strategy.projector.fc2.weight", "strategy.projector.fc2.bias"}
+    assert {key.split("/", 1)[0] for key in tensors} == {"param", "exp_avg", "exp_avg_sq"}
+    size = sum(f.stat().st_size for f in (root / f"step-{STEPS:08d}").iterdir())
+    assert size < 2 * sum(t.numel() * 4 for t in tensors.values()) + 100_000
+
+
+def test_export_reloads_to_identical_logits_without_deepspeed(runs):
+    from memvp_ds import build_model
+    from memvp_ds.engine.checkpoint import load_exported
+
+    out = runs["zero2_2ranks"]
+    model, cfg = load_exported(str(out / "export" / "trainable.safetensors"))
+    final = load_file(out / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors")
+    reference = build_model(cfg.model)
+    reference.load_trainable({k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("param/")})
+    ids, feats = torch.randint(4, 300, (2, 10)), torch.randn(2, 16, 32)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, image_features=feats).logits, reference(ids, image_features=feats).logits)
+    assert not torch.count_nonzero(model.strategy.memory.memory_values) == 0, "export holds trained weights"
+
+
+def test_kill_and_resume_on_two_ranks_is_exact(dataset, runs, tmp_path):
+    """SIGKILL the whole 2-rank job after its step-4 checkpoint, resume: the losses of every later step
+    equal those of the uninterrupted run (same data order, same optimizer state)."""
+    out = tmp_path / "killed"
+    overrides = train_overrides(dataset, out, f"train.max_steps={STEPS}", "train.save_interval=4", NO_DROPOUT,
+                                "train.ds_config=ds_configs/zero2.json", "logging.peak_tflops=1.0")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 100), "memvp_ds/train.py",
+           "--config", "configs/tiny_memvp.yaml", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step-00000004" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((out / "status.json").read_text() if (out / "status.json").exists() else "{}") == {}
+    run_train(overrides, ranks=2)
+    resumed_from = int(latest.split("-")[1])
+    reference, resumed = scalars(runs["zero2_2ranks"], "train/loss"), scalars(out, "train/loss")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(dataset, runs, tmp_path):
+    """Losing a node: the 2-rank step-8 checkpoint continues on 1 rank with the same weights, Adam
+    moments and step (checked by gathering them back), then trains to the end."""
+    out = tmp_path / "shrunk"
+    shutil.copytree(runs["zero2_2ranks"] / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / "latest").write_text("step-00000008\n")
+    script = f"""
+import sys; sys.argv = ["x"]
+from memvp_ds.config import load_config
+from memvp_ds.engine.distributed import init_distributed
+from memvp_ds.engine.trainer import Trainer
+from memvp_ds.engine import checkpoint as ckpt
+from safetensors.torch import load_file
+import torch
+cfg = load_config("configs/tiny_memvp.yaml", {train_overrides(dataset, out, 'train.max_steps=12', NO_DROPOUT)!r})
+trainer = Trainer(cfg, init_distributed())
+state = ckpt.load_checkpoint(trainer.model, trainer.engine.optimizer, trainer.dist, trainer.resume_from, 0)
+stored = load_file(trainer.resume_from + "/trainable.safetensors")
+gathered = ckpt._gather_trainable(trainer.model, trainer.engine.optimizer)
+assert state["step"] == 8 and state["world_size"] == 2
+assert set(stored) == set(gathered), (sorted(stored), sorted(gathered))
+for key in stored:
+    assert torch.equal(stored[key], gathered[key]), key
+print("RESTORED", len(stored))
+"""
+    proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert "RESTORED 18" in proc.stdout, proc.stderr[-3000:]
+    run_train(train_overrides(dataset, out, "train.max_steps=12", NO_DROPOUT))
+    assert sorted(scalars(out, "train/loss")) == [9, 10, 11, 12]
+    assert json.loads((out / "status.json").read_text())["step"] == 12
+
+
+def test_text_only_and_image_batches_on_different_ranks_do_not_hang(tmp_path):
+    """ZeRO-3 gathers parameters collectively: a rank streaming only text must still run the projector."""
+    from tests.conftest import prepare_dataset
+
+    data = prepare_dataset(tmp_path / "data", num_train=48, num_val=8, num_test=8, samples_per_shard=24)
+    # Rewrite the two train shards: one all text-only, one all images.
+    from data_prep.shards import write_shard
+    from data_prep.verify import read_shard
+
+    names = data["train"].split("::")
+    samples = [s for name in names for s in read_shard(name)]
+    text = [(k, {**f, "has_image": False}, None) for k, f, _ in samples]
+    images = [s for s in samples if s[2] is not None]
+    write_shard(names[0], text[:24])
+    write_shard(names[1], (images * 2)[:24])
+    out = tmp_path / "run"
+    run_train(train_overrides(data, out, "train.max_steps=6", "train.ds_config=ds_configs/zero3.json",
+                              "data.shuffle_buffer=1"), ranks=2, timeout=240)
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+
+
+def test_corrupt_shard_is_skipped_and_counted(dataset, tmp_path):
+    shards = dataset["train"].split("::")
+    bad = tmp_path / shards[0].split("/")[-1]
+    data = open(shards[0], "rb").read()
+    bad.write_bytes(data[: len(data) // 3])  # truncated mid-member
+    manifest = tmp_path / "manifest.json"
+    shutil.copy(os.path.join(os.path.dirname(shards[0]), "manifest.json"), manifest)
+    out = tmp_path / "run"
+    spec = "::".join([str(bad)] + shards[1:])
+    run_train(train_overrides({**dataset, "train": spec}, out, "train.max_steps=20", f"data.manifest={manifest}"))
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    assert sum(scalars(out, "data/skipped_samples").values()) >= 1
+
+
+def test_config_errors_come_before_any_model_is_built(dataset, tmp_path):
+    ds = tmp_path / "bad_ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
+    proc = run_train(train_overrides(dataset, tmp_path / "o", f"train.ds_config={ds}"), check=False)
+    assert proc.returncode != 0 and "train_micro_batch_size_per_gpu" in proc.stderr and "is 3" in proc.stderr
+    proc = run_train(train_overrides(dataset, tmp_path / "o", "model.visual_dim=48"), check=False)
+    assert proc.returncode != 0 and "16 x 32 features" in proc.stderr
+    proc = run_train(train_overrides(dataset, tmp_path / "o", "train.bogus=1"), check=False)
+    assert proc.returncode != 0 and "train.bogus" in proc.stderr
+
+
+def test_zero3_loads_a_checkpoint_partitioned_with_less_host_memory(dataset, tmp_path):
+    """A model loaded from a local HF directory under ZeRO-3 is never whole on the other ranks: their peak
+    RSS after loading is lower than under ZeRO-2, where every rank holds all frozen weights. (During steps
+    ZeRO-3 keeps up to stage3_max_live_parameters gathered, which covers all of a model this small.)"""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                         num_key_value_heads=12, vocab_size=400, bos_token_id=0, eos_token_id=1, pad_token_id=3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llm")  # ~151M parameters, 600 MB fp32
+    peaks = {}
+    for stage in (2, 3):
+        out = tmp_path / f"zero{stage}"
+        run_train(train_overrides(dataset, out, "train.max_steps=1", f"train.ds_config=ds_configs/zero{stage}.json",
+                                  f"model.llm.path={tmp_path / 'llm'}", "model.llm.config=null",
+                                  "data.max_seq_len=64", "train.micro_batch_size=2"), ranks=2, timeout=300)
+        peaks[stage] = [scalars(out, f"mem/rank{rank}_load_peak_gb")[0] for rank in (0, 1)]
+    assert peaks[3][1] < peaks[2][1] - 0.12, peaks
