@@ -34,10 +34,10 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, position: str
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
-def _options(rng: random.Random, answer: str, pool: Tuple[str, ...], count: int) -> Tuple[List[str], int]:
-    choices = [answer] + rng.sample([p for p in pool if p != answer], count - 1)
-    rng.shuffle(choices)
-    return choices, choices.index(answer)
+def _options(answer: str, pool: Tuple[str, ...]) -> Tuple[List[str], int]:
+    """All values of the asked attribute, in a fixed order: the letter identifies the value, so only the
+    image (or the text context) can tell which letter is right."""
+    return list(pool), pool.index(answer)
 
 
 def _image_problem(rng: random.Random, size: int) -> Tuple[Dict, Image.Image]:
@@ -53,13 +53,13 @@ def _image_problem(rng: random.Random, size: int) -> Tuple[Dict, Image.Image]:
     kind = rng.choice(("colour", "shape", "position"))
     if kind == "colour":
         question = f"What colour is the {shapes[target]}?"
-        choices, answer = _options(rng, colours[target], tuple(COLOURS), 3)
+        choices, answer = _options(colours[target], tuple(COLOURS))
     elif kind == "shape":
         question = f"Which shape is at the {positions[target]}?"
-        choices, answer = _options(rng, shapes[target], SHAPES, 3)
+        choices, answer = _options(shapes[target], SHAPES)
     else:
         question = f"Where is the {colours[target]} {shapes[target]}?"
-        choices, answer = _options(rng, positions[target], POSITIONS, 3)
+        choices, answer = _options(positions[target], POSITIONS)
     problem = {"question": question, "choices": choices, "answer": answer, "hint": "", "image": "image.png",
                "subject": _SUBJECTS[kind], "category": kind, "topic": "shapes"}
     return problem, image
@@ -70,10 +70,10 @@ def _text_problem(rng: random.Random) -> Dict:
     hint = f"Sam drew a {colour} {shape} on the board."
     if rng.random() < 0.5:
         question = "What colour did Sam use?"
-        choices, answer = _options(rng, colour, tuple(COLOURS), 3)
+        choices, answer = _options(colour, tuple(COLOURS))
     else:
         question = "What shape did Sam draw?"
-        choices, answer = _options(rng, shape, SHAPES, 3)
+        choices, answer = _options(shape, SHAPES)
     return {"question": question, "choices": choices, "answer": answer, "hint": hint, "image": None,
             "subject": "language science", "category": "reading", "topic": "reading"}
 

@@ -98,6 +98,8 @@ class DataConfig:
     pad_to_multiple: int = 8
     shuffle_buffer: int = 1000
     num_workers: int = 2
+    use_images: bool = True
+    """False drops every image's features: the text-only control that shows what the images contribute."""
 
 
 @dataclass
@@ -196,8 +198,10 @@ def _merge(schema: Any, layer: Any, source: str) -> Any:
         raise ConfigError(f"{source}: invalid value for '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Read a YAML config (optional) and ``key=value`` overrides onto the typed schema and validate it.
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                stored: Optional[Dict[str, Any]] = None) -> Config:
+    """Read a YAML config (or a ``stored`` plain-dict config, e.g. from an export) and ``key=value``
+    overrides onto the typed schema and validate it.
 
     Raises ConfigError naming the file or override and the key for unknown keys, wrong types and
     inconsistent values. Nothing heavy (no model, no data) is touched here.
@@ -206,6 +210,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     # Start the inline LLM config empty so that a YAML 'llm.path' does not collide with the default config.
     schema.model.llm.config = None
     merged = schema
+    if stored is not None:
+        merged = _merge(merged, OmegaConf.create(stored), "stored config")
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
@@ -236,12 +242,6 @@ def _check_strategy(name: str) -> None:
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, for writing next to checkpoints and exports."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def config_from_dict(data: Dict[str, Any]) -> Config:
-    """Rebuild a Config from its plain-dict form (as stored in exports)."""
-    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "stored config")
-    return OmegaConf.to_object(merged)
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -198,19 +198,21 @@ def test_config_errors_come_before_any_model_is_built(dataset, tmp_path):
 
 
 def test_zero3_loads_a_checkpoint_partitioned_with_less_host_memory(dataset, tmp_path):
-    """A model loaded from a local HF directory under ZeRO-3 is never whole on the other ranks: their peak
-    RSS after loading is lower than under ZeRO-2, where every rank holds all frozen weights. (During steps
-    ZeRO-3 keeps up to stage3_max_live_parameters gathered, which covers all of a model this small.)"""
+    """A model loaded from a local HF directory under ZeRO-3 is partitioned: each rank holds about half
+    the frozen weights after loading, where ZeRO-2 holds all of them on every rank. (Peak RSS is logged too
+    but is no fair gauge at this size: transient per-module buffers and allocator high-water marks dominate
+    it; during steps ZeRO-3 keeps up to stage3_max_live_parameters gathered, all of a model this small.)"""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
                          num_key_value_heads=12, vocab_size=400, bos_token_id=0, eos_token_id=1, pad_token_id=3)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llm")  # ~151M parameters, 600 MB fp32
-    peaks = {}
+    held, model_gb = {}, 151e6 * 4 / 2**30
     for stage in (2, 3):
         out = tmp_path / f"zero{stage}"
         run_train(train_overrides(dataset, out, "train.max_steps=1", f"train.ds_config=ds_configs/zero{stage}.json",
                                   f"model.llm.path={tmp_path / 'llm'}", "model.llm.config=null",
                                   "data.max_seq_len=64", "train.micro_batch_size=2"), ranks=2, timeout=300)
-        peaks[stage] = [scalars(out, f"mem/rank{rank}_load_peak_gb")[0] for rank in (0, 1)]
-    assert peaks[3][1] < peaks[2][1] - 0.12, peaks
+        held[stage] = [scalars(out, f"mem/rank{rank}_after_load_gb")[0] for rank in (0, 1)]
+    for rank in (0, 1):  # ZeRO-3 saves at least a third of the model per rank (half, minus noise)
+        assert held[3][rank] < held[2][rank] - model_gb / 3, held

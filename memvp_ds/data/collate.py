@@ -27,17 +27,17 @@ class SampleEncoder:
     """Raw tar sample (bytes of .json and optional .npy) -> TokenizedSample, checked against the model."""
 
     def __init__(self, tokenizer, prompt_format: str, max_seq_len: int, visual_tokens: int, visual_dim: int,
-                 with_target: bool = True):
+                 with_target: bool = True, use_images: bool = True):
         self.tokenizer, self.prompt_format, self.max_seq_len = tokenizer, prompt_format, max_seq_len
         self.feature_shape = (visual_tokens, visual_dim)
-        self.with_target = with_target
+        self.with_target, self.use_images = with_target, use_images
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
         fields = json.loads(raw["json"])
         if fields.get("has_image") and "npy" not in raw:
             raise ValueError(f"sample {raw['__key__']}: has_image but no features (cut off in a truncated shard?)")
         features = None
-        if "npy" in raw:
+        if "npy" in raw and self.use_images:
             features = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
             if features.shape != self.feature_shape:
                 raise ValueError(f"sample {raw['__key__']}: features {features.shape}, model expects {self.feature_shape}")

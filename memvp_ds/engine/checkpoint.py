@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from memvp_ds.config import Config, config_from_dict, config_to_dict
+from memvp_ds.config import Config, config_to_dict, load_config
 from memvp_ds.engine.distributed import DistInfo, barrier
 
 CHECKPOINTS = "checkpoints"
@@ -194,11 +194,9 @@ def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str) -> None
     barrier()
 
 
-def load_exported(path: str, llm_path: Optional[str] = None):
-    """Rebuild a model from an export without DeepSpeed: base LLM from the stored config (or ``llm_path``)."""
+def read_export_config(path: str) -> Dict[str, Any]:
+    """The resolved config stored in an export's metadata, as a plain dict."""
     from safetensors import safe_open
-
-    from memvp_ds.model import build_model
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported weights not found: {path}")
@@ -206,7 +204,14 @@ def load_exported(path: str, llm_path: Optional[str] = None):
         metadata = f.metadata() or {}
     if "memvp_ds_config" not in metadata:
         raise ValueError(f"{path} is not a memvp_ds export (no memvp_ds_config metadata)")
-    cfg = config_from_dict(json.loads(metadata["memvp_ds_config"]))
+    return json.loads(metadata["memvp_ds_config"])
+
+
+def load_exported(path: str, llm_path: Optional[str] = None):
+    """Rebuild a model from an export without DeepSpeed: base LLM from the stored config (or ``llm_path``)."""
+    from memvp_ds.model import build_model
+
+    cfg = load_config(stored=read_export_config(path))
     if llm_path is not None:
         cfg.model.llm.path, cfg.model.llm.config = llm_path, None
     model = build_model(cfg.model)

@@ -52,6 +52,21 @@ def max_memory_gb() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
+def resident_memory_gb() -> float:
+    """Memory held right now: allocated accelerator memory, or the process's resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30
+    import ctypes
+
+    import psutil
+
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed heap pages (e.g. each layer's full weights before ZeRO-3 partitioned them)
+        # mapped; trim them so that RSS shows what is actually held.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss / 2**30
+
+
 class ScalarLogger:
     """TensorBoard on rank 0 (a no-op elsewhere); the run directory persists across resumes."""
 

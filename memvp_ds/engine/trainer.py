@@ -21,7 +21,13 @@ from memvp_ds.data.tokenizer import load_tokenizer
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
 from memvp_ds.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier
-from memvp_ds.engine.metrics import ScalarLogger, max_memory_gb, peak_flops, training_flops_per_position
+from memvp_ds.engine.metrics import (
+    ScalarLogger,
+    max_memory_gb,
+    peak_flops,
+    resident_memory_gb,
+    training_flops_per_position,
+)
 from memvp_ds.engine.schedule import lr_at
 from memvp_ds.model import build_model
 
@@ -110,7 +116,8 @@ class Trainer:
         self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
         self.engine = self._build_engine()
         self.model = self.engine.module
-        self.load_peak_gb = max_memory_gb()  # ZeRO-3 should keep this far below the full model per rank
+        # What loading cost each rank: ZeRO-3 should hold a fraction of the frozen model, ZeRO-2 all of it.
+        self.load_memory_gb = {"load_peak_gb": max_memory_gb(), "after_load_gb": resident_memory_gb()}
 
     def _build_engine(self):
         import deepspeed
@@ -139,7 +146,8 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------------
     def _encoder(self, with_target: bool = True) -> SampleEncoder:
         return SampleEncoder(self.tokenizer, self.cfg.data.prompt_format, self.cfg.data.max_seq_len,
-                             self.cfg.model.visual_tokens, self.cfg.model.visual_dim, with_target)
+                             self.cfg.model.visual_tokens, self.cfg.model.visual_dim, with_target,
+                             self.cfg.data.use_images)
 
     def _train_loader(self, skip_micro_batches: int):
         data = self.cfg.data
@@ -173,8 +181,8 @@ class Trainer:
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
         logger = ScalarLogger(os.path.join(self.out, "tb"), cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
-        load_peaks = all_gather_objects(self.load_peak_gb)
-        logger.log({f"mem/rank{rank}_load_peak_gb": gb for rank, gb in enumerate(load_peaks)}, step)
+        per_rank = all_gather_objects(self.load_memory_gb)
+        logger.log({f"mem/rank{rank}_{key}": gb for rank, row in enumerate(per_rank) for key, gb in row.items()}, step)
         stop = _StopFlag()
         batches = iter(self._train_loader(micro_batches))
         base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)

@@ -1,0 +1,1 @@
+"""Task metrics and batched generation for evaluation."""
