@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 
 
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
     from memvp_ds.engine.trainer import Trainer
 
     dist_info = init_distributed()
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"memvp_ds: rank {dist_info.rank}/{dist_info.world_size} on node {node}", flush=True)
     if not dist_info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     result = Trainer(cfg, dist_info).train()
@@ -43,7 +47,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/train.py): make the package importable
-        import os
-
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

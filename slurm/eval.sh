@@ -1,0 +1,15 @@
+#!/bin/bash
+# Data-parallel evaluation: every rank answers its share of the split, rank 0 writes predictions + metrics.
+#
+#   sbatch [--nodes N] [--ntasks-per-node G] slurm/eval.sh --weights runs/x/export/trainable.safetensors \
+#       [--config CONFIG] [--split test] [key=value ...]
+#SBATCH --job-name=memvp-eval
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+srun --kill-on-bad-exit=1 --label "${MEMVP_PYTHON:-python}" memvp_ds/evaluate.py "$@"
