@@ -1,0 +1,79 @@
+"""Metrics against hand-computed cases; evaluation does not depend on batch size or rank count."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memvp_ds.evaluation.scienceqa import parse_answer, scienceqa_metrics
+from memvp_ds.evaluation.vqa import normalize_answer, vqa_accuracy
+from tests.helpers import REPO, run_train, train_overrides
+
+
+def test_parse_answer_pattern_fallback_and_failure():
+    assert parse_answer("Answer: The answer is B.", 3) == (1, "pattern")
+    assert parse_answer("The answer is (C).", 3) == (2, "pattern")
+    assert parse_answer("B. because it is red", 3) == (1, "fallback")
+    assert parse_answer("The answer is D.", 3) == (None, "failed")  # only 3 options
+    assert parse_answer("no idea", 3) == (None, "failed")
+
+
+def _problem(answer, subject, hint, image, grade):
+    return {"answer": answer, "choices": ["x", "y", "z"], "subject": subject, "hint": hint, "has_image": image,
+            "grade": grade}
+
+
+def test_scienceqa_breakdown_matches_hand_computation():
+    records = [
+        {"fields": _problem(0, "natural science", "", True, "grade2"), "output": "The answer is A."},   # right
+        {"fields": _problem(1, "natural science", "ctx", False, "grade8"), "output": "The answer is A."},  # wrong
+        {"fields": _problem(2, "social science", "ctx", True, "grade7"), "output": "C) maybe"},  # right, fallback
+        {"fields": _problem(1, "language science", "", False, "grade12"), "output": "hmm"},  # failed
+    ]
+    m = scienceqa_metrics(records)
+    assert m["acc/overall"] == 50.0
+    assert (m["acc/NAT"], m["acc/SOC"], m["acc/LAN"]) == (50.0, 100.0, 0.0)
+    # TXT: rows 2, 3 (one right); IMG: rows 1, 3 (both right); NO: row 4
+    assert (m["acc/TXT"], m["acc/IMG"], m["acc/NO"]) == (50.0, 100.0, 0.0)
+    assert (m["acc/G1-6"], m["acc/G7-12"]) == (100.0, pytest.approx(100 / 3))
+    assert (m["parse/pattern"], m["parse/fallback"], m["parse/failed"]) == (2, 1, 1)
+
+
+def test_vqa_accuracy_matches_hand_computation():
+    assert normalize_answer("Two dogs!") == "2 dogs"
+    assert normalize_answer("the Cat.") == "cat"
+    humans = ["2"] * 3 + ["two"] + ["3"] * 6  # after normalisation: four "2", six "3"
+    # leave-one-out: dropping a "2" leaves 3 matches -> 1; dropping a "3" leaves 4 -> 1: mean 1.0
+    assert vqa_accuracy("two", humans) == 1.0
+    humans = ["2", "2"] + ["3"] * 8  # dropping a "2" leaves 1 -> 1/3; dropping a "3" leaves 2 -> 2/3
+    assert vqa_accuracy("2", humans) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert vqa_accuracy("4", humans) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_run")
+    run_train(train_overrides(dataset, out / "run", "train.max_steps=30", f"data.test_shards={dataset['test']}"))
+    return out / "run" / "export" / "trainable.safetensors"
+
+
+def _evaluate(weights, out, *extra, ranks=1):
+    launcher = (["deepspeed", "--num_gpus", str(ranks), "--master_port", "29631"] if ranks > 1 else [sys.executable])
+    cmd = [*launcher, "memvp_ds/evaluate.py", "--weights", str(weights), "--split", "test", "--output", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictions = [json.loads(line) for line in open(out / "predictions_test.jsonl")]
+    return predictions, json.loads((out / "metrics_test.json").read_text())
+
+
+@pytest.mark.slow
+def test_predictions_do_not_depend_on_batch_size_or_ranks(trained, tmp_path):
+    by_one, metrics = _evaluate(trained, tmp_path / "b1", "eval.batch_size=1")
+    by_eight, metrics8 = _evaluate(trained, tmp_path / "b8", "eval.batch_size=8")
+    two_ranks, metrics2 = _evaluate(trained, tmp_path / "r2", "eval.batch_size=8", ranks=2)
+    assert len(by_one) == 32
+    key = lambda rows: sorted((r["id"], r["output"]) for r in rows)
+    assert key(by_one) == key(by_eight) == key(two_ranks)
+    assert metrics == metrics8 == metrics2
+    assert {"acc/overall", "acc/IMG", "parse/failed"} <= set(metrics)
