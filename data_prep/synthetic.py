@@ -40,8 +40,8 @@ def _options(answer: str, pool: Tuple[str, ...]) -> Tuple[List[str], int]:
     return list(pool), pool.index(answer)
 
 
-def _image_problem(rng: random.Random, size: int) -> Tuple[Dict, Image.Image]:
-    count = rng.choice((1, 2))
+def _image_problem(rng: random.Random, size: int, max_shapes: int) -> Tuple[Dict, Image.Image]:
+    count = rng.randint(1, max_shapes)
     positions = rng.sample(POSITIONS, count)
     colours = rng.sample(list(COLOURS), count)
     shapes = rng.sample(SHAPES, count)
@@ -80,9 +80,11 @@ def _text_problem(rng: random.Random) -> Dict:
 
 def make_synthetic_scienceqa(
     out_dir: str, num_train: int = 2000, num_val: int = 200, num_test: int = 500, image_size: int = 64,
-    text_only_fraction: float = 0.1, seed: int = 0,
+    text_only_fraction: float = 0.1, seed: int = 0, max_shapes: int = 2,
 ) -> Dict[str, int]:
-    """Write problems.json, pid_splits.json and images/{split}/{pid}/image.png; return counts per split."""
+    """Write problems.json, pid_splits.json and images/{split}/{pid}/image.png; return counts per split.
+
+    ``max_shapes=1`` gives one shape per image (no need to tell two shapes apart: an easier task)."""
     rng = random.Random(seed)
     problems: Dict[str, Dict] = {}
     splits: Dict[str, List[str]] = {"train": [], "val": [], "test": [], "minival": []}
@@ -94,7 +96,7 @@ def make_synthetic_scienceqa(
             if rng.random() < text_only_fraction:
                 problem = _text_problem(rng)
             else:
-                problem, image = _image_problem(rng, image_size)
+                problem, image = _image_problem(rng, image_size, max_shapes)
                 image_dir = os.path.join(out_dir, "images", split, key)
                 os.makedirs(image_dir, exist_ok=True)
                 image.save(os.path.join(image_dir, "image.png"))

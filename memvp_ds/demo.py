@@ -41,7 +41,9 @@ def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
     from memvp_ds.vision.clip_features import FeatureRecipe
 
     sqa, shards, tokenizer = out / "sqa", out / "shards", out / "tokenizer"
-    counts = make_synthetic_scienceqa(str(sqa), num_train=num_train, num_val=num_test // 2, num_test=num_test)
+    # One shape per image: a tiny frozen model cannot learn in minutes which of two shapes a question means.
+    counts = make_synthetic_scienceqa(str(sqa), num_train=num_train, num_val=num_test // 2, num_test=num_test,
+                                      max_shapes=1)
     print(f"[1/5] synthetic ScienceQA-format data in {sqa}: {counts}")
     recipe = FeatureRecipe(model=str(TINY_VIT), pretrained="random", image_size=64)
     manifest = run_extract(ScienceQASource(str(sqa)), recipe,
@@ -50,9 +52,45 @@ def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
     with open(sqa / "problems.json") as f:
         texts = ["".join(t for t, _ in build_segments(p, "qcm_a")) for p in json.load(f).values()]
     train_tokenizer(texts, str(tokenizer), vocab_size=400)
-    print(f"[3/5] tokenizer trained on the dataset text in {tokenizer}")
+    base = out / "base_llm"
+    pretrain_base_llm(texts, str(tokenizer), str(base))
+    print(f"[3/5] tokenizer and a tiny base LLM trained on the dataset text alone in {tokenizer}, {base}")
     by_split = lambda split: "::".join(str(shards / s["name"]) for s in manifest["shards"] if s["split"] == split)
-    return {"train": by_split("train"), "val": by_split("val"), "test": by_split("test"), "tokenizer": str(tokenizer)}
+    return {"train": by_split("train"), "val": by_split("val"), "test": by_split("test"), "tokenizer": str(tokenizer),
+            "llm": str(base)}
+
+
+def pretrain_base_llm(texts: List[str], tokenizer_dir: str, out_dir: str, steps: int = 300) -> None:
+    """The stand-in for LLaMA: the tiny config's LLaMA architecture trained on the text (every token) for a
+    few hundred steps, saved as an HF model directory. A randomly initialised frozen LLM could not even
+    produce the answer format; a pre-trained one knows the language and leaves the images to the strategy."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memvp_ds.config import load_config
+    from memvp_ds.data.collate import TokenizedSample, collate
+    from memvp_ds.data.prompts import encode_segments
+    from memvp_ds.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    inline = dict(load_config(str(CONFIGS / "tiny_memvp.yaml")).model.llm.config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline))
+    samples = []
+    for text in texts:
+        encoded = encode_segments(tokenizer, [(text, True)], 128)
+        samples.append(TokenizedSample("", encoded.input_ids, encoded.labels, None, {}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(len(samples), (16,), generator=generator)
+        batch = collate([samples[i] for i in rows], tokenizer.pad_token_id, (1, 1))
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def launcher(ranks: int) -> List[str]:
@@ -67,6 +105,7 @@ def train_run(name: str, data: Dict[str, str], out: Path, ranks: int, steps: int
     overrides = [
         f"data.train_shards={data['train']}", f"data.val_shards={data['val']}", f"data.test_shards={data['test']}",
         f"data.tokenizer={data['tokenizer']}", f"train.output_dir={out / name}", f"train.max_steps={steps}",
+        f"model.llm.path={data['llm']}", "model.llm.config=null",
         f"train.save_interval={steps}", "train.ds_config=" + str(PACKAGE.parent / "ds_configs" / "zero2.json"),
         "logging.log_interval=10", *extra,
     ]
@@ -156,7 +195,7 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    num_train, num_test, steps = (1200, 200, 300) if args.fast else (3000, 400, 900)
+    num_train, num_test, steps = (1200, 200, 600) if args.fast else (2000, 400, 1500)
     steps = args.steps or steps
 
     data = prepare_data(out, num_train, num_test)

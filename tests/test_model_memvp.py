@@ -28,7 +28,8 @@ def _reference_logits(cfg, strategy, ids, feats, has_image):
     """The formula of ../shared/docs/memvp.md, applied with hooks to a separately built plain HF model."""
     llm = load_frozen_llm(cfg.model.llm)
     proj = strategy.projector
-    z = F.linear(F.silu(F.linear(feats, proj.fc1.weight, proj.fc1.bias)), proj.fc2.weight, proj.fc2.bias) * 0.01
+    z = F.linear(F.silu(F.linear(feats, proj.fc1.weight, proj.fc1.bias)), proj.fc2.weight, proj.fc2.bias)
+    z = z * cfg.model.projector.output_scale
     z = z * has_image.float()[:, None, None]
     rows = cfg.model.memvp.memory_rows
     z = torch.cat([z, torch.zeros(B, rows - N, z.shape[-1])], dim=1)

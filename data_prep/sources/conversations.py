@@ -32,18 +32,24 @@ def _image_path(image_root: str, name):
     return os.path.join(image_root, name) if name else None
 
 
-class LlavaSource:
-    """``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}``; ``<image>`` is removed."""
+class _AnnotationFileSource:
+    """A .json/.jsonl annotation file whose image paths are relative to ``image_root``."""
 
-    name = "llava"
+    name: str
 
     def __init__(self, path: str, image_root: str, split: str = "train"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"LLaVA annotation file not found: {path}")
+            raise FileNotFoundError(f"{self.name} annotation file not found: {path}")
         self.path, self.image_root, self.split = path, image_root, split
 
     def describe(self):
         return {"type": self.name, "path": os.path.abspath(self.path), "image_root": os.path.abspath(self.image_root)}
+
+
+class LlavaSource(_AnnotationFileSource):
+    """``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}``; ``<image>`` is removed."""
+
+    name = "llava"
 
     def examples(self) -> Iterator[Example]:
         for index, record in enumerate(read_records(self.path)):
@@ -58,18 +64,10 @@ class LlavaSource:
             yield Example(safe_key(source_id), self.split, _image_path(self.image_root, record.get("image")), fields)
 
 
-class JsonlQASource:
+class JsonlQASource(_AnnotationFileSource):
     """Generic records with ``image``, ``question``, ``answer`` and optional ``choices`` / ``split`` / ``id``."""
 
     name = "jsonl"
-
-    def __init__(self, path: str, image_root: str, split: str = "train"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"JSONL file not found: {path}")
-        self.path, self.image_root, self.split = path, image_root, split
-
-    def describe(self):
-        return {"type": self.name, "path": os.path.abspath(self.path), "image_root": os.path.abspath(self.image_root)}
 
     def examples(self) -> Iterator[Example]:
         records = list(read_records(self.path))

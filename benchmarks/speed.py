@@ -1,0 +1,146 @@
+"""MemVP vs the input-space baseline on the same LLM, batch and text: training step, prefill, decode, memory.
+
+    python benchmarks/speed.py                         # cpu-small preset, a few minutes on a laptop CPU
+    python benchmarks/speed.py --preset llama13b       # 13B layer shapes, bf16, on a GPU (--layers to fit)
+    python benchmarks/speed.py --json out.json
+
+Prints a table and writes JSON with, per strategy: train step time, tokens/s, prefill latency, decode
+ms/token, peak memory, MFU, and the memvp / input_prefix ratio of each. Weights are random (speed only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memvp_ds.config import load_config  # noqa: E402
+from memvp_ds.engine.metrics import max_memory_gb, peak_flops, training_flops_per_position  # noqa: E402
+from memvp_ds.model import build_model  # noqa: E402
+
+
+@dataclass
+class Preset:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    batch: int
+    text_tokens: int
+    visual_tokens: int
+    memory_rows: int
+    visual_dim: int
+    dtype: str
+    new_tokens: int
+    repeats: int
+
+
+PRESETS = {
+    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3),
+    "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5),
+}
+
+
+def build(strategy: str, p: Preset, device: torch.device):
+    inline = {"model_type": "llama", "hidden_size": p.hidden, "intermediate_size": p.intermediate,
+              "num_hidden_layers": p.layers, "num_attention_heads": p.heads, "num_key_value_heads": p.heads,
+              "vocab_size": p.vocab, "max_position_embeddings": 4096}
+    cfg = load_config(None, [f"model.llm.config={json.dumps(inline)}", f"model.llm.dtype={p.dtype}",
+                             f"model.strategy={strategy}", f"model.visual_dim={p.visual_dim}",
+                             f"model.visual_tokens={p.visual_tokens}", f"model.memvp.memory_rows={p.memory_rows}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    for param in model.trainable_parameters().values():  # bf16 compute like a DeepSpeed bf16 engine
+        param.data = param.data.to(getattr(torch, p.dtype))
+    return model
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(strategy: str, p: Preset, device: torch.device, peak: float) -> Dict[str, float]:
+    model = build(strategy, p, device)
+    dtype = getattr(torch, p.dtype)
+    ids = torch.randint(4, p.vocab, (p.batch, p.text_tokens), device=device)
+    feats = torch.randn(p.batch, p.visual_tokens, p.visual_dim, device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model.train()
+        model(ids, labels=ids, image_features=feats).loss.backward()
+
+    step = _timed(train_step, p.repeats, device)
+    train_memory = max_memory_gb()
+    model.eval()
+    prefill = _timed(lambda: model.generate(ids, image_features=feats, max_new_tokens=1), p.repeats, device)
+    full = _timed(lambda: model.generate(ids, image_features=feats, max_new_tokens=p.new_tokens, stop_when_done=False),
+                  p.repeats, device)
+    positions = p.text_tokens + (p.visual_tokens if strategy == "input_prefix" else 0)
+    flops = training_flops_per_position(model, positions) * positions * p.batch
+    return {
+        "train_step_s": step,
+        "train_tokens_per_s": p.batch * p.text_tokens / step,
+        "prefill_s": prefill,
+        "decode_ms_per_token": 1000 * (full - prefill) / (p.new_tokens - 1),
+        "peak_memory_gb": train_memory,
+        "mfu": flops / step / peak if peak else float("nan"),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--layers", type=int, help="override the preset's number of decoder layers")
+    parser.add_argument("--repeats", type=int, help="timed repetitions (median is reported)")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table; none on CPU)")
+    parser.add_argument("--json", default="benchmarks/results/speed.json")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    preset = Preset(**{**asdict(preset), **({"layers": args.layers} if args.layers else {}),
+                       **({"repeats": args.repeats} if args.repeats else {})})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_flops(args.peak_tflops)
+    results = {name: measure(name, preset, device, peak) for name in ("memvp", "input_prefix")}
+    results["ratio_memvp_over_input_prefix"] = {
+        key: results["memvp"][key] / results["input_prefix"][key] for key in results["memvp"]
+    }
+    header = f"{'metric':<22}{'memvp':>14}{'input_prefix':>14}{'ratio':>10}"
+    print(f"preset {args.preset} on {device} ({preset.layers} layers, batch {preset.batch}, "
+          f"{preset.text_tokens} text + {preset.visual_tokens} visual tokens, M = {preset.memory_rows})")
+    print(header + "\n" + "-" * len(header))
+    for key in results["memvp"]:
+        print(f"{key:<22}{results['memvp'][key]:>14.4g}{results['input_prefix'][key]:>14.4g}"
+              f"{results['ratio_memvp_over_input_prefix'][key]:>10.3f}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"preset": args.preset, "device": str(device), "config": asdict(preset), **results},
+                              indent=2))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
