@@ -1,0 +1,28 @@
+"""The quickstart demo end to end (--fast): the model must use the images, and MemVP must be faster."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_fast_shows_memvp_uses_images(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "memvp_ds.demo", "--fast", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    memvp, prefix, control = results["memvp"], results["input_prefix"], results["text_only"]
+    assert memvp["acc/overall"] >= control["acc/overall"] + 15
+    assert control["acc/colour"] <= 50 and control["acc/position"] <= 50, "control must sit near chance"
+    assert memvp["tokens_per_s"] > prefix["tokens_per_s"], "MemVP keeps the sequence short: faster steps"
+    assert (out / "demo.png").stat().st_size > 10_000
+    for name in ("memvp", "input_prefix", "text_only"):
+        assert list((out / name / "tb").glob("events.out.tfevents.*"))
+        assert (out / name / "export" / "trainable.safetensors").is_file()
+    assert "OK: MemVP" in proc.stdout and "text_only" in proc.stdout
