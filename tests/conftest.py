@@ -40,8 +40,8 @@ def tokenizer_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_determinism():
-    # Two cores here; keeping torch to what the machine has avoids oversubscription when ranks run beside.
+def _cpu_threads():
+    # Never more torch threads than cores: subprocess ranks started by a test share the same cores.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -55,7 +55,7 @@ def test_two_rank_zero3_with_gradient_checkpointing_matches_single_process(runs)
 def test_tensorboard_has_every_scalar_and_status_is_complete(runs):
     out = runs["zero2_2ranks"]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
-                "train/mfu", "mem/max_allocated_gb", "eval/loss"):
+                "train/mfu", "mem/max_allocated_gb", "eval/loss", "eval/acc/overall", "eval/acc/IMG"):
         values = scalars(out, tag)
         assert values and all(v == v for v in values.values()), tag
     lrs = scalars(out, "train/lr")

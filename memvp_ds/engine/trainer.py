@@ -29,6 +29,7 @@ from memvp_ds.engine.metrics import (
     training_flops_per_position,
 )
 from memvp_ds.engine.schedule import lr_at
+from memvp_ds.evaluate import evaluate_split
 from memvp_ds.model import build_model
 
 log = logging.getLogger("memvp_ds")
@@ -288,7 +289,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_loss(self) -> Dict[str, float]:
-        """Token-weighted validation loss over every val sample, identical on any number of ranks."""
+        """Validation loss (token-weighted, identical on any number of ranks) and answer accuracy."""
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for raw in iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
@@ -300,5 +301,12 @@ class Trainer:
             tokens = int((raw["labels"][:, 1:] != -100).sum())
             total += torch.tensor([loss * tokens, tokens], dtype=torch.float64)
         total = all_reduce_sum(total)
+        metrics = {"eval/loss": (total[0] / total[1].clamp(min=1)).item()}
+        # Answer accuracy by greedy generation. Under ZeRO-3 every rank must make the same number of forward
+        # calls (parameters are gathered collectively), so no rank may stop decoding early there.
+        _, task = evaluate_split(self.cfg, self.model, self.tokenizer, self.plan.val_urls, self.dist.rank,
+                                 self.dist.world_size, stop_when_done=zero_stage(self.ds_config) != 3,
+                                 device=self.engine.device)
+        metrics.update({f"eval/{k}": v for k, v in task.items() if k.startswith("acc/")})
         self.engine.train()
-        return {"eval/loss": (total[0] / total[1].clamp(min=1)).item()}
+        return metrics
