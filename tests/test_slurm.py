@@ -84,7 +84,8 @@ def test_extract_array_job_matches_single_process(slurm, dataset, tmp_path):
     sqa = dataset["root"] / "sqa"
     options = ["--source", "scienceqa", "--root", str(sqa), "--clip-model", TINY_VIT, "--clip-pretrained", "random",
                "--image-size", "64", "--samples-per-shard", "24", "--workers", "0"]
-    env = {**slurm.env, "MEMVP_PYTHON": sys.executable, "MEMVP_EXTRACT_SBATCH_ARGS": f"--chdir={REPO}"}
+    env = {**slurm.env, "MEMVP_PYTHON": sys.executable, "MEMVP_EXTRACT_SBATCH_ARGS": f"--chdir={REPO}",
+           "MEMVP_LOG_DIR": str(tmp_path / "logs")}
     import subprocess
 
     proc = subprocess.run(["bash", "slurm/extract.sh", "2", str(tmp_path / "parts"), *options], cwd=REPO, env=env,
