@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     from memvp_ds.config import ConfigError, load_config
     from memvp_ds.data.stream import shard_urls
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.engine.checkpoint import read_export_config
+    from memvp_ds.engine.checkpoint import read_export_metadata
     from memvp_ds.engine.distributed import destroy, init_distributed
     from memvp_ds.engine.metrics import ScalarLogger
     from memvp_ds.model import build_model
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     if args.config:
         cfg = load_config(args.config, args.overrides)
     elif os.path.isfile(args.weights):
-        cfg = load_config(None, args.overrides, stored=read_export_config(args.weights))
+        cfg = load_config(None, args.overrides, stored=read_export_metadata(args.weights))
     else:
         raise ConfigError("--config is required unless --weights is an export file (which stores its config)")
     split = args.split or cfg.eval.split

@@ -77,3 +77,31 @@ def test_predictions_do_not_depend_on_batch_size_or_ranks(trained, tmp_path):
     assert key(by_one) == key(by_eight) == key(two_ranks)
     assert metrics == metrics8 == metrics2
     assert {"acc/overall", "acc/IMG", "parse/failed"} <= set(metrics)
+
+
+def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, trained):
+    """memvp-predict extracts features online with data_prep's recipe: identical to the stored shard."""
+    import io
+
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from memvp_ds.engine.checkpoint import read_export_metadata
+    from memvp_ds.predict import extract_image_features
+
+    shard = dataset["test"].split("::")[0]
+    sample = next(s for s in wds.WebDataset(shard, shardshuffle=False) if "npy" in s)
+    fields = json.loads(sample["json"])
+    stored = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    image = dataset["root"] / "sqa" / "images" / "test" / fields["source_id"] / "image.png"
+    online = extract_image_features(read_export_metadata(str(trained), "feature_recipe"), str(image))
+    assert torch.equal(online[0], torch.from_numpy(stored))
+    proc = subprocess.run(["memvp-predict", "--weights", str(trained), "--image", str(image), "--question",
+                           fields["question"], "--choices", *fields["choices"]], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "parsed answer:" in proc.stdout
+    missing = subprocess.run(["memvp-predict", "--weights", str(trained), "--image", "/nonexistent.png",
+                              "--question", "q?"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "nonexistent.png" in missing.stderr

@@ -180,8 +180,10 @@ def _set_adam_step(optimizer, steps: int) -> None:
                     if torch.is_tensor(slot["step"]) else steps
 
 
-def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str) -> None:
-    """Trainable weights + resolved config in one safetensors file (collective: call on all ranks)."""
+def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str,
+                     feature_recipe: Optional[Dict[str, Any]] = None) -> None:
+    """Trainable weights + resolved config (+ the feature recipe of the training shards) in one safetensors
+    file (collective: call on all ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     tensors = {name: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
@@ -189,29 +191,32 @@ def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str) -> None
     if dist_info.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"memvp_ds_config": json.dumps(config_to_dict(cfg))})
+        metadata = {"memvp_ds_config": json.dumps(config_to_dict(cfg))}
+        if feature_recipe is not None:
+            metadata["feature_recipe"] = json.dumps(feature_recipe)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     barrier()
 
 
-def read_export_config(path: str) -> Dict[str, Any]:
-    """The resolved config stored in an export's metadata, as a plain dict."""
+def read_export_metadata(path: str, key: str = "memvp_ds_config") -> Dict[str, Any]:
+    """A JSON entry of an export's metadata: the resolved config (default) or the feature recipe."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported weights not found: {path}")
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
-    if "memvp_ds_config" not in metadata:
-        raise ValueError(f"{path} is not a memvp_ds export (no memvp_ds_config metadata)")
-    return json.loads(metadata["memvp_ds_config"])
+    if key not in metadata:
+        raise ValueError(f"{path} has no '{key}' metadata (not a memvp_ds export, or one from before it was stored)")
+    return json.loads(metadata[key])
 
 
 def load_exported(path: str, llm_path: Optional[str] = None):
     """Rebuild a model from an export without DeepSpeed: base LLM from the stored config (or ``llm_path``)."""
     from memvp_ds.model import build_model
 
-    cfg = load_config(stored=read_export_config(path))
+    cfg = load_config(stored=read_export_metadata(path))
     if llm_path is not None:
         cfg.model.llm.path, cfg.model.llm.config = llm_path, None
     model = build_model(cfg.model)

@@ -44,6 +44,8 @@ class DataPlan:
     train_samples: int
     shard_samples: Dict[str, int]
     """Manifest sample count per shard file name: a shard that yields fewer was truncated."""
+    feature_recipe: Dict[str, Any]
+    """How the shards' features were made; stored in the export so inference can make the same ones."""
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -80,7 +82,7 @@ def plan_data(cfg: Config, world_size: int) -> DataPlan:
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     warmup = min(total, round(cfg.train.warmup_epochs * steps_per_epoch))
     counts = {s["name"]: s["samples"] for s in manifest["shards"]}
-    return DataPlan(train_urls, val_urls, samples, counts, steps_per_epoch, total, warmup)
+    return DataPlan(train_urls, val_urls, samples, counts, manifest["recipe"], steps_per_epoch, total, warmup)
 
 
 def _param_groups(model, weight_decay: float):
@@ -233,7 +235,8 @@ class Trainer:
         bar.close()
         if plan.val_urls:
             logger.log(self.evaluate_loss(), step)
-        ckpt.export_trainable(self.model, self.dist, cfg, os.path.join(self.out, "export", "trainable.safetensors"))
+        ckpt.export_trainable(self.model, self.dist, cfg, os.path.join(self.out, "export", "trainable.safetensors"),
+                              feature_recipe=plan.feature_recipe)
         self._write_status("complete", step)
         logger.close()
         return {"status": "complete", "step": step, "losses": losses}

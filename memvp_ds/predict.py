@@ -1,0 +1,85 @@
+"""memvp-predict: answer one question about one image with trained weights.
+
+    memvp-predict --weights runs/x/export/trainable.safetensors --image photo.png \
+        --question "What colour is the circle?" --choices red green blue yellow
+
+The image goes through the same CLIP feature code and recipe as data_prep (stored in the export), so the
+model sees exactly the kind of features it was trained on. The CLIP weights must be a local file: the
+recipe's own path, or --clip-pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+
+def extract_image_features(recipe_dict: dict, image_path: str, clip_pretrained: Optional[str] = None) -> torch.Tensor:
+    """(1, N, C) features of one image, made as data_prep makes them (and rounded to its storage dtype)."""
+    from memvp_ds.vision.clip_features import (
+        ClipFeatureExtractor,
+        FeatureRecipe,
+        image_transform,
+        load_clip_visual,
+        load_image,
+    )
+
+    fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
+    recipe = FeatureRecipe(**{**fields, **({"pretrained": clip_pretrained} if clip_pretrained else {})})
+    extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
+    pixels = image_transform(recipe)(load_image(image_path))[None]
+    return extractor(pixels).to(getattr(torch, recipe.dtype))
+
+
+def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
+           hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16) -> str:
+    from memvp_ds.data.prompts import build_segments, encode_segments
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.engine.checkpoint import load_exported, read_export_metadata
+
+    model, cfg = load_exported(weights)
+    model.eval()
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.llm.path, cfg.model.llm.trust_remote_code)
+    fields = {"question": question, "choices": choices or [], "hint": hint, "answer": 0}
+    prompt_format = cfg.data.prompt_format if choices else "qa"
+    segments = build_segments(fields, prompt_format, with_target=False)
+    ids = torch.tensor([encode_segments(tokenizer, segments, cfg.data.max_seq_len).input_ids])
+    features = None
+    if image is not None:
+        recipe = read_export_metadata(weights, "feature_recipe")
+        features = extract_image_features(recipe, image, clip_pretrained).float()
+    tokens = model.generate(ids, image_features=features, max_new_tokens=max_new_tokens,
+                            eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="export .safetensors written by training")
+    parser.add_argument("--image", help="image file (omit for a text-only question)")
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--choices", nargs="*", help="multiple-choice options, in order (A), (B), ...")
+    parser.add_argument("--hint", default="", help="text context (ScienceQA's hint)")
+    parser.add_argument("--clip-pretrained", help="local CLIP checkpoint, if not the one in the recipe")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    try:
+        output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
+                        args.max_new_tokens)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"memvp-predict: error: {err}", file=sys.stderr)
+        return 2
+    print(output)
+    if args.choices:
+        from memvp_ds.evaluation.scienceqa import parse_answer
+
+        index, _ = parse_answer(output, len(args.choices))
+        print(f"parsed answer: {args.choices[index] if index is not None else 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
