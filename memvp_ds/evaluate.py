@@ -83,6 +83,17 @@ def task_metrics(prompt_format: str, records: List[Dict[str, Any]]) -> Dict[str,
             record["gold"] = answers
             pairs.append((record["output"], answers))
         return {"acc/vqa": mean_vqa_accuracy(pairs), "count/overall": len(records)}
+    if prompt_format == "conversation":
+        from memvp_ds.evaluation.captioning import caption_metrics
+
+        for record in records:  # the reference is the last answer, the one the prompt stops before
+            turns = [t["value"] for t in record["fields"]["conversations"] if t["from"] == "gpt"]
+            record["gold"] = turns[-1:]
+        pairs = [(r["output"], r["gold"]) for r in records if r["gold"]]
+        try:
+            return {**caption_metrics(pairs), "count/overall": len(records)}
+        except ImportError as err:
+            log.warning("%s; reporting predictions only", err)
     return {"count/overall": len(records)}
 
 

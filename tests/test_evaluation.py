@@ -105,3 +105,28 @@ def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, traine
     missing = subprocess.run(["memvp-predict", "--weights", str(trained), "--image", "/nonexistent.png",
                               "--question", "q?"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "nonexistent.png" in missing.stderr
+
+
+def test_caption_metrics_match_hand_computation():
+    from memvp_ds.evaluation.captioning import caption_metrics
+
+    m = caption_metrics([("A red circle.", ["a red ball"]), ("a blue square", ["a blue square"])])
+    # unigrams: 2 of 3 + 3 of 3 match -> 5/6; lengths equal -> no brevity penalty
+    assert m["caption/bleu1"] == pytest.approx(100 * 5 / 6, rel=1e-6)
+    # bigrams: "a red" (1 of 2) + 2 of 2 -> 3/4; BLEU-2 = sqrt(p1 * p2)
+    assert m["caption/bleu2"] == pytest.approx(100 * (5 / 6 * 3 / 4) ** 0.5, rel=1e-6)
+    perfect = caption_metrics([("a blue square on top", ["a blue square on top"]),
+                               ("a red ball on the left", ["a red ball on the left"])])
+    assert perfect["caption/bleu4"] == pytest.approx(100.0, rel=1e-6) and perfect["caption/cider"] > m["caption/cider"]
+
+
+def test_conversation_predictions_are_scored_against_the_last_answer():
+    from memvp_ds.evaluate import task_metrics
+
+    turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "a red ball on the left"}]
+    records = [{"fields": {"conversations": turns}, "output": "a red ball on the left"},
+               {"fields": {"conversations": turns[:1] + [{"from": "gpt", "value": "a blue square on top"}]},
+                "output": "a blue square on top"}]
+    metrics = task_metrics("conversation", records)
+    assert metrics["caption/bleu4"] == pytest.approx(100.0, rel=1e-6) and metrics["count/overall"] == 2
+    assert records[0]["gold"] == ["a red ball on the left"]
