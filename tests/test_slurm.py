@@ -64,7 +64,10 @@ def test_preempted_job_saves_requeues_and_resumes(slurm, dataset, tmp_path):
     assert stopped["status"] == "preempted" and stopped["step"] < steps
     saved = (out / "checkpoints" / "latest").read_text().strip()
     assert saved == f"step-{stopped['step']:08d}", "the stop must save at the step it stopped at"
-    slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue back-off
+    # Skip the requeue back-off. Not within the second of the requeue: slurmd refuses a job whose new
+    # credential carries the same timestamp (in seconds) as the revocation of the old one.
+    time.sleep(2)
+    slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now")
     assert slurm.wait(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     assert "requeueing job" in text and "restart 1" in text
