@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_prep.shards import MANIFEST, read_manifest, sha256_of, split_counts, write_json_atomic, write_shard
+from data_prep.shards import MANIFEST, read_manifest, sha256_of, split_counts, write_shard
 from data_prep.sources.base import Example, Source
+from memvp_ds.atomic_io import atomic_open, write_json_atomic
 from memvp_ds.vision.clip_features import (
     ClipFeatureExtractor,
     FeatureRecipe,
@@ -201,9 +202,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
 
 def _write_errors(out_dir: str, manifest: Dict[str, Any], opts: ExtractOptions) -> None:
     name = "errors.jsonl" if opts.part_count == 1 else f"errors.part-{opts.part_index}-of-{opts.part_count}.jsonl"
-    tmp = os.path.join(out_dir, name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(out_dir, name)) as f:
         for shard in manifest["shards"]:
             for error in shard.get("errors", []):
                 f.write(json.dumps({**error, "shard": shard["name"]}) + "\n")
-    os.replace(tmp, os.path.join(out_dir, name))

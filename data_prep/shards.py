@@ -61,15 +61,6 @@ def write_shard(path: str, samples: Iterable[Tuple[str, Dict[str, Any], Optional
     }
 
 
-def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(path: str) -> Dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, MANIFEST)

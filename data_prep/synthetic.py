@@ -15,6 +15,8 @@ from typing import Dict, List, Tuple
 
 from PIL import Image, ImageDraw
 
+from memvp_ds.atomic_io import atomic_open
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
@@ -106,7 +108,6 @@ def make_synthetic_scienceqa(
     splits["minival"] = splits["val"][: max(1, num_val // 4)] if num_val else []
     os.makedirs(out_dir, exist_ok=True)
     for name, data in (("problems.json", problems), ("pid_splits.json", splits)):
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+        with atomic_open(os.path.join(out_dir, name)) as f:
             json.dump(data, f)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     return {split: len(ids) for split, ids in splits.items()}

@@ -9,7 +9,8 @@ import re
 import tarfile
 from typing import Any, Dict, List
 
-from data_prep.shards import MANIFEST, decode_features, read_manifest, sha256_of, split_counts, write_json_atomic
+from data_prep.shards import MANIFEST, decode_features, read_manifest, sha256_of, split_counts
+from memvp_ds.atomic_io import write_json_atomic
 
 _PART = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
 

@@ -176,8 +176,6 @@ def plot(out: Path, results: Dict[str, Dict[str, float]]) -> Path:
 
 def add_question_types(out: Path, name: str, metrics: Dict[str, float]) -> None:
     """Accuracy per synthetic question type (the 'category' field), from the predictions written."""
-    from memvp_ds.evaluation.scienceqa import parse_answer
-
     totals: Dict[str, List[int]] = {}
     records = [json.loads(line) for line in open(out / name / "eval" / "predictions_test.jsonl")]
     with open(out / "sqa" / "problems.json") as f:

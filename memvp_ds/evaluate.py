@@ -121,16 +121,13 @@ def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size
 
 
 def write_results(out_dir: str, split: str, records: List[Dict[str, Any]], metrics: Dict[str, float]) -> None:
+    from memvp_ds.atomic_io import atomic_open, write_json_atomic
+
     os.makedirs(out_dir, exist_ok=True)
-    for name, lines in ((f"predictions_{split}.jsonl", records), (f"metrics_{split}.json", None)):
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w") as f:
-            if lines is None:
-                json.dump(metrics, f, indent=2, sort_keys=True)
-            else:
-                for record in lines:
-                    f.write(json.dumps({k: record.get(k) for k in ("id", "prompt", "output", "parsed", "gold")}) + "\n")
-        os.replace(path + ".tmp", path)
+    with atomic_open(os.path.join(out_dir, f"predictions_{split}.jsonl")) as f:
+        for record in records:
+            f.write(json.dumps({k: record.get(k) for k in ("id", "prompt", "output", "parsed", "gold")}) + "\n")
+    write_json_atomic(os.path.join(out_dir, f"metrics_{split}.json"), metrics)
 
 
 def main(argv=None) -> int:

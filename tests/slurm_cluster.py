@@ -107,8 +107,8 @@ class LocalSlurm:
         for pid_file in self.state.glob("*.pid"):
             try:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-            except (ValueError, ProcessLookupError):
-                pass
+            except ProcessLookupError:  # that daemon has already exited: nothing left to stop
+                continue
 
     def sbatch(self, args: List[str], env: Optional[Dict[str, str]] = None) -> str:
         proc = _run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})})

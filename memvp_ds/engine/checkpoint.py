@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from memvp_ds.atomic_io import atomic_open
 from memvp_ds.config import Config, config_to_dict, load_config
 from memvp_ds.engine.distributed import DistInfo, barrier
 
@@ -101,12 +102,8 @@ def save_checkpoint(model, optimizer, dist_info: DistInfo, output_dir: str, step
 
 
 def _write_latest(root: str, name: str) -> None:
-    tmp = os.path.join(root, f".{LATEST}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(root, LATEST)) as f:
         f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, LATEST))
 
 
 def _prune(root: str, keep_last: int) -> None:

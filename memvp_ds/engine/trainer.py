@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
+from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.config import Config, ConfigError, to_yaml
 from memvp_ds.data.collate import SampleEncoder
 from memvp_ds.data.stream import build_train_loader, iterate_eval_batches, shard_urls
@@ -284,10 +285,8 @@ class Trainer:
 
     def _write_status(self, status: str, step: int) -> None:
         if self.dist.is_main:
-            tmp = os.path.join(self.out, STATUS + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"status": status, "step": step, "total_steps": self.plan.total_steps}, f)
-            os.replace(tmp, os.path.join(self.out, STATUS))
+            write_json_atomic(os.path.join(self.out, STATUS),
+                              {"status": status, "step": step, "total_steps": self.plan.total_steps})
         barrier()
 
     @torch.no_grad()
