@@ -57,16 +57,60 @@ class MemVPConfig:
 
 
 @dataclass
+class APTConfig:
+    """Options of the ``apt`` strategy (approximated prompt tuning, Wu et al. 2023); see docs/strategies/apt.md."""
+
+    prompts: int = 200
+    """p: learnable prompt rows per layer, beside the N projected visual tokens (0: the visual tokens alone)."""
+    rank: int = 4
+    """r of the low-rank map W1 W2 that approximates the prompts' key projection."""
+
+
+@dataclass
+class DVPConfig:
+    """Options of the ``dvp`` strategy (dynamic visual prompting, Huang et al. 2023); see docs/strategies/dvp.md."""
+
+    layer: Optional[int] = None
+    """K: the decoder layer whose input receives the visual prompt. Unset: taken from ``from_search``, or,
+    under ``train.mode=dvp_search``, every layer is a candidate."""
+    from_search: Optional[str] = None
+    """Output directory of a ``train.mode=dvp_search`` run: fills ``layer`` from its search.json when unset."""
+    heads: int = 16
+    inner_dim: int = 512
+    """Width of the cross-attention (queries from the text state, keys/values from the CLIP features)."""
+    dropout: float = 0.1
+    adapters: bool = False
+    """DVP + adapter: bottleneck adapters after every attention and MLP output."""
+    adapter_reduction: int = 64
+    """Adapter hidden width = hidden_size / adapter_reduction."""
+
+
+@dataclass
+class SkipConfig:
+    """Dynamic architecture skipping (DAS, Wu et al. 2023): decoder layers replaced by light adapters."""
+
+    layers: List[int] = field(default_factory=list)
+    """Decoder layers (0-based) that are not computed; each becomes ``h + adapter(input_layernorm(h))``."""
+    from_search: Optional[str] = None
+    """Output directory of a ``train.mode=das_search`` run: fills ``layers`` from its search.json when empty."""
+    adapter_dim: int = 256
+    """Hidden width of each skipped layer's bottleneck adapter."""
+
+
+@dataclass
 class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     strategy: str = "memvp"
-    """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix)."""
+    """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp)."""
     visual_dim: int = 1024
     """C: channel width of the pre-extracted visual features (1024 for CLIP ViT-L/14)."""
     visual_tokens: int = 256
     """N: visual tokens per image (256 for ViT-L/14 at 224 px without CLS)."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     memvp: MemVPConfig = field(default_factory=MemVPConfig)
+    apt: APTConfig = field(default_factory=APTConfig)
+    dvp: DVPConfig = field(default_factory=DVPConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)
 
     def __post_init__(self) -> None:
         if (self.llm.path is None) == (self.llm.config is None):
@@ -102,6 +146,9 @@ class DataConfig:
     """False drops every image's features: the text-only control that shows what the images contribute."""
 
 
+TRAIN_MODES = ("train", "dvp_search", "das_search")
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
@@ -129,8 +176,13 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint directory."""
+    mode: str = "train"
+    """train, dvp_search (find DVP's layer K) or das_search (find the layers to skip); a search run writes
+    search.json to output_dir, which a training run reads through model.dvp / model.skip ``from_search``."""
 
     def __post_init__(self) -> None:
+        if self.mode not in TRAIN_MODES:
+            raise ConfigError(f"train.mode: '{self.mode}' is not one of {', '.join(TRAIN_MODES)}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"train.precision: '{self.precision}' is not one of bf16, fp16, fp32")
         for name in ("micro_batch_size", "grad_accum_steps", "save_interval", "keep_last"):
@@ -166,12 +218,55 @@ class LoggingConfig:
 
 
 @dataclass
+class DVPSearchConfig:
+    """KAB-APP: a k-armed bandit over DVP's insertion layer (train.mode=dvp_search)."""
+
+    arms: int = 10
+    """m: arms drawn from the policy and scored after each update interval."""
+    eta: float = 0.1
+    """Step size of ``a[k] += eta * (r_k - mean r) * pi_k (1 - pi_k)`` with rewards r = 100 exp(-loss)."""
+    interval: int = 1
+    """Optimizer steps between policy updates."""
+
+
+@dataclass
+class DASSearchConfig:
+    """Search for the layers to skip (train.mode=das_search)."""
+
+    skip: int = 1
+    """k: layers skipped by every sampled sub-network and in the final skip list."""
+    subsets: int = 4
+    """Distinct skip sets scored per update."""
+    eta: float = 10.0
+    """Step size of ``s_i += eta * (r_j - mean r) * p_i (1 - p_i)`` with rewards r = exp(-loss)."""
+    turn: int = 5
+    """Optimizer steps between score updates."""
+    warmup_steps: int = 0
+    """Steps before the first score update (the adapters learn first)."""
+    ramp: bool = False
+    """Grow the number of skipped layers from 1 to ``skip`` over the warm-up."""
+    candidates: Optional[List[int]] = None
+    """Layers that may be skipped (default: all)."""
+
+
+@dataclass
+class SearchConfig:
+    """Architecture searches. Sub-networks are scored on held-out batches from data.val_shards."""
+
+    heldout_batches: int = 4
+    """Held-out micro-batches per rank, cycled through by the updates (loaded once, so resumes are exact)."""
+    dvp: DVPSearchConfig = field(default_factory=DVPSearchConfig)
+    das: DASSearchConfig = field(default_factory=DASSearchConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(llm=LLMConfig(config={"model_type": "llama"})))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 def _valid_keys(schema: Any, full_key: str) -> List[str]:
@@ -229,6 +324,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
     _check_strategy(cfg.model.strategy)
+    _resolve_searches(cfg)
     return cfg
 
 
@@ -237,6 +333,49 @@ def _check_strategy(name: str) -> None:
 
     if name not in STRATEGIES:
         raise ConfigError(f"model.strategy: unknown strategy '{name}'; choose one of {sorted(STRATEGIES)}")
+
+
+SEARCH_RESULT = "search.json"
+
+
+def read_search_result(directory: str, option: str) -> Dict[str, Any]:
+    """The search.json a ``dvp_search`` / ``das_search`` run wrote to its output directory."""
+    import json
+
+    path = os.path.join(directory, SEARCH_RESULT)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{option}: {path} not found; run train.mode=dvp_search or das_search with "
+                          f"train.output_dir={directory} first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _resolve_searches(cfg: Config) -> None:
+    """Fill the searched choices from ``from_search`` and check the modes and strategies fit together."""
+    model, mode = cfg.model, cfg.train.mode
+    if model.dvp.from_search and model.dvp.layer is None:
+        model.dvp.layer = read_search_result(model.dvp.from_search, "model.dvp.from_search")["dvp_layer"]
+    if model.skip.from_search and not model.skip.layers:
+        model.skip.layers = read_search_result(model.skip.from_search, "model.skip.from_search")["skip_layers"]
+    if mode == "dvp_search":
+        if model.strategy != "dvp" or model.dvp.layer is not None:
+            raise ConfigError("train.mode=dvp_search needs model.strategy=dvp with model.dvp.layer unset")
+        if model.skip.layers:
+            raise ConfigError("train.mode=dvp_search: search with all layers (model.skip.layers must be empty)")
+    elif mode == "das_search":
+        if model.skip.layers:
+            raise ConfigError("train.mode=das_search chooses the skipped layers: model.skip.layers must be empty")
+        if model.strategy == "dvp" and model.dvp.layer is None:
+            raise ConfigError("train.mode=das_search with model.strategy=dvp needs a fixed model.dvp.layer")
+    elif model.strategy == "dvp" and model.dvp.layer is None:
+        raise ConfigError("model.dvp.layer: set it or model.dvp.from_search (a train.mode=dvp_search output), "
+                          "or run train.mode=dvp_search to find it")
+    if model.strategy == "dvp" and model.dvp.layer in model.skip.layers:
+        raise ConfigError(f"model.dvp.layer {model.dvp.layer} is in model.skip.layers: the prompt's layer must run")
+    if mode != "train" and not cfg.data.val_shards and cfg.data.train_shards:
+        raise ConfigError(f"train.mode={mode} scores sub-networks on held-out data: set data.val_shards")
+    if len(set(model.skip.layers)) != len(model.skip.layers) or any(i < 0 for i in model.skip.layers):
+        raise ConfigError(f"model.skip.layers: {model.skip.layers} must be distinct non-negative layer indices")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -5,7 +5,9 @@ Stages (each through the real tools):
   2. data_prep extract: a tiny CLIP ViT (a real open_clip architecture, random weights) -> WebDataset shards;
   3. a tokenizer trained on the dataset's text;
   4. training through memvp_ds/train.py (deepspeed, 2 CPU ranks, ZeRO-2) of a tiny LLaMA-architecture model for
-     MemVP, the input-space baseline, and a text-only control (MemVP with the image features dropped);
+     MemVP, the input-space baseline, APT, DVP (its layer found by a KAB-APP search run first), MemVP with
+     DAS layer skipping (skip list found by a DAS search run first), and a text-only control (MemVP with
+     the image features dropped);
   5. greedy evaluation on the test split, a table, a PNG figure and TensorBoard logs.
 Exits non-zero unless MemVP clearly beats the text-only control: it is a smoke test as well as a showcase.
 """
@@ -19,13 +21,32 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+
+@dataclass
+class Run:
+    config: str
+    overrides: List[str] = field(default_factory=list)
+    search: Optional[str] = None
+    """A search run (a key of SEARCHES) that must finish first; the overrides read its result."""
+
+
+# Searches run for a quarter of the training steps; their result is read through ``from_search``.
+SEARCHES = {
+    "dvp_search": Run("tiny_dvp.yaml", ["train.mode=dvp_search", "model.dvp.layer=null", "search.dvp.arms=4",
+                                        "search.dvp.interval=5"]),
+    "das_search": Run("tiny_memvp.yaml", ["train.mode=das_search", "search.das.turn=5"]),
+}
 RUNS = {
-    "memvp": ("tiny_memvp.yaml", []),
-    "input_prefix": ("tiny_input_prefix.yaml", []),
-    "text_only": ("tiny_memvp.yaml", ["data.use_images=false"]),
+    "memvp": Run("tiny_memvp.yaml"),
+    "input_prefix": Run("tiny_input_prefix.yaml"),
+    "apt": Run("tiny_apt.yaml"),
+    "dvp": Run("tiny_dvp.yaml", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
+    "memvp_das": Run("tiny_memvp.yaml", ["model.skip.from_search={out}/das_search"], "das_search"),
+    "text_only": Run("tiny_memvp.yaml", ["data.use_images=false"]),
 }
 # Accuracy points MemVP must gain over the text-only control: with 200 test questions the standard error
 # of each accuracy is about 3.5 points, so 15 points is far beyond chance.
@@ -106,19 +127,18 @@ def launcher(ranks: int) -> List[str]:
     return [sys.executable, train_py]
 
 
-def train_run(name: str, data: Dict[str, str], out: Path, ranks: int, steps: int) -> float:
-    config, extra = RUNS[name]
+def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, steps: int) -> float:
     overrides = [
         f"data.train_shards={data['train']}", f"data.val_shards={data['val']}", f"data.test_shards={data['test']}",
         f"data.tokenizer={data['tokenizer']}", f"train.output_dir={out / name}", f"train.max_steps={steps}",
         f"model.llm.path={data['llm']}", "model.llm.config=null",
         f"train.save_interval={steps}", "train.ds_config=" + str(PACKAGE.parent / "ds_configs" / "zero2.json"),
-        "logging.log_interval=10", *extra,
+        "logging.log_interval=10", *(o.format(out=out) for o in run.overrides),
     ]
     log_path = out / f"{name}.log"
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run([*launcher(ranks), "--config", str(CONFIGS / config), *overrides],
+        proc = subprocess.run([*launcher(ranks), "--config", str(CONFIGS / run.config), *overrides],
                               stdout=log, stderr=subprocess.STDOUT, cwd=PACKAGE.parent)
     if proc.returncode != 0:
         sys.exit(f"training {name} failed (exit {proc.returncode}); see {log_path}")
@@ -195,7 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (deepspeed launcher)")
     parser.add_argument("--fast", action="store_true", help="smaller data and fewer steps (the test suite's setting)")
     parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS),
+                        help="runs to train and compare (default: all); text_only is the control")
     args = parser.parse_args(argv)
+    if "memvp" not in args.methods or "text_only" not in args.methods:
+        parser.error("--methods must include memvp and text_only (the demo's pass/fail check compares them)")
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -203,12 +227,17 @@ def main(argv=None) -> int:
     steps = args.steps or steps
 
     data = prepare_data(out, num_train, num_test)
-    results, seconds = {}, {}
-    for name in RUNS:
+    results, seconds, searched = {}, {}, {}
+    for name in args.methods:
+        run = RUNS[name]
+        if run.search and run.search not in searched:
+            print(f"[4/5] searching: {run.search} ({steps // 4} steps) ...", flush=True)
+            train_run(run.search, SEARCHES[run.search], data, out, args.ranks, steps // 4)
+            searched[run.search] = json.loads((out / run.search / "search.json").read_text())
         print(f"[4/5] training {name} ({steps} steps, {args.ranks} rank(s)) ...", flush=True)
-        seconds[name] = train_run(name, data, out, args.ranks, steps)
+        seconds[name] = train_run(name, run, data, out, args.ranks, steps)
     print("[5/5] evaluating on the test split ...", flush=True)
-    for name in RUNS:
+    for name in args.methods:
         results[name] = evaluate_run(name, out)
         add_question_types(out, name, results[name])
         tokens = scalar_series(out / name, "train/tokens_per_s")
@@ -220,6 +249,12 @@ def main(argv=None) -> int:
     for name, m in results.items():
         print(f"{name:<14}{m.get('acc/overall', 0):>9.1f}{m.get('acc/colour', 0):>9.1f}{m.get('acc/shape', 0):>9.1f}"
               f"{m.get('acc/position', 0):>10.1f}{m['train_seconds']:>9.0f}{m['tokens_per_s']:>10.0f}")
+    for name in args.methods:
+        if RUNS[name].search:
+            found = searched[RUNS[name].search]
+            results[name]["search"] = {k: v for k, v in found.items() if k not in ("history", "choice_digest_per_rank")}
+            choice = f"layer K = {found['dvp_layer']}" if "dvp_layer" in found else f"skipped layers {found['skip_layers']}"
+            print(f"{name}: {choice} (from the {RUNS[name].search} run)")
     figure = plot(out, results)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)

@@ -49,16 +49,24 @@ def test_input_prefix_loss_ignores_visual_positions():
 
 
 def _greedy_by_full_forwards(model, ids, feats, has_image, steps):
-    ids = ids.clone()
+    prompt_len, ids = len(ids), ids.clone()
     for _ in range(steps):
-        logits = model(ids[None], image_features=feats[None], has_image=has_image[None]).logits
+        # Labels mark where the prompt ends, as in training (DVP's query position is the last prompt token).
+        labels = ids.clone()
+        labels[:prompt_len] = -100
+        logits = model(ids[None], labels=labels[None], image_features=feats[None], has_image=has_image[None]).logits
         ids = torch.cat([ids, logits[0, -1].argmax()[None]])
     return ids[-steps:]
 
 
-@pytest.mark.parametrize("strategy", ["memvp", "input_prefix"])
-def test_generate_matches_repeated_full_forwards(strategy):
-    model = tiny_model(strategy).eval()
+@pytest.mark.parametrize("strategy,overrides", [
+    ("memvp", []), ("input_prefix", []), ("apt", []), ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.adapters=true"]),
+    ("memvp", ["model.skip.layers=[0]"]), ("apt", ["model.skip.layers=[1]"]),
+])
+def test_generate_matches_repeated_full_forwards(strategy, overrides):
+    """The KV-cache decode of every strategy (and of skipped layers, whose cache slots are renumbered)
+    reproduces greedy decoding by full forwards over the growing sequence."""
+    model = tiny_model(strategy, *overrides).eval()
     _randomise_trainable(model)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 512, (n,), generator=g) for n in (3, 8, 5)]

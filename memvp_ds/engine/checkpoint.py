@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,19 +38,27 @@ def _link_optimizer_states(optimizer) -> None:
             optimizer._lazy_init_hp_params_optimizer_state()
 
 
+def _adam_params(optimizer) -> List[torch.Tensor]:
+    """The tensors the wrapped torch optimizer keeps Adam state for. ZeRO-3 puts its flat fp32 partitions
+    into the torch optimizer's param groups only for the duration of each step, so they are looked up on
+    the DeepSpeed optimizer itself."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    params = [p for group in base.param_groups for p in group["params"]]
+    return params + list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
+
+
 def _ensure_adam_states(optimizer) -> None:
     """Create torch AdamW's state (zeros, step 0) where it does not exist yet, as before the first update,
     so that a checkpoint can be loaded into a freshly built engine."""
     base = getattr(optimizer, "optimizer", optimizer)
-    for group in base.param_groups:
-        step_device = lambda p: p.device if group.get("fused") or group.get("capturable") else "cpu"
-        for param in group["params"]:
-            if not base.state.get(param):
-                base.state[param] = {
-                    "step": torch.tensor(0.0, dtype=torch.float32, device=step_device(param)),
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                }
+    on_param_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for param in _adam_params(optimizer):
+        if not base.state.get(param):
+            base.state[param] = {
+                "step": torch.tensor(0.0, dtype=torch.float32, device=param.device if on_param_device else "cpu"),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
     _link_optimizer_states(optimizer)
 
 
@@ -170,11 +178,11 @@ def _set_adam_step(optimizer, steps: int) -> None:
     for group in base.param_groups:
         if "step" in group:
             group["step"] = steps
-        for param in group["params"]:
-            slot = base.state.get(param)
-            if slot is not None and "step" in slot:
-                slot["step"] = torch.tensor(float(steps), dtype=slot["step"].dtype, device=slot["step"].device) \
-                    if torch.is_tensor(slot["step"]) else steps
+    for param in _adam_params(optimizer):
+        slot = base.state.get(param)
+        if slot is not None and "step" in slot:
+            slot["step"] = torch.tensor(float(steps), dtype=slot["step"].dtype, device=slot["step"].device) \
+                if torch.is_tensor(slot["step"]) else steps
 
 
 def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str,

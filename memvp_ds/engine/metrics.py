@@ -29,18 +29,22 @@ def training_flops_per_position(model, positions_per_row: int) -> float:
     """Model FLOPs per processed position for one training step (forward + backward).
 
     The LLM is frozen, so its backward computes input gradients only: 2N forward + 2N backward for its N
-    matmul weights (embeddings excluded), against the usual 6N when weights train too. Attention adds
-    4 * layers * width * T forward (QK^T and AV), tripled for backward. The trainable part (projector and
-    memory) is counted at 6 FLOPs per weight. MemVP's memory term per layer is a (T x d) @ (d x M) and a
-    (T x M) @ (M x d) matmul: 4 * d * M forward, tripled.
+    matmul weights in computed layers (embeddings and skipped layers excluded), against the usual 6N when
+    weights train too. Attention adds 4 * layers * width * T forward (QK^T and AV), tripled for backward.
+    The trainable part is counted at 6 FLOPs per weight, and the strategy's own per-token terms in each
+    computed layer (e.g. MemVP's (T x d) @ (d x M) and (T x M) @ (M x d)) are tripled for backward.
     """
     cfg = model.llm.config
-    width, layers = cfg.hidden_size, cfg.num_hidden_layers
-    embed = model.llm.get_input_embeddings().weight.numel() if hasattr(model.llm.get_input_embeddings(), "weight") else 0
-    frozen = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.llm.parameters()) - embed
-    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.trainable_parameters().values())
-    memory_rows = model.strategy.cfg.memvp.memory_rows if model.strategy.name == "memvp" else 0
-    flops = 4 * frozen + 3 * 4 * layers * width * positions_per_row + 3 * 4 * layers * width * memory_rows
+    width, layers = cfg.hidden_size, model.computed_layers
+    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    not_computed = {id(model.llm.get_input_embeddings().weight)}
+    if model.skipping:
+        for i in model.skipping.skipped:
+            inner = model.skipping.layers[i].layer
+            not_computed |= {id(p) for p in inner.parameters()} if inner is not None else set()
+    frozen = sum(numel(p) for p in model.llm.parameters() if not p.requires_grad and id(p) not in not_computed)
+    trainable = sum(numel(p) for p in model.trainable_parameters().values())
+    flops = 4 * frozen + 3 * layers * (4 * width * positions_per_row + model.strategy.forward_flops_per_position_and_layer())
     return flops + 6 * trainable / max(positions_per_row, 1)
 
 

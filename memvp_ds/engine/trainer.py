@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from memvp_ds.atomic_io import write_json_atomic
-from memvp_ds.config import Config, ConfigError, to_yaml
+from memvp_ds.config import SEARCH_RESULT, Config, ConfigError, to_yaml
 from memvp_ds.data.collate import SampleEncoder
 from memvp_ds.data.stream import build_train_loader, iterate_eval_batches, shard_urls
 from memvp_ds.data.tokenizer import load_tokenizer
@@ -32,6 +32,7 @@ from memvp_ds.engine.metrics import (
 from memvp_ds.engine.schedule import lr_at
 from memvp_ds.evaluate import evaluate_split
 from memvp_ds.model import build_model
+from memvp_ds.search import build_search, skippable_layers
 
 log = logging.getLogger("memvp_ds")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "has_image")
@@ -120,6 +121,8 @@ class Trainer:
         self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
         self.engine = self._build_engine()
         self.model = self.engine.module
+        self.search = build_search(cfg, self.model)
+        self._heldout: List[Dict[str, Any]] = []
         # What loading cost each rank: ZeRO-3 should hold a fraction of the frozen model, ZeRO-2 all of it.
         self.load_memory_gb = {"load_peak_gb": max_memory_gb(), "after_load_gb": resident_memory_gb()}
 
@@ -136,7 +139,7 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, skippable_layers(cfg))
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(
@@ -177,6 +180,8 @@ class Trainer:
         if self.resume_from:
             state = ckpt.load_checkpoint(self.model, self.engine.optimizer, self.dist, self.resume_from, cfg.train.seed)
             step, micro_batches = state["step"], self._resumed_position(state["data"])
+            if self.search:
+                self.search.load_state_dict(state["search"])
             log.info("resumed from %s at step %d", self.resume_from, step)
         if self.dist.is_main:
             os.makedirs(self.out, exist_ok=True)
@@ -199,6 +204,8 @@ class Trainer:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
             step_loss = 0.0
+            if self.search:
+                self.search.before_step(step)
             for _ in range(cfg.train.grad_accum_steps):
                 raw = next(batches)
                 micro_batches += 1
@@ -215,6 +222,8 @@ class Trainer:
             window["loss"] += step_loss
             window["steps"] += 1
             grad_norm = self.engine.get_global_grad_norm()
+            if self.search:
+                logger.log(self.search.after_step(step, self._heldout_loss), step)
             if step % cfg.logging.log_interval == 0 or step == plan.total_steps:
                 losses += self._log_window(logger, window, step, lr, grad_norm, peak)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
@@ -234,6 +243,10 @@ class Trainer:
                 logger.close()
                 return {"status": "preempted", "step": step, "losses": losses}
         bar.close()
+        if self.search:
+            self._finish_search(step)
+            logger.close()
+            return {"status": "complete", "step": step, "losses": losses}
         if plan.val_urls:
             logger.log(self.evaluate_loss(), step)
         ckpt.export_trainable(self.model, self.dist, cfg, os.path.join(self.out, "export", "trainable.safetensors"),
@@ -281,6 +294,8 @@ class Trainer:
 
     def _save(self, step: int, data_state: Dict[str, int]) -> None:
         state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg)}
+        if self.search:
+            state["search"] = self.search.state_dict()
         ckpt.save_checkpoint(self.model, self.engine.optimizer, self.dist, self.out, step, state, self.cfg.train.keep_last)
 
     def _write_status(self, status: str, step: int) -> None:
@@ -288,6 +303,38 @@ class Trainer:
             write_json_atomic(os.path.join(self.out, STATUS),
                               {"status": status, "step": step, "total_steps": self.plan.total_steps})
         barrier()
+
+    # -- architecture search -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _heldout_loss(self, update: int) -> float:
+        """Mean loss over ranks on held-out batch ``update`` (cycled), dropout off: a search's reward input.
+
+        The batches are the first ``search.heldout_batches`` micro-batches of each rank's share of the val
+        split, read once: a resumed search scores on exactly the batches the uninterrupted one would have.
+        """
+        if not self._heldout:
+            batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.train.micro_batch_size,
+                                           self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
+                                           None, left_pad=False)
+            for _, raw in zip(range(self.cfg.search.heldout_batches), batches):
+                raw["labels"][~raw["valid"]] = -100
+                self._heldout.append(raw)
+        raw = self._heldout[update % len(self._heldout)]
+        self.engine.eval()
+        loss = self.engine(**self._to_device(raw)).loss.float().item()
+        self.engine.train()
+        tokens = int((raw["labels"][:, 1:] != -100).sum())  # token-weighted: padding batches count for nothing
+        total = all_reduce_sum(torch.tensor([loss * tokens, tokens], dtype=torch.float64))
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def _finish_search(self, step: int) -> None:
+        """search.json: the choice (read by ``from_search``), the policy, the history, each rank's digest."""
+        digests = all_gather_objects(self.search.choice_digest())
+        if self.dist.is_main:
+            write_json_atomic(os.path.join(self.out, SEARCH_RESULT),
+                              {**self.search.result(), "steps": step, "choice_digest_per_rank": digests})
+            log.info("search result: %s", {k: v for k, v in self.search.result().items() if k != "history"})
+        self._write_status("complete", step)
 
     @torch.no_grad()
     def evaluate_loss(self) -> Dict[str, float]:

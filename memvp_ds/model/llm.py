@@ -58,6 +58,11 @@ def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
     return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
 
 
+def num_decoder_layers(cfg: LLMConfig) -> int:
+    """The LLM's number of decoder layers, from its config alone (no weights are read)."""
+    return _load_hf_config(cfg).num_hidden_layers
+
+
 def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
 

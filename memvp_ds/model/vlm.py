@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from memvp_ds.config import ModelConfig
+from memvp_ds.model.layer_skip import LayerSkipping, install_layer_skipping
 from memvp_ds.model.llm import load_frozen_llm
 from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
 
@@ -29,6 +30,18 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def last_prompt_positions(attention_mask: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B,) index of each row's last prompt token: the one before the first label, or without labels (a
+    prompt to be answered) the last attended token."""
+    length = attention_mask.shape[1]
+    last_attended = length - 1 - attention_mask.flip(1).long().argmax(1)
+    if labels is None:
+        return last_attended
+    is_answer = labels != IGNORE_INDEX
+    first_answer = is_answer.long().argmax(1)
+    return torch.where(is_answer.any(1), (first_answer - 1).clamp(min=0), last_attended)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over label positions that are not IGNORE_INDEX (0 if there are none)."""
     shifted_logits = logits[:, :-1].flatten(0, 1).float()
@@ -43,12 +56,19 @@ def is_trainable(param: nn.Parameter) -> bool:
 
 
 class VisualPromptedLM(nn.Module):
-    """``llm`` (frozen HF causal LM) + ``strategy`` (all trainable tensors)."""
+    """``llm`` (frozen HF causal LM) + ``strategy`` (its trainable tensors) + optional layer skipping (DAS,
+    whose adapters are trainable too)."""
 
-    def __init__(self, llm: PreTrainedModel, strategy: VisualStrategy):
+    def __init__(self, llm: PreTrainedModel, strategy: VisualStrategy, skipping: Optional[LayerSkipping] = None):
         super().__init__()
         self.llm = llm
         self.strategy = strategy
+        self.skipping = skipping
+
+    @property
+    def computed_layers(self) -> int:
+        """Decoder layers that really run (all of them unless some are skipped)."""
+        return self.skipping.computed_layers if self.skipping else self.llm.config.num_hidden_layers
 
     @property
     def _decoder(self) -> nn.Module:
@@ -74,7 +94,8 @@ class VisualPromptedLM(nn.Module):
     ) -> VLMOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        inputs = self.strategy(input_ids, attention_mask, image_features, has_image)
+        inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
+                               last_prompt_positions(attention_mask, labels))
         hidden = self._run_decoder(inputs, use_cache=False)
         logits = self.llm.get_output_embeddings()(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
@@ -101,10 +122,14 @@ class VisualPromptedLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate expects left-padded prompts: attention_mask[:, -1] must be 1 for every row")
-        inputs = self.strategy(input_ids, attention_mask, image_features, has_image)
-        cache = DynamicCache(config=self.llm.config)
+        inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
+                               last_prompt_positions(attention_mask, None))
+        # With skipped layers the cache slots are renumbered, so the config's per-layer cache types (sliding
+        # window or full) would no longer line up: let the cache create plain slots as layers use them.
+        cache = DynamicCache() if self.skipping and self.skipping.skipped else DynamicCache(config=self.llm.config)
         mask = inputs.attention_mask
         hidden = self._run_decoder(inputs, past_key_values=cache, use_cache=True)
+        self.strategy.prefill_finished()
         lm_head = self.llm.get_output_embeddings()
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new_tokens = []
@@ -161,10 +186,12 @@ class VisualPromptedLM(nn.Module):
                 params[name].copy_(tensor)
 
 
-def build_model(cfg: ModelConfig) -> VisualPromptedLM:
-    """Load the frozen LLM named by ``cfg.llm`` and attach the strategy ``cfg.strategy``."""
+def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPromptedLM:
+    """Load the frozen LLM named by ``cfg.llm``, attach the strategy ``cfg.strategy`` and drop the layers in
+    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
     llm = load_frozen_llm(cfg.llm)
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
-    return VisualPromptedLM(llm, strategy)
+    skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg.skip.adapter_dim)
+    return VisualPromptedLM(llm, strategy, skipping)

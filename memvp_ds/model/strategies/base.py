@@ -40,6 +40,7 @@ class VisualStrategy(nn.Module):
     it registers on LLM submodules with tensors computed in that ``forward``): under ZeRO-3 a parameter is
     gathered only while the module that owns it runs. ``forward`` is called once per model forward and once
     per ``generate`` call; anything per-image is computed there, never per layer or per decoded token.
+    Submodules called from such hooks are fine too: ZeRO-3 gathers a module's parameters around its own call.
     """
 
     name: ClassVar[str]
@@ -54,5 +55,15 @@ class VisualStrategy(nn.Module):
         attention_mask: torch.Tensor,
         image_features: Optional[torch.Tensor],
         has_image: Optional[torch.Tensor],
+        prompt_end: torch.Tensor,
     ) -> DecoderInputs:
+        """``prompt_end`` (B,) is the index of each row's last prompt token: the answer starts after it."""
         raise NotImplementedError
+
+    def prefill_finished(self) -> None:
+        """``generate`` calls this after the prompt pass, before decoding from the KV cache. Strategies whose
+        term applies to prompt positions only (DVP) stop applying it; the others keep theirs."""
+
+    def forward_flops_per_position_and_layer(self) -> float:
+        """Forward FLOPs the strategy adds per position in each computed decoder layer (MFU accounting)."""
+        return 0.0

@@ -26,7 +26,7 @@ class InputPrefixStrategy(VisualStrategy):
         # A plain list keeps the frozen embedding out of this module's parameters (it belongs to the LLM).
         self._embed_tokens = [llm.get_input_embeddings()]
 
-    def forward(self, input_ids, attention_mask, image_features, has_image) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
         if image_features is None:
             return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
         text_embeds = self._embed_tokens[0](input_ids)

@@ -57,7 +57,7 @@ class MemVPStrategy(VisualStrategy):
         for layer in decoder_layers(llm):
             layer.mlp.register_forward_hook(self._add_memory_term)
 
-    def forward(self, input_ids, attention_mask, image_features, has_image) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
         rows, width = self.memory.memory_keys.shape[1:]
         if image_features is None:
             visual = torch.zeros(input_ids.shape[0], rows, width, device=input_ids.device,
@@ -72,6 +72,10 @@ class MemVPStrategy(VisualStrategy):
             visual = F.pad(visual, (0, 0, 0, rows - visual.shape[1]))
         self._keys, self._values = self.memory(visual)
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+
+    def forward_flops_per_position_and_layer(self) -> float:
+        rows, width = self.memory.memory_keys.shape[1:]
+        return 4.0 * width * rows  # (T x d) @ (d x M) and (T x M) @ (M x d)
 
     def _add_memory_term(self, mlp: nn.Module, args: tuple, ffn_out: torch.Tensor) -> torch.Tensor:
         ffn_in = args[0]

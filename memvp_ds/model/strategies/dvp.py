@@ -1,0 +1,144 @@
+"""DVP: dynamic visual prompting (Huang et al. 2023), ported to a decoder-only LLM.
+
+A cross-attention reads the CLIP patch features with a query built from the text, and produces ONE compact,
+text-related visual prompt vector per sample. The original inserts it as an extra token at layer K of an
+encoder, where every token attends to it. A decoder-only LLM with a KV cache cannot grow the sequence in
+the middle of the stack (the layers below K would have one cache entry fewer than the ones above), so this
+port adds the prompt to the residual stream at the input of layer K instead: at the query position (the
+last prompt token, whose hidden state there has seen the whole prompt and is the query) and at every
+position after it, i.e. the answer and, in generation, each decoded token. Adding it at the query
+position alone was tried first and learnt nothing on the quickstart task: later tokens then reach the
+prompt only through frozen attention to one position (docs/strategies/dvp.md has the figures).
+
+K comes from the KAB-APP search (memvp_ds.search.dvp); during the search every layer has its own prompt
+generator and the search sets which one is active for each step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+
+from memvp_ds.config import ConfigError, ModelConfig
+from memvp_ds.model.adapters import BottleneckAdapter
+from memvp_ds.model.llm import decoder_layers
+from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy
+
+
+class VisualPromptGenerator(nn.Module):
+    """Multi-head cross-attention: query LayerNorm(h) (d), keys/values the CLIP features (N x C), output d.
+
+    The output projection starts at zero, so a fresh generator leaves the frozen LLM's output unchanged.
+    """
+
+    def __init__(self, width: int, visual_dim: int, heads: int, inner_dim: int, dropout: float):
+        super().__init__()
+        if inner_dim % heads:
+            raise ConfigError(f"model.dvp.inner_dim ({inner_dim}) must be divisible by model.dvp.heads ({heads})")
+        self.heads, self.dropout = heads, dropout
+        self.query_norm = nn.LayerNorm(width)
+        self.query = nn.Linear(width, inner_dim)
+        self.key = nn.Linear(visual_dim, inner_dim)
+        self.value = nn.Linear(visual_dim, inner_dim)
+        self.out = nn.Linear(inner_dim, width)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, text_state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``text_state`` (B, d), ``features`` (B, N, C) -> the prompt vector (B, d)."""
+        batch, tokens, _ = features.shape
+        dtype = self.query.weight.dtype
+        query = self.query(self.query_norm(text_state.to(dtype))).view(batch, self.heads, 1, -1)
+        key = self.key(features.to(dtype)).view(batch, tokens, self.heads, -1).transpose(1, 2)
+        value = self.value(features.to(dtype)).view(batch, tokens, self.heads, -1).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(attended.reshape(batch, -1))
+
+
+class DVPStrategy(VisualStrategy):
+    name = "dvp"
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
+        super().__init__(cfg, llm)
+        layers = decoder_layers(llm)
+        width, dvp = llm.config.hidden_size, cfg.dvp
+        candidates = list(range(len(layers))) if dvp.layer is None else [dvp.layer]
+        if not 0 <= candidates[0] <= candidates[-1] < len(layers):
+            raise ConfigError(f"model.dvp.layer: {dvp.layer} is out of range for a {len(layers)}-layer model")
+        self.generators = nn.ModuleDict({
+            str(i): VisualPromptGenerator(width, cfg.visual_dim, dvp.heads, dvp.inner_dim, dvp.dropout)
+            for i in candidates
+        })
+        self.active_layer = candidates[0]
+        # (features, has_image, prompt_end) of the current forward, kept for the backward recomputation of
+        # checkpointed blocks; and the prompt vectors of a generate call, added to every decoded token.
+        self._state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._decoding_prompt: Optional[torch.Tensor] = None
+        for i in candidates:
+            layers[i].register_forward_pre_hook(partial(self._insert_prompt, i), with_kwargs=True)
+        if dvp.adapters:
+            hidden = max(1, width // dvp.adapter_reduction)
+            self.adapters = nn.ModuleList(
+                nn.ModuleDict({"attn": BottleneckAdapter(width, hidden), "mlp": BottleneckAdapter(width, hidden)})
+                for _ in layers
+            )
+            for layer, pair in zip(layers, self.adapters):
+                layer.self_attn.register_forward_hook(partial(_adapt_output, pair["attn"]))
+                layer.mlp.register_forward_hook(partial(_adapt_output, pair["mlp"]))
+
+    @property
+    def candidate_layers(self):
+        return [int(i) for i in self.generators]
+
+    def set_active_layer(self, layer: int) -> None:
+        """Which layer's generator inserts the prompt (the DVP search picks one per step)."""
+        if str(layer) not in self.generators:
+            raise ValueError(f"layer {layer} has no DVP prompt generator; candidates: {self.candidate_layers}")
+        self.active_layer = layer
+
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+        self._decoding_prompt = None
+        if image_features is None:
+            self._state = None
+        else:
+            if has_image is None:
+                has_image = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+            self._state = (image_features, has_image, prompt_end)
+        return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+
+    def prefill_finished(self) -> None:
+        """From now on each call of layer K is one decoded token: it gets the prompt made in the prefill."""
+        self._state = None
+
+    def _insert_prompt(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+        if index != self.active_layer:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._state is not None:
+            features, has_image, prompt_end = self._state
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            prompt = self.generators[str(index)](hidden[rows, prompt_end], features)
+            prompt = (prompt * has_image.to(prompt.dtype)[:, None]).to(hidden.dtype)
+            self._decoding_prompt = prompt.detach()
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            from_query = (positions[None] >= prompt_end[:, None]).to(hidden.dtype)[..., None]
+            hidden = hidden + from_query * prompt[:, None]
+        elif self._decoding_prompt is not None:
+            hidden = hidden + self._decoding_prompt[:, None]
+        else:
+            return None
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+
+def _adapt_output(adapter: BottleneckAdapter, module: nn.Module, args: tuple, output):
+    """DVP + adapter: ``y + adapter(y)`` on an attention (tuple output) or MLP output."""
+    if isinstance(output, tuple):
+        return (output[0] + adapter(output[0]), *output[1:])
+    return output + adapter(output)

@@ -1,0 +1,64 @@
+"""What every architecture search shares: the trainer's hooks, per-step randomness, rank agreement."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, Dict, List
+
+import torch
+
+from memvp_ds.engine.distributed import all_gather_objects
+
+HeldOutLoss = Callable[[int], float]
+"""``heldout_loss(update_index)``: mean loss over all ranks on a held-out batch, without gradient."""
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): every rank draws the same numbers without any
+    communication, and a resumed run draws exactly what the uninterrupted one would have."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+class ArchitectureSearch:
+    """Trains a family of sub-networks while a policy over them learns from held-out rewards.
+
+    The trainer calls ``before_step`` (choose this step's sub-network) before each optimizer step and
+    ``after_step`` after it; both must make the same choice on every rank, or DeepSpeed's collectives would
+    pair different computations (a hang, or silently wrong gradients). ``check_agreement`` turns that into an
+    error naming the step, and a digest of every choice per rank goes into the result.
+    """
+
+    name: str
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.history: List[Dict[str, Any]] = []
+        self._digest = hashlib.sha256()
+
+    def before_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def after_step(self, step: int, heldout_loss: HeldOutLoss) -> Dict[str, float]:
+        """Update the policy if this step is an update step; returns scalars to log (empty otherwise)."""
+        raise NotImplementedError
+
+    def result(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def check_agreement(self, step: int, choice: Any) -> None:
+        """Every rank must have made ``choice``; records it in this rank's digest."""
+        choices = all_gather_objects(choice)
+        if any(c != choices[0] for c in choices):
+            raise RuntimeError(f"{self.name} search: ranks chose different sub-networks at step {step}: {choices}")
+        self._digest.update(json.dumps([step, choice]).encode())
+
+    def state_dict(self) -> Dict[str, Any]:
+        # The digest object cannot be serialised; a resumed run digests the steps it runs itself.
+        return {"history": self.history}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.history = state["history"]
+
+    def choice_digest(self) -> str:
+        return self._digest.hexdigest()

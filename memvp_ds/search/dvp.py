@@ -1,0 +1,79 @@
+"""KAB-APP: a k-armed bandit over the layer where DVP inserts its visual prompt (Huang et al. 2023).
+
+Arms are candidate layers with logits a (init 0) and policy pi = softmax(a). Each training step trains
+the prompt generator of one layer drawn uniformly; after every ``interval`` steps, m arms are drawn from pi
+and scored on a held-out batch without gradient, reward r = 100 exp(-loss), and each drawn arm k gets
+``a[k] += eta * (r_k - mean r) * pi_k (1 - pi_k)`` (pi before the update). The result is K = argmax pi.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from memvp_ds.config import DVPSearchConfig
+from memvp_ds.search.base import ArchitectureSearch, HeldOutLoss, step_generator
+
+_TRAIN_DRAW, _ARM_DRAW = 0, 1
+
+
+def kab_app_update(logits: torch.Tensor, arms: Sequence[int], rewards: Sequence[float], eta: float) -> torch.Tensor:
+    """One KAB-APP update of the logits (float64, returned new); ``arms`` index into ``logits``."""
+    policy = torch.softmax(logits, dim=0)
+    baseline = sum(rewards) / len(rewards)
+    updated = logits.clone()
+    for arm, reward in zip(arms, rewards):
+        updated[arm] += eta * (reward - baseline) * policy[arm] * (1 - policy[arm])
+    return updated
+
+
+class DVPLayerSearch(ArchitectureSearch):
+    name = "dvp"
+
+    def __init__(self, strategy, cfg: DVPSearchConfig, seed: int):
+        super().__init__(seed)
+        self.strategy, self.cfg = strategy, cfg
+        self.candidates: List[int] = strategy.candidate_layers
+        self.logits = torch.zeros(len(self.candidates), dtype=torch.float64)
+        self.updates = 0
+
+    @property
+    def policy(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=0)
+
+    def before_step(self, step: int) -> None:
+        drawn = int(torch.randint(len(self.candidates), (1,), generator=step_generator(self.seed, step, _TRAIN_DRAW)))
+        layer = self.candidates[drawn]
+        self.strategy.set_active_layer(layer)
+        self.check_agreement(step, layer)
+
+    def after_step(self, step: int, heldout_loss: HeldOutLoss) -> Dict[str, float]:
+        if step % self.cfg.interval:
+            return {}
+        arms = torch.multinomial(self.policy, self.cfg.arms, replacement=True,
+                                 generator=step_generator(self.seed, step, _ARM_DRAW)).tolist()
+        rewards = []
+        for arm in arms:
+            self.strategy.set_active_layer(self.candidates[arm])
+            rewards.append(100.0 * math.exp(-heldout_loss(self.updates)))
+        self.logits = kab_app_update(self.logits, arms, rewards, self.cfg.eta)
+        self.updates += 1
+        self.history.append({"step": step, "arms": [self.candidates[a] for a in arms], "rewards": rewards,
+                             "policy": self.policy.tolist()})
+        return {f"search/pi_layer{layer}": p for layer, p in zip(self.candidates, self.policy.tolist())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "logits": self.logits.tolist(), "updates": self.updates}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.logits = torch.tensor(state["logits"], dtype=torch.float64)
+        self.updates = state["updates"]
+
+    def result(self) -> Dict[str, Any]:
+        policy = self.policy
+        return {"method": "dvp_search", "dvp_layer": self.candidates[int(policy.argmax())],
+                "candidates": self.candidates, "policy": policy.tolist(), "logits": self.logits.tolist(),
+                "history": self.history}
