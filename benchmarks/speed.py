@@ -1,11 +1,13 @@
-"""MemVP vs the input-space baseline on the same LLM, batch and text: training step, prefill, decode, memory.
+"""Every strategy on the same LLM, batch and text: training step, FLOPs, prefill, decode, memory.
 
     python benchmarks/speed.py                         # cpu-small preset, a few minutes on a laptop CPU
     python benchmarks/speed.py --preset llama13b       # 13B layer shapes, bf16, on a GPU (--layers to fit)
     python benchmarks/speed.py --json out.json
 
-Prints a table and writes JSON with, per strategy: train step time, tokens/s, prefill latency, decode
-ms/token, peak memory, MFU, and the memvp / input_prefix ratio of each. Weights are random (speed only).
+Variants: memvp, input_prefix (the baseline), apt, dvp (prompt at the middle layer) and memvp_skip (MemVP
+with DAS skipping ``--skip`` layers). Prints a table and writes JSON with, per variant: train step time,
+model FLOPs per step, tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each variant's
+ratio to input_prefix and memvp_skip's ratio to memvp. Weights are random (speed only).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -43,20 +45,36 @@ class Preset:
     dtype: str
     new_tokens: int
     repeats: int
+    apt_prompts: int
+    dvp_heads: int
+    dvp_inner: int
 
 
 PRESETS = {
-    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3),
-    "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5),
+    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64),
+    "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512),
 }
+VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "memvp_skip")
 
 
-def build(strategy: str, p: Preset, device: torch.device):
+def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
+    if variant == "memvp_skip":
+        return ["model.strategy=memvp", f"model.skip.layers={list(range(1, 1 + skip))}"]
+    overrides = [f"model.strategy={variant}"]
+    if variant == "apt":
+        overrides.append(f"model.apt.prompts={p.apt_prompts}")
+    if variant == "dvp":
+        overrides += [f"model.dvp.layer={p.layers // 2}", f"model.dvp.heads={p.dvp_heads}",
+                      f"model.dvp.inner_dim={p.dvp_inner}"]
+    return overrides
+
+
+def build(variant: str, p: Preset, device: torch.device, skip: int):
     inline = {"model_type": "llama", "hidden_size": p.hidden, "intermediate_size": p.intermediate,
               "num_hidden_layers": p.layers, "num_attention_heads": p.heads, "num_key_value_heads": p.heads,
               "vocab_size": p.vocab, "max_position_embeddings": 4096}
     cfg = load_config(None, [f"model.llm.config={json.dumps(inline)}", f"model.llm.dtype={p.dtype}",
-                             f"model.strategy={strategy}", f"model.visual_dim={p.visual_dim}",
+                             *variant_overrides(variant, p, skip), f"model.visual_dim={p.visual_dim}",
                              f"model.visual_tokens={p.visual_tokens}", f"model.memvp.memory_rows={p.memory_rows}"])
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
@@ -79,8 +97,8 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure(strategy: str, p: Preset, device: torch.device, peak: float) -> Dict[str, float]:
-    model = build(strategy, p, device)
+def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: int) -> Dict[str, float]:
+    model = build(variant, p, device, skip)
     dtype = getattr(torch, p.dtype)
     ids = torch.randint(4, p.vocab, (p.batch, p.text_tokens), device=device)
     feats = torch.randn(p.batch, p.visual_tokens, p.visual_dim, device=device, dtype=dtype)
@@ -98,10 +116,11 @@ def measure(strategy: str, p: Preset, device: torch.device, peak: float) -> Dict
     prefill = _timed(lambda: model.generate(ids, image_features=feats, max_new_tokens=1), p.repeats, device)
     full = _timed(lambda: model.generate(ids, image_features=feats, max_new_tokens=p.new_tokens, stop_when_done=False),
                   p.repeats, device)
-    positions = p.text_tokens + (p.visual_tokens if strategy == "input_prefix" else 0)
+    positions = p.text_tokens + (p.visual_tokens if variant == "input_prefix" else 0)
     flops = training_flops_per_position(model, positions) * positions * p.batch
     return {
         "train_step_s": step,
+        "train_gflops_per_step": flops / 1e9,
         "train_tokens_per_s": p.batch * p.text_tokens / step,
         "prefill_s": prefill,
         "decode_ms_per_token": 1000 * (full - prefill) / (p.new_tokens - 1),
@@ -116,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, help="override the preset's number of decoder layers")
     parser.add_argument("--repeats", type=int, help="timed repetitions (median is reported)")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table; none on CPU)")
+    parser.add_argument("--skip", type=int, default=1, help="layers memvp_skip skips (layers 1..skip)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--json", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -123,17 +144,22 @@ def main(argv=None) -> int:
                        **({"repeats": args.repeats} if args.repeats else {})})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_flops(args.peak_tflops)
-    results = {name: measure(name, preset, device, peak) for name in ("memvp", "input_prefix")}
-    results["ratio_memvp_over_input_prefix"] = {
-        key: results["memvp"][key] / results["input_prefix"][key] for key in results["memvp"]
-    }
-    header = f"{'metric':<22}{'memvp':>14}{'input_prefix':>14}{'ratio':>10}"
+    results = {name: measure(name, preset, device, peak, args.skip) for name in args.variants}
+    ratios = {f"{name}_over_input_prefix": (name, "input_prefix") for name in results if name != "input_prefix"}
+    ratios["memvp_skip_over_memvp"] = ("memvp_skip", "memvp")
+    ratios = {key: {metric: results[a][metric] / results[b][metric] for metric in results[a]}
+              for key, (a, b) in ratios.items() if a in results and b in results}
     print(f"preset {args.preset} on {device} ({preset.layers} layers, batch {preset.batch}, "
-          f"{preset.text_tokens} text + {preset.visual_tokens} visual tokens, M = {preset.memory_rows})")
+          f"{preset.text_tokens} text + {preset.visual_tokens} visual tokens, M = {preset.memory_rows}, "
+          f"APT p = {preset.apt_prompts}, memvp_skip skips {args.skip})")
+    header = f"{'metric':<22}" + "".join(f"{name:>14}" for name in results)
     print(header + "\n" + "-" * len(header))
-    for key in results["memvp"]:
-        print(f"{key:<22}{results['memvp'][key]:>14.4g}{results['input_prefix'][key]:>14.4g}"
-              f"{results['ratio_memvp_over_input_prefix'][key]:>10.3f}")
+    for metric in next(iter(results.values())):
+        print(f"{metric:<22}" + "".join(f"{row[metric]:>14.4g}" for row in results.values()))
+    print("\nratios (train step time, train GFLOPs, prefill):")
+    for key, row in ratios.items():
+        print(f"  {key:<28}{row['train_step_s']:>8.3f}{row['train_gflops_per_step']:>8.3f}{row['prefill_s']:>8.3f}")
+    results["ratios"] = ratios
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"preset": args.preset, "device": str(device), "config": asdict(preset), **results},

@@ -15,13 +15,19 @@ def test_speed_benchmark_cpu_small_writes_all_fields(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    fields = {"train_step_s", "train_tokens_per_s", "prefill_s", "decode_ms_per_token", "peak_memory_gb", "mfu"}
-    for name in ("memvp", "input_prefix", "ratio_memvp_over_input_prefix"):
-        assert set(result[name]) == fields
-        assert all(math.isfinite(v) and v > 0 for v in result[name].values()), result[name]
-    assert "train_step_s" in proc.stdout
+    fields = {"train_step_s", "train_gflops_per_step", "train_tokens_per_s", "prefill_s", "decode_ms_per_token",
+              "peak_memory_gb", "mfu"}
+    for name in ("memvp", "input_prefix", "apt", "dvp", "memvp_skip", *result["ratios"]):
+        row = result.get(name) or result["ratios"][name]
+        assert set(row) == fields, name
+        assert all(math.isfinite(v) and v > 0 for v in row.values()), (name, row)
+    assert "train_step_s" in proc.stdout and "memvp_skip_over_memvp" in proc.stdout
+    ratios = result["ratios"]
     # 64 visual tokens double the input-space sequence; MemVP's per-layer memory costs far less.
-    assert result["ratio_memvp_over_input_prefix"]["train_step_s"] < 0.9
+    assert ratios["memvp_over_input_prefix"]["train_step_s"] < 0.9
+    assert ratios["memvp_over_input_prefix"]["train_gflops_per_step"] < 0.6
+    # Skipping 1 of 4 layers removes about a quarter of the model FLOPs (the adapter adds a little back).
+    assert 0.7 < ratios["memvp_skip_over_memvp"]["train_gflops_per_step"] < 0.8
 
 
 def test_extract_benchmark_reports_each_stage(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.conftest import tiny_config, tiny_model
 from memvp_ds.model.llm import load_frozen_llm
+from tests.conftest import tiny_config, tiny_model
 
 N, C = 16, 32
 

@@ -93,6 +93,6 @@ def test_dvp_search_on_two_ranks_resumes_exactly_and_logs_the_policy(dataset, tm
     assert logits.tolist() == pytest.approx(result["logits"], abs=1e-12)
     assert sorted(scalars(tmp_path / "search", "search/pi_layer1")) == [3, 6, 9, 12]
 
-    resumed = _search(dataset, tmp_path / "resumed", "dvp_search", *common, config="configs/tiny_dvp.yaml",
-                      *(f"train.resume={tmp_path / 'search' / 'checkpoints' / 'step-00000006'}",))
+    resume = f"train.resume={tmp_path / 'search' / 'checkpoints' / 'step-00000006'}"
+    resumed = _search(dataset, tmp_path / "resumed", "dvp_search", *common, resume, config="configs/tiny_dvp.yaml")
     _assert_same_search(resumed, result, ("dvp_layer", "logits", "policy"))
