@@ -7,7 +7,7 @@ from tests.conftest import CONFIGS, tiny_config
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(str(path))
-    assert cfg.model.strategy in ("memvp", "input_prefix")
+    assert cfg.model.strategy in ("memvp", "input_prefix", "apt", "dvp")
 
 
 def test_official_recipe_values():
@@ -45,7 +45,7 @@ def test_wrong_type_names_key():
 
 
 def test_unknown_strategy_lists_choices():
-    with pytest.raises(ConfigError, match="input_prefix.*memvp"):
+    with pytest.raises(ConfigError, match="apt.*dvp.*input_prefix.*memvp"):
         tiny_config("memvp", "model.strategy=nonsense")
 
 
@@ -58,3 +58,26 @@ def test_missing_llm_path_is_clear(tmp_path):
     cfg = load_config(str(CONFIGS / "memvp_llama7b_sqa.yaml"), [f"model.llm.path={tmp_path}/absent"])
     with pytest.raises(ConfigError, match="model.llm.path.*absent.*not a directory"):
         build_model(cfg.model)
+
+
+def test_search_modes_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="train.mode.*not one of"):
+        tiny_config("memvp", "train.mode=search")
+    with pytest.raises(ConfigError, match="dvp_search needs model.strategy=dvp"):
+        tiny_config("memvp", "train.mode=dvp_search")
+    with pytest.raises(ConfigError, match="dvp_search needs.*layer unset"):
+        tiny_config("dvp", "train.mode=dvp_search")
+    with pytest.raises(ConfigError, match="model.dvp.layer: set it"):
+        tiny_config("dvp", "model.dvp.layer=null")
+    with pytest.raises(ConfigError, match="held-out.*data.val_shards"):
+        tiny_config("memvp", "train.mode=das_search", "data.train_shards=x.tar")
+    with pytest.raises(ConfigError, match="das_search chooses the skipped layers"):
+        tiny_config("memvp", "train.mode=das_search", "model.skip.layers=[0]")
+
+
+def test_from_search_fills_the_choice_and_an_explicit_value_wins(tmp_path):
+    (tmp_path / "search.json").write_text('{"dvp_layer": 0, "skip_layers": [1]}')
+    cfg = tiny_config("dvp", "model.dvp.layer=null", f"model.dvp.from_search={tmp_path}")
+    assert cfg.model.dvp.layer == 0
+    assert tiny_config("dvp", f"model.dvp.from_search={tmp_path}").model.dvp.layer == 1  # the YAML sets 1
+    assert tiny_config("memvp", f"model.skip.from_search={tmp_path}").model.skip.layers == [1]

@@ -126,17 +126,22 @@ def _grads(model, ids, feats, labels):
     return {n: p.grad.clone() for n, p in model.trainable_parameters().items()}
 
 
-@pytest.mark.parametrize("strategy", ["memvp", "input_prefix"])
-def test_gradients_reach_trainable_only_and_match_with_checkpointing(strategy):
-    model = tiny_model(strategy, "model.memvp.dropout=0.0").train()
-    if strategy == "memvp":
-        _randomise_trainable(model)
+@pytest.mark.parametrize("strategy,overrides", [
+    ("memvp", []), ("input_prefix", []), ("apt", []), ("dvp", ["model.dvp.layer=0", "model.dvp.adapters=true"]),
+    ("memvp", ["model.skip.layers=[1]"]),
+])
+def test_gradients_reach_trainable_only_and_match_with_checkpointing(strategy, overrides):
+    """Every strategy's hooks (and skipped layers' adapters) get the same gradients when blocks are
+    recomputed in backward. DVP's prompt enters at layer 0, whose block is the checkpointed one."""
+    model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", *overrides).train()
+    if strategy != "input_prefix":
+        _randomise_trainable(model)  # zero-initialised output maps would leave their inputs without gradient
     ids, feats = _batch()
     labels = ids.clone()
     labels[:, :4] = -100
     plain = _grads(model, ids, feats, labels)
     assert all(torch.count_nonzero(g) > 0 for g in plain.values()), [n for n, g in plain.items() if not g.any()]
-    assert all(p.grad is None for p in model.llm.parameters())
+    assert all(p.grad is None for p in model.llm.parameters() if not p.requires_grad)
     model.enable_gradient_checkpointing()
     mlp_calls = []
     model.llm.model.layers[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
