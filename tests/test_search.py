@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from memvp_ds.config import DASSearchConfig
 from memvp_ds.engine.checkpoint import load_exported
 from memvp_ds.search.base import step_generator
 from memvp_ds.search.das import das_score_update, sample_skip_set
@@ -96,3 +97,19 @@ def test_dvp_search_on_two_ranks_resumes_exactly_and_logs_the_policy(dataset, tm
     resume = f"train.resume={tmp_path / 'search' / 'checkpoints' / 'step-00000006'}"
     resumed = _search(dataset, tmp_path / "resumed", "dvp_search", *common, resume, config="configs/tiny_dvp.yaml")
     _assert_same_search(resumed, result, ("dvp_layer", "logits", "policy"))
+
+
+def test_ranks_that_disagree_stop_with_an_error_naming_the_step(monkeypatch):
+    from memvp_ds.search import base
+    from memvp_ds.search.das import LayerSkipSearch
+
+    class Skipping:  # the search needs only the layer count and the candidates from it
+        layers, wrapped, skipped = [0, 1, 2], [0, 1, 2], []
+
+    search = LayerSkipSearch(Skipping(), DASSearchConfig(skip=1), seed=0)
+    monkeypatch.setattr(base, "all_gather_objects", lambda choice: [choice, [2]])
+    with pytest.raises(RuntimeError, match="ranks chose different sub-networks at step 7"):
+        search.check_agreement(7, [0])
+    monkeypatch.setattr(base, "all_gather_objects", lambda choice: [choice, choice])
+    search.check_agreement(8, [0])
+    assert len(search.choice_digest()) == 64

@@ -31,8 +31,11 @@ class ArchitectureSearch:
 
     name: str
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, arms: int):
         self.seed = seed
+        self.preferences = torch.zeros(arms, dtype=torch.float64)
+        """One learnt preference per arm (DVP: softmax logits per layer; DAS: sigmoid scores per layer)."""
+        self.updates = 0
         self.history: List[Dict[str, Any]] = []
         self._digest = hashlib.sha256()
 
@@ -55,10 +58,11 @@ class ArchitectureSearch:
 
     def state_dict(self) -> Dict[str, Any]:
         # The digest object cannot be serialised; a resumed run digests the steps it runs itself.
-        return {"history": self.history}
+        return {"preferences": self.preferences.tolist(), "updates": self.updates, "history": self.history}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.history = state["history"]
+        self.preferences = torch.tensor(state["preferences"], dtype=torch.float64)
+        self.updates, self.history = state["updates"], state["history"]
 
     def choice_digest(self) -> str:
         return self._digest.hexdigest()

@@ -43,18 +43,16 @@ class LayerSkipSearch(ArchitectureSearch):
     name = "das"
 
     def __init__(self, skipping: LayerSkipping, cfg: DASSearchConfig, seed: int):
-        super().__init__(seed)
-        self.skipping, self.cfg = skipping, cfg
         self.candidates: List[int] = list(skipping.wrapped)
+        super().__init__(seed, arms=len(self.candidates))
+        self.skipping, self.cfg = skipping, cfg
         if not 1 <= cfg.skip < len(skipping.layers) or cfg.skip > len(self.candidates):
             raise ValueError(f"search.das.skip = {cfg.skip}: needs 1 <= k <= {len(self.candidates)} candidates "
                              f"and fewer than the {len(skipping.layers)} layers")
-        self.scores = torch.zeros(len(self.candidates), dtype=torch.float64)
-        self.updates = 0
 
     @property
     def probabilities(self) -> torch.Tensor:
-        return torch.sigmoid(self.scores)
+        return torch.sigmoid(self.preferences)
 
     def skip_count(self, step: int) -> int:
         """k, or with ``ramp`` 1 rising linearly to k over the warm-up."""
@@ -86,7 +84,7 @@ class LayerSkipSearch(ArchitectureSearch):
         for subset in subsets:
             self.skipping.set_skipped(self._layers(subset))
             rewards.append(math.exp(-heldout_loss(self.updates)))
-        self.scores = das_score_update(self.scores, subsets, rewards, self.cfg.eta)
+        self.preferences = das_score_update(self.preferences, subsets, rewards, self.cfg.eta)
         self.updates += 1
         self.history.append({"step": step, "subsets": [self._layers(s) for s in subsets], "rewards": rewards,
                              "probabilities": self.probabilities.tolist()})
@@ -96,15 +94,7 @@ class LayerSkipSearch(ArchitectureSearch):
         top = torch.topk(self.probabilities, self.cfg.skip).indices.tolist()
         return sorted(self._layers(top))
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {**super().state_dict(), "scores": self.scores.tolist(), "updates": self.updates}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.scores = torch.tensor(state["scores"], dtype=torch.float64)
-        self.updates = state["updates"]
-
     def result(self) -> Dict[str, Any]:
         return {"method": "das_search", "skip_layers": self.skip_layers(), "candidates": self.candidates,
-                "probabilities": self.probabilities.tolist(), "scores": self.scores.tolist(),
+                "probabilities": self.probabilities.tolist(), "scores": self.preferences.tolist(),
                 "history": self.history}

@@ -33,15 +33,13 @@ class DVPLayerSearch(ArchitectureSearch):
     name = "dvp"
 
     def __init__(self, strategy, cfg: DVPSearchConfig, seed: int):
-        super().__init__(seed)
-        self.strategy, self.cfg = strategy, cfg
         self.candidates: List[int] = strategy.candidate_layers
-        self.logits = torch.zeros(len(self.candidates), dtype=torch.float64)
-        self.updates = 0
+        super().__init__(seed, arms=len(self.candidates))
+        self.strategy, self.cfg = strategy, cfg
 
     @property
     def policy(self) -> torch.Tensor:
-        return torch.softmax(self.logits, dim=0)
+        return torch.softmax(self.preferences, dim=0)
 
     def before_step(self, step: int) -> None:
         drawn = int(torch.randint(len(self.candidates), (1,), generator=step_generator(self.seed, step, _TRAIN_DRAW)))
@@ -58,22 +56,14 @@ class DVPLayerSearch(ArchitectureSearch):
         for arm in arms:
             self.strategy.set_active_layer(self.candidates[arm])
             rewards.append(100.0 * math.exp(-heldout_loss(self.updates)))
-        self.logits = kab_app_update(self.logits, arms, rewards, self.cfg.eta)
+        self.preferences = kab_app_update(self.preferences, arms, rewards, self.cfg.eta)
         self.updates += 1
         self.history.append({"step": step, "arms": [self.candidates[a] for a in arms], "rewards": rewards,
                              "policy": self.policy.tolist()})
         return {f"search/pi_layer{layer}": p for layer, p in zip(self.candidates, self.policy.tolist())}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {**super().state_dict(), "logits": self.logits.tolist(), "updates": self.updates}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.logits = torch.tensor(state["logits"], dtype=torch.float64)
-        self.updates = state["updates"]
-
     def result(self) -> Dict[str, Any]:
         policy = self.policy
         return {"method": "dvp_search", "dvp_layer": self.candidates[int(policy.argmax())],
-                "candidates": self.candidates, "policy": policy.tolist(), "logits": self.logits.tolist(),
+                "candidates": self.candidates, "policy": policy.tolist(), "logits": self.preferences.tolist(),
                 "history": self.history}
