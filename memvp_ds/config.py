@@ -7,6 +7,7 @@ Every option lives in exactly one place here; the DeepSpeed JSON is derived from
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -340,8 +341,6 @@ SEARCH_RESULT = "search.json"
 
 def read_search_result(directory: str, option: str) -> Dict[str, Any]:
     """The search.json a ``dvp_search`` / ``das_search`` run wrote to its output directory."""
-    import json
-
     path = os.path.join(directory, SEARCH_RESULT)
     if not os.path.isfile(path):
         raise ConfigError(f"{option}: {path} not found; run train.mode=dvp_search or das_search with "

@@ -331,9 +331,10 @@ class Trainer:
         """search.json: the choice (read by ``from_search``), the policy, the history, each rank's digest."""
         digests = all_gather_objects(self.search.choice_digest())
         if self.dist.is_main:
+            result = self.search.result()
             write_json_atomic(os.path.join(self.out, SEARCH_RESULT),
-                              {**self.search.result(), "steps": step, "choice_digest_per_rank": digests})
-            log.info("search result: %s", {k: v for k, v in self.search.result().items() if k != "history"})
+                              {**result, "steps": step, "choice_digest_per_rank": digests})
+            log.info("search result: %s", {k: v for k, v in result.items() if k != "history"})
         self._write_status("complete", step)
 
     @torch.no_grad()

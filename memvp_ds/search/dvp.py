@@ -52,10 +52,13 @@ class DVPLayerSearch(ArchitectureSearch):
             return {}
         arms = torch.multinomial(self.policy, self.cfg.arms, replacement=True,
                                  generator=step_generator(self.seed, step, _ARM_DRAW)).tolist()
-        rewards = []
-        for arm in arms:
+        # Arms are drawn with replacement; a repeated arm gets the same reward (same batch, no dropout), so
+        # each distinct arm costs one held-out forward.
+        reward_of = {}
+        for arm in dict.fromkeys(arms):
             self.strategy.set_active_layer(self.candidates[arm])
-            rewards.append(100.0 * math.exp(-heldout_loss(self.updates)))
+            reward_of[arm] = 100.0 * math.exp(-heldout_loss(self.updates))
+        rewards = [reward_of[arm] for arm in arms]
         self.preferences = kab_app_update(self.preferences, arms, rewards, self.cfg.eta)
         self.updates += 1
         self.history.append({"step": step, "arms": [self.candidates[a] for a in arms], "rewards": rewards,

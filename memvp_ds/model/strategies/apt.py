@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ModelConfig
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator
+from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
 
 
 class ApproximatedPrompts(nn.Module):
@@ -73,11 +73,7 @@ class APTStrategy(VisualStrategy):
             layer.self_attn.register_forward_hook(partial(self._add_prompt_term, index), with_kwargs=True)
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
-        if image_features is None:
-            visual = torch.zeros(input_ids.shape[0], self.cfg.visual_tokens, self.prompts.prompts.shape[-1],
-                                 device=input_ids.device, dtype=self.projector.fc2.weight.dtype)
-        else:
-            visual = self.projector(image_features) * image_indicator(image_features, has_image)
+        visual = project_visual(self.projector, image_features, has_image, input_ids.shape[0], self.cfg.visual_tokens)
         self._terms = (visual, *self.prompts(visual))
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 

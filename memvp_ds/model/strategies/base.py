@@ -33,6 +33,16 @@ def image_indicator(image_features: torch.Tensor, has_image: Optional[torch.Tens
     return has_image.to(image_features.dtype).view(-1, 1, 1)
 
 
+def project_visual(projector: nn.Module, image_features: Optional[torch.Tensor], has_image: Optional[torch.Tensor],
+                   batch_size: int, tokens_without_features: int) -> torch.Tensor:
+    """(B, N, d) projected visual tokens, zero for rows without an image. With no features at all (a text-only
+    batch), ``tokens_without_features`` zero rows, so the strategy's shapes stay the same."""
+    if image_features is None:
+        weight = projector.fc2.weight
+        return weight.new_zeros(batch_size, tokens_without_features, weight.shape[0])
+    return projector(image_features) * image_indicator(image_features, has_image)
+
+
 class VisualStrategy(nn.Module):
     """One way of feeding projected visual features to a frozen decoder-only LLM.
 

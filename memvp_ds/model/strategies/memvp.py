@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ModelConfig
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator
+from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
 
 
 class VisualMemory(nn.Module):
@@ -58,18 +58,13 @@ class MemVPStrategy(VisualStrategy):
             layer.mlp.register_forward_hook(self._add_memory_term)
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
-        rows, width = self.memory.memory_keys.shape[1:]
-        if image_features is None:
-            visual = torch.zeros(input_ids.shape[0], rows, width, device=input_ids.device,
-                                 dtype=self.projector.fc2.weight.dtype)
-        else:
-            if image_features.shape[1] > rows:
-                raise ValueError(
-                    f"{image_features.shape[1]} visual tokens exceed the {rows} memory rows "
-                    "(model.memvp.memory_rows)"
-                )
-            visual = self.projector(image_features) * image_indicator(image_features, has_image)
-            visual = F.pad(visual, (0, 0, 0, rows - visual.shape[1]))
+        rows = self.memory.memory_keys.shape[1]
+        if image_features is not None and image_features.shape[1] > rows:
+            raise ValueError(
+                f"{image_features.shape[1]} visual tokens exceed the {rows} memory rows (model.memvp.memory_rows)"
+            )
+        visual = project_visual(self.projector, image_features, has_image, input_ids.shape[0], rows)
+        visual = F.pad(visual, (0, 0, 0, rows - visual.shape[1]))
         self._keys, self._values = self.memory(visual)
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 
