@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memvp_ds.config import load_config  # noqa: E402
+from memvp_ds.schema import load_config  # noqa: E402
 from memvp_ds.engine.metrics import max_memory_gb, peak_flops, training_flops_per_position  # noqa: E402
 from memvp_ds.model import build_model  # noqa: E402
 

@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_prep.shards import MANIFEST, read_manifest, sha256_of, split_counts, write_shard
+from data_prep.shards import write_shard
 from data_prep.sources.base import Example, Source
 from memvp_ds.atomic_io import atomic_open, write_json_atomic
+from memvp_ds.data.shard_format import MANIFEST, read_manifest, sha256_of, shard_name, split_counts
 from memvp_ds.vision.clip_features import (
     ClipFeatureExtractor,
     FeatureRecipe,
@@ -65,7 +66,7 @@ def plan_shards(examples: Sequence[Example], samples_per_shard: int) -> List[Sha
         if last is None or last.split != example.split or len(last.examples) >= samples_per_shard:
             index = per_split_index.get(example.split, 0)
             per_split_index[example.split] = index + 1
-            last = ShardPlan(f"{example.split}-{index:06d}.tar", example.split, [])
+            last = ShardPlan(shard_name(example.split, index), example.split, [])
             plans.append(last)
         last.examples.append(example)
     return plans

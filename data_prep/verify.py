@@ -6,31 +6,12 @@ import glob
 import json
 import os
 import re
-import tarfile
 from typing import Any, Dict, List
 
-from data_prep.shards import MANIFEST, decode_features, read_manifest, sha256_of, split_counts
 from memvp_ds.atomic_io import write_json_atomic
+from memvp_ds.data.shard_format import MANIFEST, read_manifest, read_shard, sha256_of, split_counts
 
 _PART = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
-
-
-def read_shard(path: str):
-    """Yield (key, fields, features-or-None) from a shard written by data_prep."""
-    samples: Dict[str, Dict[str, Any]] = {}
-    order: List[str] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = os.path.basename(member.name).partition(".")
-            data = tar.extractfile(member).read()
-            if key not in samples:
-                samples[key] = {}
-                order.append(key)
-            samples[key][ext] = data
-    for key in order:
-        fields = json.loads(samples[key]["json"])
-        features = decode_features(samples[key]["npy"]) if "npy" in samples[key] else None
-        yield key, fields, features
 
 
 def verify(out_dir: str) -> List[str]:

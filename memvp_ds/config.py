@@ -1,16 +1,23 @@
 """Typed configuration: dataclasses are the schema, YAML files fill them, ``key=value`` overrides come last.
 
-Every option lives in exactly one place here; the DeepSpeed JSON is derived from these values
-(see ``memvp_ds.engine.deepspeed_config``) so no number is written twice.
+This module is the bottom layer: it imports nothing from the rest of memvp_ds and touches no file but the
+YAML it is given. It holds the options every run has (LLM, data, training, evaluation, logging); each
+strategy, layer skipping and each search declares its own options dataclass in its own file, and
+``memvp_ds.schema`` adds them under ``model.<name>`` / ``search.<name>``. The DeepSpeed JSON is derived from
+these values (``memvp_ds.engine.deepspeed_config``) so no number is written twice.
+
+The docstring under each field is its reference documentation: ``memvp-train --help-config`` prints them.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
+import inspect
 import os
+import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -18,6 +25,25 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key and the source named in the message."""
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}")
+
+
+def check_at_least(key: str, value: Optional[float], minimum: float) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+LLM_DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
+PRECISIONS = ("bf16", "fp16", "fp32")
+TRAIN_MODES = ("train", "dvp_search", "das_search")
+EVAL_SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -33,9 +59,13 @@ class LLMConfig:
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory. Off: only architectures known to transformers."""
     attn_implementation: str = "sdpa"
-    """HF attention backend: sdpa, eager or flash_attention_2."""
+    """HF attention backend: sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention."""
     init_seed: int = 0
     """Seed for randomly initialised (inline-config) models, so every rank builds identical weights."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.llm.dtype", self.dtype, LLM_DTYPES)
+        check_choice("model.llm.attn_implementation", self.attn_implementation, ATTENTION_BACKENDS)
 
 
 @dataclass
@@ -43,64 +73,19 @@ class ProjectorConfig:
     """Visual projector shared by all strategies: Linear(C -> hidden) -> SiLU -> Linear(hidden -> d), x scale."""
 
     hidden_dim: int = 128
+    """Width of the projector's hidden layer (official: 128)."""
     output_scale: float = 0.01
-
-
-@dataclass
-class MemVPConfig:
-    """Options of the ``memvp`` strategy (Jie et al., ICML 2024)."""
-
-    memory_rows: int = 400
-    """M: visual tokens are zero-padded to M rows; the extra rows act as learnable memory slots."""
-    memory_scale: float = 0.1
-    """s in ``out = h + FFN(x) + s * Dropout(SiLU(x K^T)) V``."""
-    dropout: float = 0.1
-
-
-@dataclass
-class APTConfig:
-    """Options of the ``apt`` strategy (approximated prompt tuning, Wu et al. 2023); see docs/strategies/apt.md."""
-
-    prompts: int = 200
-    """p: learnable prompt rows per layer, beside the N projected visual tokens (0: the visual tokens alone)."""
-    rank: int = 4
-    """r of the low-rank map W1 W2 that approximates the prompts' key projection."""
-
-
-@dataclass
-class DVPConfig:
-    """Options of the ``dvp`` strategy (dynamic visual prompting, Huang et al. 2023); see docs/strategies/dvp.md."""
-
-    layer: Optional[int] = None
-    """K: the decoder layer whose input receives the visual prompt. Unset: taken from ``from_search``, or,
-    under ``train.mode=dvp_search``, every layer is a candidate."""
-    from_search: Optional[str] = None
-    """Output directory of a ``train.mode=dvp_search`` run: fills ``layer`` from its search.json when unset."""
-    heads: int = 16
-    inner_dim: int = 512
-    """Width of the cross-attention (queries from the text state, keys/values from the CLIP features)."""
-    dropout: float = 0.1
-    adapters: bool = False
-    """DVP + adapter: bottleneck adapters after every attention and MLP output."""
-    adapter_reduction: int = 64
-    """Adapter hidden width = hidden_size / adapter_reduction."""
-
-
-@dataclass
-class SkipConfig:
-    """Dynamic architecture skipping (DAS, Wu et al. 2023): decoder layers replaced by light adapters."""
-
-    layers: List[int] = field(default_factory=list)
-    """Decoder layers (0-based) that are not computed; each becomes ``h + adapter(input_layernorm(h))``."""
-    from_search: Optional[str] = None
-    """Output directory of a ``train.mode=das_search`` run: fills ``layers`` from its search.json when empty."""
-    adapter_dim: int = 256
-    """Hidden width of each skipped layer's bottleneck adapter."""
+    """Factor on the projector's output (official: 0.01, so the visual term starts small)."""
 
 
 @dataclass
 class ModelConfig:
+    """The frozen LLM, the visual features it receives and the strategy that feeds them in. Each strategy's
+    own options (``model.memvp``, ``model.apt``, ...) and layer skipping (``model.skip``) are declared in
+    their modules and added by ``memvp_ds.schema``."""
+
     llm: LLMConfig = field(default_factory=LLMConfig)
+    """The frozen language model."""
     strategy: str = "memvp"
     """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp)."""
     visual_dim: int = 1024
@@ -108,64 +93,78 @@ class ModelConfig:
     visual_tokens: int = 256
     """N: visual tokens per image (256 for ViT-L/14 at 224 px without CLS)."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    memvp: MemVPConfig = field(default_factory=MemVPConfig)
-    apt: APTConfig = field(default_factory=APTConfig)
-    dvp: DVPConfig = field(default_factory=DVPConfig)
-    skip: SkipConfig = field(default_factory=SkipConfig)
+    """The visual projector shared by all strategies."""
 
     def __post_init__(self) -> None:
         if (self.llm.path is None) == (self.llm.config is None):
             raise ConfigError("model.llm: set exactly one of 'path' (local HF directory) or 'config' (inline HF config)")
         if self.llm.config is not None and "model_type" not in self.llm.config:
             raise ConfigError("model.llm.config: the inline HF config needs a 'model_type' (e.g. llama, mistral, qwen2)")
-        if self.llm.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.llm.dtype: '{self.llm.dtype}' is not one of float32, bfloat16, float16")
-        if self.strategy == "memvp" and self.visual_tokens > self.memvp.memory_rows:
-            raise ConfigError(
-                f"model.visual_tokens ({self.visual_tokens}) exceeds model.memvp.memory_rows "
-                f"({self.memvp.memory_rows}): every visual token needs a memory row"
-            )
+        check_at_least("model.visual_dim", self.visual_dim, 1)
+        check_at_least("model.visual_tokens", self.visual_tokens, 1)
 
 
 @dataclass
 class DataConfig:
+    """Where the shards are and how samples become token sequences."""
+
     train_shards: Optional[str] = None
     """WebDataset shards of the training split: a brace pattern, a list separated by '::', or 'pipe:' URLs."""
     val_shards: Optional[str] = None
+    """Shards of the validation split (periodic evaluation, and held-out batches of the searches)."""
     test_shards: Optional[str] = None
+    """Shards of the test split (memvp-eval --split test)."""
     manifest: Optional[str] = None
     """manifest.json written by data_prep; default: the one next to the training shards."""
     tokenizer: Optional[str] = None
     """Local HF tokenizer directory (default: the LLM directory)."""
     prompt_format: str = "qcm_a"
-    """qcm_a (ScienceQA 'Question/Context/Options' -> 'Answer: The answer is X.') or conversation (LLaVA)."""
+    """qcm_a (ScienceQA 'Question/Context/Options' -> 'The answer is X.'), qa (question -> short answer, VQA
+    scoring) or conversation (LLaVA turns)."""
     max_seq_len: int = 512
+    """Longest token sequence; longer samples lose their oldest context tokens, never the answer."""
     pad_to_multiple: int = 8
+    """Batches are padded to a multiple of this length (tensor-core friendly shapes)."""
     shuffle_buffer: int = 1000
+    """Samples held by each stream's seeded shuffle buffer."""
     num_workers: int = 2
+    """DataLoader worker processes per rank (each a stream of its own shards)."""
     use_images: bool = True
     """False drops every image's features: the text-only control that shows what the images contribute."""
 
-
-TRAIN_MODES = ("train", "dvp_search", "das_search")
+    def __post_init__(self) -> None:
+        check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
+            check_at_least(f"data.{key}", getattr(self, key), 1)
+        check_at_least("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
 class TrainConfig:
+    """Optimisation, schedule, precision, checkpoints."""
+
     output_dir: str = "runs/default"
+    """Checkpoints, export, TensorBoard, config.yaml and status.json go here."""
     seed: int = 0
+    """Seed of the strategy's initialisation, the data order and dropout."""
     epochs: float = 20.0
+    """Training length in passes over the training split (counted in optimizer steps from the manifest)."""
     warmup_epochs: float = 2.0
+    """Linear learning-rate warm-up, in epochs; cosine decay to ``min_lr`` after it."""
     max_steps: Optional[int] = None
     """Overrides epochs when set (optimizer steps)."""
     micro_batch_size: int = 4
     """Per-rank batch per forward."""
     grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
     blr: float = 9e-3
     """Base learning rate: lr = blr * global_batch / 256."""
     min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.02
+    """AdamW weight decay on matrices and memory tensors (none on biases)."""
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
     grad_clip: float = 0.0
     """Gradient-norm clipping threshold (0: off, as in the official recipe)."""
     precision: str = "bf16"
@@ -173,8 +172,11 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; its "auto" values are filled from this config."""
     gradient_checkpointing: bool = False
+    """Recompute each decoder block in backward (non-reentrant): less activation memory, ~1/3 more compute."""
     save_interval: int = 500
+    """Optimizer steps between resumable checkpoints (one is also written at the end and on a stop signal)."""
     keep_last: int = 3
+    """Newest resumable checkpoints kept; older ones are deleted."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint directory."""
     mode: str = "train"
@@ -182,13 +184,11 @@ class TrainConfig:
     search.json to output_dir, which a training run reads through model.dvp / model.skip ``from_search``."""
 
     def __post_init__(self) -> None:
-        if self.mode not in TRAIN_MODES:
-            raise ConfigError(f"train.mode: '{self.mode}' is not one of {', '.join(TRAIN_MODES)}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"train.precision: '{self.precision}' is not one of bf16, fp16, fp32")
+        check_choice("train.mode", self.mode, TRAIN_MODES)
+        check_choice("train.precision", self.precision, PRECISIONS)
         for name in ("micro_batch_size", "grad_accum_steps", "save_interval", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        check_at_least("train.max_steps", self.max_steps, 1)
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas needs two values, got {self.adam_betas}")
 
@@ -202,72 +202,81 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Answer generation and scoring (memvp-eval, and periodic evaluation during training)."""
+
     split: str = "test"
+    """Split memvp-eval scores by default: test, val or train."""
     batch_size: int = 8
+    """Prompts per generation batch and rank."""
     max_new_tokens: int = 16
+    """Greedy decoding length for free-form formats (qa, conversation)."""
     interval: int = 0
     """Evaluate on the val shards every N optimizer steps (0: only at the end)."""
     max_samples: Optional[int] = None
+    """Score only the first N samples of the split (quick checks)."""
+
+    def __post_init__(self) -> None:
+        check_choice("eval.split", self.split, EVAL_SPLITS)
+        check_at_least("eval.batch_size", self.batch_size, 1)
+        check_at_least("eval.max_new_tokens", self.max_new_tokens, 1)
+        check_at_least("eval.max_samples", self.max_samples, 1)
 
 
 @dataclass
 class LoggingConfig:
+    """Console and TensorBoard output."""
+
     log_interval: int = 10
+    """Optimizer steps between logged (rank-averaged) metrics."""
     tensorboard: bool = True
+    """Write TensorBoard event files to <output_dir>/tb."""
     peak_tflops: Optional[float] = None
     """Per-device peak for train/mfu; default: looked up from the GPU name (none on CPU, so no MFU there)."""
 
 
 @dataclass
-class DVPSearchConfig:
-    """KAB-APP: a k-armed bandit over DVP's insertion layer (train.mode=dvp_search)."""
-
-    arms: int = 10
-    """m: arms drawn from the policy and scored after each update interval."""
-    eta: float = 0.1
-    """Step size of ``a[k] += eta * (r_k - mean r) * pi_k (1 - pi_k)`` with rewards r = 100 exp(-loss)."""
-    interval: int = 1
-    """Optimizer steps between policy updates."""
-
-
-@dataclass
-class DASSearchConfig:
-    """Search for the layers to skip (train.mode=das_search)."""
-
-    skip: int = 1
-    """k: layers skipped by every sampled sub-network and in the final skip list."""
-    subsets: int = 4
-    """Distinct skip sets scored per update."""
-    eta: float = 10.0
-    """Step size of ``s_i += eta * (r_j - mean r) * p_i (1 - p_i)`` with rewards r = exp(-loss)."""
-    turn: int = 5
-    """Optimizer steps between score updates."""
-    warmup_steps: int = 0
-    """Steps before the first score update (the adapters learn first)."""
-    ramp: bool = False
-    """Grow the number of skipped layers from 1 to ``skip`` over the warm-up."""
-    candidates: Optional[List[int]] = None
-    """Layers that may be skipped (default: all)."""
-
-
-@dataclass
 class SearchConfig:
-    """Architecture searches. Sub-networks are scored on held-out batches from data.val_shards."""
+    """Architecture searches (train.mode=dvp_search | das_search). Each search's own options
+    (``search.dvp``, ``search.das``) are declared in its module and added by ``memvp_ds.schema``."""
 
     heldout_batches: int = 4
     """Held-out micro-batches per rank, cycled through by the updates (loaded once, so resumes are exact)."""
-    dvp: DVPSearchConfig = field(default_factory=DVPSearchConfig)
-    das: DASSearchConfig = field(default_factory=DASSearchConfig)
+
+
+def default_model(model_cls: Type) -> Any:
+    """A model config with an empty inline LLaMA config: the schema's placeholder until YAML fills it."""
+    return model_cls(llm=LLMConfig(config={"model_type": "llama"}))
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(llm=LLMConfig(config={"model_type": "llama"})))
+    """One run: the model, its data, training, evaluation, logging and searches."""
+
+    model: ModelConfig = field(default_factory=lambda: default_model(ModelConfig))
+    """The frozen LLM and the strategy."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Shards and prompts."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and checkpoints."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
     search: SearchConfig = field(default_factory=SearchConfig)
+    """Architecture searches."""
+
+    def __post_init__(self) -> None:
+        if self.train.mode != "train" and self.data.train_shards and not self.data.val_shards:
+            raise ConfigError(f"train.mode={self.train.mode} scores sub-networks on held-out data: set data.val_shards")
+
+
+def extend_schema(base: Type, groups: Dict[str, Type], defaults: Optional[Dict[str, Any]] = None) -> Type:
+    """A subclass of the dataclass ``base`` with a field per entry of ``groups`` (name -> dataclass): new
+    option groups, or a base field given a wider type. ``defaults`` (name -> factory) replaces a group's
+    default factory, which is the dataclass itself."""
+    defaults = defaults or {}
+    fields = [(name, cls, field(default_factory=defaults.get(name, cls))) for name, cls in groups.items()]
+    return dataclasses.make_dataclass(base.__name__, fields, bases=(base,))
 
 
 def _valid_keys(schema: Any, full_key: str) -> List[str]:
@@ -294,15 +303,15 @@ def _merge(schema: Any, layer: Any, source: str) -> Any:
         raise ConfigError(f"{source}: invalid value for '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                stored: Optional[Dict[str, Any]] = None) -> Config:
-    """Read a YAML config (or a ``stored`` plain-dict config, e.g. from an export) and ``key=value``
-    overrides onto the typed schema and validate it.
+def merge_config(schema_cls: Type, path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                 stored: Optional[Dict[str, Any]] = None) -> Any:
+    """Fill the dataclass ``schema_cls`` from a ``stored`` plain-dict config (e.g. an export's), then a YAML
+    file, then ``key=value`` overrides, and build it (each dataclass's ``__post_init__`` checks its values).
 
-    Raises ConfigError naming the file or override and the key for unknown keys, wrong types and
-    inconsistent values. Nothing heavy (no model, no data) is touched here.
+    Raises ConfigError naming the file or override and the key for unknown keys, wrong types and invalid
+    values. Nothing but the YAML file is read.
     """
-    schema = OmegaConf.structured(Config)
+    schema = OmegaConf.structured(schema_cls)
     # Start the inline LLM config empty so that a YAML 'llm.path' does not collide with the default config.
     schema.model.llm.config = None
     merged = schema
@@ -321,66 +330,51 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"override '{item}' is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     try:
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
-    _check_strategy(cfg.model.strategy)
-    _resolve_searches(cfg)
-    return cfg
 
 
-def _check_strategy(name: str) -> None:
-    from memvp_ds.model.strategies import STRATEGIES  # deferred: the registry imports torch
-
-    if name not in STRATEGIES:
-        raise ConfigError(f"model.strategy: unknown strategy '{name}'; choose one of {sorted(STRATEGIES)}")
-
-
-SEARCH_RESULT = "search.json"
-
-
-def read_search_result(directory: str, option: str) -> Dict[str, Any]:
-    """The search.json a ``dvp_search`` / ``das_search`` run wrote to its output directory."""
-    path = os.path.join(directory, SEARCH_RESULT)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{option}: {path} not found; run train.mode=dvp_search or das_search with "
-                          f"train.output_dir={directory} first")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _resolve_searches(cfg: Config) -> None:
-    """Fill the searched choices from ``from_search`` and check the modes and strategies fit together."""
-    model, mode = cfg.model, cfg.train.mode
-    if model.dvp.from_search and model.dvp.layer is None:
-        model.dvp.layer = read_search_result(model.dvp.from_search, "model.dvp.from_search")["dvp_layer"]
-    if model.skip.from_search and not model.skip.layers:
-        model.skip.layers = read_search_result(model.skip.from_search, "model.skip.from_search")["skip_layers"]
-    if mode == "dvp_search":
-        if model.strategy != "dvp" or model.dvp.layer is not None:
-            raise ConfigError("train.mode=dvp_search needs model.strategy=dvp with model.dvp.layer unset")
-        if model.skip.layers:
-            raise ConfigError("train.mode=dvp_search: search with all layers (model.skip.layers must be empty)")
-    elif mode == "das_search":
-        if model.skip.layers:
-            raise ConfigError("train.mode=das_search chooses the skipped layers: model.skip.layers must be empty")
-        if model.strategy == "dvp" and model.dvp.layer is None:
-            raise ConfigError("train.mode=das_search with model.strategy=dvp needs a fixed model.dvp.layer")
-    elif model.strategy == "dvp" and model.dvp.layer is None:
-        raise ConfigError("model.dvp.layer: set it or model.dvp.from_search (a train.mode=dvp_search output), "
-                          "or run train.mode=dvp_search to find it")
-    if model.strategy == "dvp" and model.dvp.layer in model.skip.layers:
-        raise ConfigError(f"model.dvp.layer {model.dvp.layer} is in model.skip.layers: the prompt's layer must run")
-    if mode != "train" and not cfg.data.val_shards and cfg.data.train_shards:
-        raise ConfigError(f"train.mode={mode} scores sub-networks on held-out data: set data.val_shards")
-    if len(set(model.skip.layers)) != len(model.skip.layers) or any(i < 0 for i in model.skip.layers):
-        raise ConfigError(f"model.skip.layers: {model.skip.layers} must be distinct non-negative layer indices")
-
-
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, for writing next to checkpoints and exports."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def config_to_dict(cfg: Config) -> Dict[str, Any]:
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: Type) -> Dict[str, str]:
+    """The docstring written under each field of the dataclass ``cls`` (and its bases), by field name."""
+    docs: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__ == "types":
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # classes made at run time (extend_schema) have no source
+            continue
+        body = ast.parse(source).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+def describe_fields(cls: Type, prefix: str = "") -> Iterator[Tuple[str, str, Any, str]]:
+    """(dotted key, type, default, docstring) for every leaf option of the dataclass ``cls``, depth first."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(default):
+            yield from describe_fields(type(default), key + ".")
+            continue
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        yield key, type_name, default, docs.get(f.name, "")
+

@@ -21,18 +21,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its type, default and documentation, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
     return parser.parse_args(argv)
 
 
+def config_reference() -> str:
+    """Every option of the run schema: ``key (type, default: value)`` and its docstring, one block each."""
+    import textwrap
+
+    from memvp_ds.config import describe_fields
+    from memvp_ds.schema import RunConfig
+
+    blocks = []
+    for key, type_name, default, doc in describe_fields(RunConfig):
+        body = textwrap.indent(textwrap.fill(doc, 100), "    ") if doc else "    (undocumented)"
+        blocks.append(f"{key} ({type_name}, default: {default!r})\n{body}")
+    return "\n".join(blocks)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.help_config:
+        print(config_reference())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from memvp_ds.config import load_config
+    from memvp_ds.schema import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
 
-    from memvp_ds.engine.distributed import destroy, init_distributed
+    from memvp_ds.distributed import destroy, init_distributed
     from memvp_ds.engine.trainer import Trainer
 
     dist_info = init_distributed()

@@ -11,5 +11,5 @@
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_PORT=$("${MEMVP_PYTHON:-python}" -m memvp_ds.distributed port "$SLURM_JOB_ID")
 srun --kill-on-bad-exit=1 --label "${MEMVP_PYTHON:-python}" memvp_ds/evaluate.py "$@"

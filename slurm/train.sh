@@ -37,7 +37,7 @@ export NCCL_ASYNC_ERROR_HANDLING=1
 # export NCCL_SOCKET_IFNAME=ib0          # pick the interface that connects the nodes
 # export NCCL_IB_HCA=mlx5                # InfiniBand adapters, if any
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_PORT=$("${MEMVP_PYTHON:-python}" -m memvp_ds.distributed port "$SLURM_JOB_ID")
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 OUTPUT_DIR=${MEMVP_OUTPUT_DIR:-runs/$SLURM_JOB_NAME}

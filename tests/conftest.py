@@ -74,3 +74,13 @@ def prepare_dataset(root: Path, num_train=192, num_val=32, num_test=32, samples_
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> dict:
     return prepare_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where CUDA is available (pytest -m gpu on a GPU machine) and skip elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -81,3 +81,24 @@ def test_from_search_fills_the_choice_and_an_explicit_value_wins(tmp_path):
     assert cfg.model.dvp.layer == 0
     assert tiny_config("dvp", f"model.dvp.from_search={tmp_path}").model.dvp.layer == 1  # the YAML sets 1
     assert tiny_config("memvp", f"model.skip.from_search={tmp_path}").model.skip.layers == [1]
+
+
+def test_every_option_is_documented_and_listed_by_help_config():
+    """The docstrings are the reference: every leaf option of the run schema has one, and --help-config
+    prints each key with its default."""
+    import subprocess
+    import sys
+
+    from memvp_ds.config import describe_fields
+    from memvp_ds.schema import RunConfig
+
+    rows = list(describe_fields(RunConfig))
+    assert len(rows) > 60
+    assert [key for key, _, _, doc in rows if not doc] == []
+    proc = subprocess.run([sys.executable, "memvp_ds/train.py", "--help-config"], cwd=CONFIGS.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for key, _, default, _ in rows:
+        assert f"{key} (" in proc.stdout and f"default: {default!r}" in proc.stdout, key
+    assert "model.memvp.memory_rows (int, default: 400)" in proc.stdout
+    assert "search.das.eta (float, default: 10.0)" in proc.stdout

@@ -14,7 +14,7 @@ from PIL import Image
 import data_prep.extract as extract_module
 from data_prep.cli import main as prep_main
 from data_prep.extract import ExtractOptions, run_extract
-from data_prep.shards import read_manifest
+from memvp_ds.data.shard_format import read_manifest
 from data_prep.sources import JsonlQASource, LlavaSource, ScienceQASource
 from data_prep.synthetic import make_synthetic_scienceqa
 from data_prep.verify import merge, verify

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_demo_fast_shows_memvp_uses_images(tmp_path):
     out = tmp_path / "demo"
     methods = ["memvp", "input_prefix", "apt", "dvp", "text_only"]
-    proc = subprocess.run([sys.executable, "-m", "memvp_ds.demo", "--fast", "--out", str(out), "--methods", *methods],
+    proc = subprocess.run([sys.executable, "-m", "memvp_demo.demo", "--fast", "--out", str(out), "--methods", *methods],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -121,7 +121,7 @@ def test_caption_metrics_match_hand_computation():
 
 
 def test_conversation_predictions_are_scored_against_the_last_answer():
-    from memvp_ds.evaluate import task_metrics
+    from memvp_ds.evaluation.run import task_metrics
 
     turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "a red ball on the left"}]
     records = [{"fields": {"conversations": turns}, "output": "a red ball on the left"},

@@ -25,7 +25,7 @@ def _randomise_trainable(model, seed=1):
 
 
 def _reference_logits(cfg, strategy, ids, feats, has_image):
-    """The formula of ../shared/docs/memvp.md, applied with hooks to a separately built plain HF model."""
+    """The MemVP formula (Jie et al., ICML 2024; memvp_ds/model/strategies/memvp.py), applied with hooks to a separately built plain HF model."""
     llm = load_frozen_llm(cfg.model.llm)
     proj = strategy.projector
     z = F.linear(F.silu(F.linear(feats, proj.fc1.weight, proj.fc1.bias)), proj.fc2.weight, proj.fc2.bias)

@@ -6,14 +6,12 @@ import math
 import pytest
 import torch
 
-from memvp_ds.config import DASSearchConfig
 from memvp_ds.engine.checkpoint import load_exported
 from memvp_ds.search.base import step_generator
-from memvp_ds.search.das import das_score_update, sample_skip_set
+from memvp_ds.search.das import DASSearchOptions, das_score_update, sample_skip_set
 from memvp_ds.search.dvp import kab_app_update
 from tests.helpers import run_train, scalars, train_overrides
 
-pytestmark = pytest.mark.slow
 
 
 def test_kab_app_update_by_hand():
@@ -52,6 +50,7 @@ def _assert_same_search(a, b, keys):
     assert a["history"] == b["history"]
 
 
+@pytest.mark.slow
 def test_das_search_on_two_zero3_ranks_agrees_resumes_exactly_and_feeds_the_final_run(dataset, tmp_path):
     common = ("search.das.turn=2", "search.das.warmup_steps=2", "search.das.subsets=2",
               "train.ds_config=ds_configs/zero3.json")
@@ -82,6 +81,7 @@ def test_das_search_on_two_zero3_ranks_agrees_resumes_exactly_and_feeds_the_fina
     assert any(f"layers.{skipped}.adapter." in name for name in model.trainable_parameters())
 
 
+@pytest.mark.slow
 def test_dvp_search_on_two_ranks_resumes_exactly_and_logs_the_policy(dataset, tmp_path):
     common = ("model.dvp.layer=null", "search.dvp.arms=3", "search.dvp.interval=3", "search.dvp.eta=1.0")
     result = _search(dataset, tmp_path / "search", "dvp_search", *common, config="configs/tiny_dvp.yaml")
@@ -106,10 +106,14 @@ def test_ranks_that_disagree_stop_with_an_error_naming_the_step(monkeypatch):
     class Skipping:  # the search needs only the layer count and the candidates from it
         layers, wrapped, skipped = [0, 1, 2], [0, 1, 2], []
 
-    search = LayerSkipSearch(Skipping(), DASSearchConfig(skip=1), seed=0)
+    search = LayerSkipSearch(Skipping(), DASSearchOptions(skip=1), seed=0)
     monkeypatch.setattr(base, "all_gather_objects", lambda choice: [choice, [2]])
     with pytest.raises(RuntimeError, match="ranks chose different sub-networks at step 7"):
         search.check_agreement(7, [0])
     monkeypatch.setattr(base, "all_gather_objects", lambda choice: [choice, choice])
     search.check_agreement(8, [0])
-    assert len(search.choice_digest()) == 64
+    # The digest records the agreed choices: equal for the same sequence, different for another one.
+    twin, other = (LayerSkipSearch(Skipping(), DASSearchOptions(skip=1), seed=0) for _ in range(2))
+    twin.check_agreement(8, [0])
+    other.check_agreement(8, [1])
+    assert twin.choice_digest() == search.choice_digest() != other.choice_digest()

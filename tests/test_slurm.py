@@ -77,7 +77,7 @@ def test_preempted_job_saves_requeues_and_resumes(slurm, dataset, tmp_path):
 
 def test_extract_array_job_matches_single_process(slurm, dataset, tmp_path):
     from data_prep.extract import ExtractOptions, run_extract
-    from data_prep.shards import read_manifest
+    from memvp_ds.data.shard_format import read_manifest
     from data_prep.sources import ScienceQASource
     from data_prep.verify import verify
     from memvp_ds.vision.clip_features import FeatureRecipe

@@ -133,8 +133,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(dataset, runs, tmp_path):
     (out / "checkpoints" / "latest").write_text("step-00000008\n")
     script = f"""
 import sys; sys.argv = ["x"]
-from memvp_ds.config import load_config
-from memvp_ds.engine.distributed import init_distributed
+from memvp_ds.schema import load_config
+from memvp_ds.distributed import init_distributed
 from memvp_ds.engine.trainer import Trainer
 from memvp_ds.engine import checkpoint as ckpt
 from safetensors.torch import load_file
@@ -164,7 +164,7 @@ def test_text_only_and_image_batches_on_different_ranks_do_not_hang(tmp_path):
     data = prepare_dataset(tmp_path / "data", num_train=48, num_val=8, num_test=8, samples_per_shard=24)
     # Rewrite the two train shards: one all text-only, one all images.
     from data_prep.shards import write_shard
-    from data_prep.verify import read_shard
+    from memvp_ds.data.shard_format import read_shard
 
     names = data["train"].split("::")
     samples = [s for name in names for s in read_shard(name)]

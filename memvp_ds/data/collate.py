@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -10,8 +9,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from memvp_ds.data.prompts import build_segments, encode_segments
-from memvp_ds.model.vlm import IGNORE_INDEX
+from memvp_ds.data.prompts import IGNORE_INDEX, build_segments, encode_segments
+from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, decode_features
 
 
 @dataclass
@@ -33,12 +32,12 @@ class SampleEncoder:
         self.with_target, self.use_images = with_target, use_images
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
-        fields = json.loads(raw["json"])
-        if fields.get("has_image") and "npy" not in raw:
+        fields = json.loads(raw[FIELDS_MEMBER])
+        if fields.get("has_image") and FEATURES_MEMBER not in raw:
             raise ValueError(f"sample {raw['__key__']}: has_image but no features (cut off in a truncated shard?)")
         features = None
-        if "npy" in raw and self.use_images:
-            features = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+        if FEATURES_MEMBER in raw and self.use_images:
+            features = decode_features(raw[FEATURES_MEMBER])
             if features.shape != self.feature_shape:
                 raise ValueError(f"sample {raw['__key__']}: features {features.shape}, model expects {self.feature_shape}")
         segments = build_segments(fields, self.prompt_format, with_target=self.with_target)

@@ -11,8 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from memvp_ds.model.vlm import IGNORE_INDEX
+from memvp_ds.config import PROMPT_FORMATS
 
+IGNORE_INDEX = -100
+"""Label of a position without loss (prompt, padding). The model treats every negative label so."""
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Segment = Tuple[str, bool]
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
@@ -77,9 +79,6 @@ def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) ->
         input_ids = input_ids[:1] + input_ids[1 + overflow :]
         labels = labels[:1] + labels[1 + overflow :]
     return EncodedText(input_ids=input_ids, labels=labels)
-
-
-PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
 
 
 def build_segments(fields: dict, prompt_format: str, with_target: bool = True) -> List[Segment]:

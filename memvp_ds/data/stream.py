@@ -17,7 +17,6 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -25,19 +24,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from memvp_ds.data.collate import SampleEncoder, TokenizedSample, collate
 
 log = logging.getLogger("memvp_ds.data")
-
-
-def shard_urls(spec: str) -> List[str]:
-    """Expand '::'-separated brace patterns; local paths and 'pipe:' commands are both kept as given."""
-    urls: List[str] = []
-    for part in spec.split("::"):
-        urls += list(braceexpand.braceexpand(part.strip()))
-    if not urls:
-        raise ValueError(f"no shards in '{spec}'")
-    missing = [u for u in urls if not u.startswith(("pipe:", "http:", "https:", "s3:", "gs:")) and not os.path.isfile(u)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (from '{spec}')")
-    return urls
 
 
 class _SkipCounter:

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memvp_ds.atomic_io import atomic_open
-from memvp_ds.config import Config, config_to_dict, load_config
-from memvp_ds.engine.distributed import DistInfo, barrier
+from memvp_ds.config import Config, config_to_dict
+from memvp_ds.distributed import DistInfo, barrier
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -220,6 +220,7 @@ def read_export_metadata(path: str, key: str = "memvp_ds_config") -> Dict[str, A
 def load_exported(path: str, llm_path: Optional[str] = None):
     """Rebuild a model from an export without DeepSpeed: base LLM from the stored config (or ``llm_path``)."""
     from memvp_ds.model import build_model
+    from memvp_ds.schema import load_config
 
     cfg = load_config(stored=read_export_metadata(path))
     if llm_path is not None:
@@ -227,3 +228,14 @@ def load_exported(path: str, llm_path: Optional[str] = None):
     model = build_model(cfg.model)
     model.load_trainable(load_file(path))
     return model, cfg
+
+
+def load_trainable_weights(model, path: str) -> None:
+    """Trainable weights from an export file or a checkpoint folder (both safetensors)."""
+    if os.path.isdir(path):
+        tensors = load_file(os.path.join(path, TRAINABLE))
+        model.load_trainable({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")})
+    elif os.path.isfile(path):
+        model.load_trainable(load_file(path))
+    else:
+        raise FileNotFoundError(f"--weights: {path} is neither an export file nor a checkpoint folder")

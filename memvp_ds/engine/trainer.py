@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
+import itertools
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from memvp_ds.atomic_io import write_json_atomic
-from memvp_ds.config import SEARCH_RESULT, Config, ConfigError, to_yaml
+from memvp_ds.config import Config, ConfigError, to_yaml
 from memvp_ds.data.collate import SampleEncoder
-from memvp_ds.data.stream import build_train_loader, iterate_eval_batches, shard_urls
+from memvp_ds.data.prompts import IGNORE_INDEX
+from memvp_ds.data.plan import plan_data
+from memvp_ds.data.stream import build_train_loader, iterate_eval_batches
 from memvp_ds.data.tokenizer import load_tokenizer
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
-from memvp_ds.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier
+from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier
 from memvp_ds.engine.metrics import (
     ScalarLogger,
     max_memory_gb,
@@ -30,61 +31,14 @@ from memvp_ds.engine.metrics import (
     training_flops_per_position,
 )
 from memvp_ds.engine.schedule import lr_at
-from memvp_ds.evaluate import evaluate_split
+from memvp_ds.evaluation.run import evaluate_split
 from memvp_ds.model import build_model
 from memvp_ds.search import build_search, skippable_layers
+from memvp_ds.search.result import write_search_result
 
 log = logging.getLogger("memvp_ds")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "has_image")
 STATUS = "status.json"
-
-
-@dataclass
-class DataPlan:
-    train_urls: List[str]
-    val_urls: Optional[List[str]]
-    train_samples: int
-    shard_samples: Dict[str, int]
-    """Manifest sample count per shard file name: a shard that yields fewer was truncated."""
-    feature_recipe: Dict[str, Any]
-    """How the shards' features were made; stored in the export so inference can make the same ones."""
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-
-def _read_manifest(cfg: Config, first_shard: str) -> Dict[str, Any]:
-    path = cfg.data.manifest or os.path.join(os.path.dirname(first_shard), "manifest.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.manifest: {path} not found (data_prep writes it next to the shards)")
-    with open(path) as f:
-        manifest = json.load(f)
-    recipe = manifest["recipe"]
-    if (recipe["tokens"], recipe["dim"]) != (cfg.model.visual_tokens, cfg.model.visual_dim):
-        raise ConfigError(
-            f"{path}: shards hold {recipe['tokens']} x {recipe['dim']} features but model.visual_tokens x "
-            f"model.visual_dim is {cfg.model.visual_tokens} x {cfg.model.visual_dim}"
-        )
-    return manifest
-
-
-def plan_data(cfg: Config, world_size: int) -> DataPlan:
-    """Check shards and manifest against the config and size the run; no model is touched."""
-    if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards is not set")
-    train_urls = shard_urls(cfg.data.train_shards)
-    val_urls = shard_urls(cfg.data.val_shards) if cfg.data.val_shards else None
-    manifest = _read_manifest(cfg, train_urls[0])
-    names = {os.path.basename(u) for u in train_urls}
-    samples = sum(s["samples"] for s in manifest["shards"] if s["name"] in names)
-    if samples == 0:
-        raise ConfigError(f"data.train_shards: none of {sorted(names)[:3]}... is listed in the manifest")
-    global_batch = cfg.train.global_batch(world_size)
-    steps_per_epoch = max(1, samples // global_batch)
-    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-    warmup = min(total, round(cfg.train.warmup_epochs * steps_per_epoch))
-    counts = {s["name"]: s["samples"] for s in manifest["shards"]}
-    return DataPlan(train_urls, val_urls, samples, counts, manifest["recipe"], steps_per_epoch, total, warmup)
 
 
 def _param_groups(model, weight_decay: float):
@@ -93,6 +47,33 @@ def _param_groups(model, weight_decay: float):
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _without_padding_labels(batches: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    """Eval batches with the loss removed from the filler rows that keep ranks in step (``valid`` False)."""
+    for raw in batches:
+        raw["labels"][~raw["valid"]] = IGNORE_INDEX
+        yield raw
+
+
+@dataclass
+class _Window:
+    """What the micro-batches since the last log line added up to on this rank."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+    positions: int = 0
+    skipped: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.time)
+
+    def add_micro_batch(self, loss: float, raw: Dict[str, Any]) -> None:
+        self.loss += loss
+        self.tokens += int(raw["attention_mask"].sum())
+        self.positions += raw["input_ids"].numel()
+        self.samples += raw["input_ids"].shape[0]
+        self.skipped += raw["skipped_samples"]
 
 
 class _StopFlag:
@@ -175,85 +156,92 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
-        cfg, plan = self.cfg, self.plan
-        step, micro_batches = 0, 0
-        if self.resume_from:
-            state = ckpt.load_checkpoint(self.model, self.engine.optimizer, self.dist, self.resume_from, cfg.train.seed)
-            step, micro_batches = state["step"], self._resumed_position(state["data"])
-            if self.search:
-                self.search.load_state_dict(state["search"])
-            log.info("resumed from %s at step %d", self.resume_from, step)
+        """Run to the planned step (or to a stop signal, after saving); one finish path for every outcome."""
+        step, micro_batches = self._resume()
         if self.dist.is_main:
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+                f.write(to_yaml(self.cfg))
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
-        logger = ScalarLogger(os.path.join(self.out, "tb"), cfg.logging.tensorboard and self.dist.is_main,
+        logger = ScalarLogger(os.path.join(self.out, "tb"), self.cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
-        per_rank = all_gather_objects(self.load_memory_gb)
-        logger.log({f"mem/rank{rank}_{key}": gb for rank, row in enumerate(per_rank) for key, gb in row.items()}, step)
+        try:
+            per_rank = all_gather_objects(self.load_memory_gb)
+            logger.log({f"mem/rank{r}_{key}": gb for r, row in enumerate(per_rank) for key, gb in row.items()}, step)
+            status, step, losses = self._loop(step, micro_batches, logger)
+            if status == "complete":
+                self._finish(step, logger)
+            self._write_status(status, step)
+        finally:
+            logger.close()
+        return {"status": status, "step": step, "losses": losses}
+
+    def _resume(self) -> Tuple[int, int]:
+        """(optimizer step, micro-batches consumed per rank) to start from: 0, 0 for a fresh run."""
+        if not self.resume_from:
+            return 0, 0
+        state = ckpt.load_checkpoint(self.model, self.engine.optimizer, self.dist, self.resume_from, self.cfg.train.seed)
+        if self.search:
+            self.search.load_state_dict(state["search"])
+        log.info("resumed from %s at step %d", self.resume_from, state["step"])
+        return state["step"], self._resumed_position(state["data"])
+
+    def _loop(self, step: int, micro_batches: int, logger: ScalarLogger) -> Tuple[str, int, List[float]]:
+        """Optimizer steps until the plan's last one ("complete") or a stop signal ("preempted")."""
+        cfg, plan = self.cfg, self.plan
         stop = _StopFlag()
         batches = iter(self._train_loader(micro_batches))
         base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)
-        window = {"loss": 0.0, "tokens": 0, "samples": 0, "positions": 0, "skipped": 0, "time": time.time(), "steps": 0}
+        window = _Window()
         losses: List[float] = []
         bar = tqdm(total=plan.total_steps, initial=step, disable=not self.dist.is_main, desc="train", unit="step")
         self.engine.train()
-        while step < plan.total_steps:
-            lr = lr_at(step, base_lr, plan.warmup_steps, plan.total_steps, cfg.train.min_lr)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            if self.search:
-                self.search.before_step(step)
-            for _ in range(cfg.train.grad_accum_steps):
-                raw = next(batches)
-                micro_batches += 1
-                batch = self._to_device(raw)
-                loss = self.engine(**batch).loss
-                self.engine.backward(loss)
-                self.engine.step()
-                step_loss += loss.item() / cfg.train.grad_accum_steps
-                window["tokens"] += int(raw["attention_mask"].sum())
-                window["positions"] += raw["input_ids"].numel()
-                window["samples"] += raw["input_ids"].shape[0]
-                window["skipped"] += raw["skipped_samples"]
-            step += 1
-            window["loss"] += step_loss
-            window["steps"] += 1
-            grad_norm = self.engine.get_global_grad_norm()
-            if self.search:
-                logger.log(self.search.after_step(step, self._heldout_loss), step)
-            if step % cfg.logging.log_interval == 0 or step == plan.total_steps:
-                losses += self._log_window(logger, window, step, lr, grad_norm, peak)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
-                window = {k: 0 if k != "time" else time.time() for k in window}
-            bar.update(1)
-            data_state = {"micro_batches": micro_batches, "streams": self._streams()}
-            if step % cfg.train.save_interval == 0 or step == plan.total_steps:
-                self._save(step, data_state)
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and plan.val_urls:
-                logger.log(self.evaluate_loss(), step)
-            if any_rank(stop.raised is not None):
-                if step % cfg.train.save_interval != 0 and step != plan.total_steps:
-                    self._save(step, data_state)
-                bar.close()
-                log.warning("stop signal (%s) at step %d: checkpoint saved, exiting to resume later", stop.raised, step)
-                self._write_status("preempted", step)
-                logger.close()
-                return {"status": "preempted", "step": step, "losses": losses}
-        bar.close()
+        try:
+            while step < plan.total_steps:
+                lr = lr_at(step, base_lr, plan.warmup_steps, plan.total_steps, cfg.train.min_lr)
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = lr
+                if self.search:
+                    self.search.before_step(step)
+                for _ in range(cfg.train.grad_accum_steps):
+                    raw = next(batches)
+                    micro_batches += 1
+                    loss = self.engine(**self._to_device(raw)).loss
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    window.add_micro_batch(loss.item() / cfg.train.grad_accum_steps, raw)
+                step += 1
+                window.steps += 1
+                grad_norm = self.engine.get_global_grad_norm()
+                if self.search:
+                    logger.log(self.search.after_step(step, self._heldout_loss), step)
+                if step % cfg.logging.log_interval == 0 or step == plan.total_steps:
+                    losses.append(self._log_window(logger, window, step, lr, grad_norm, peak))
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                    window = _Window()
+                bar.update(1)
+                stopping = any_rank(stop.raised is not None)
+                if step % cfg.train.save_interval == 0 or step == plan.total_steps or stopping:
+                    self._save(step, {"micro_batches": micro_batches, "streams": self._streams()})
+                if stopping:
+                    log.warning("stop signal (%s) at step %d: checkpoint saved, exiting to resume later",
+                                stop.raised, step)
+                    return "preempted", step, losses
+                if cfg.eval.interval and step % cfg.eval.interval == 0 and plan.val_urls:
+                    logger.log(self.evaluate_loss(), step)
+            return "complete", step, losses
+        finally:
+            bar.close()
+
+    def _finish(self, step: int, logger: ScalarLogger) -> None:
+        """After the last step: a search writes search.json; a training run evaluates and exports."""
         if self.search:
             self._finish_search(step)
-            logger.close()
-            return {"status": "complete", "step": step, "losses": losses}
-        if plan.val_urls:
+            return
+        if self.plan.val_urls:
             logger.log(self.evaluate_loss(), step)
-        ckpt.export_trainable(self.model, self.dist, cfg, os.path.join(self.out, "export", "trainable.safetensors"),
-                              feature_recipe=plan.feature_recipe)
-        self._write_status("complete", step)
-        logger.close()
-        return {"status": "complete", "step": step, "losses": losses}
+        ckpt.export_trainable(self.model, self.dist, self.cfg, os.path.join(self.out, "export", "trainable.safetensors"),
+                              feature_recipe=self.plan.feature_recipe)
 
     def _resumed_position(self, data_state: Dict[str, int]) -> int:
         """Micro-batches per rank to skip. Same stream layout: exact. Another layout (world size x workers)
@@ -268,13 +256,12 @@ class Trainer:
     def _streams(self) -> int:
         return self.dist.world_size * max(self.cfg.data.num_workers, 1)
 
-    def _log_window(self, logger, window, step, lr, grad_norm, peak) -> List[float]:
+    def _log_window(self, logger, window: "_Window", step, lr, grad_norm, peak) -> float:
         """Average the window over ranks, log it, and return the mean loss (all ranks get the same)."""
         totals = all_reduce_sum(torch.tensor(
-            [window["loss"], window["tokens"], window["samples"], window["positions"], window["skipped"]],
-            dtype=torch.float64))
-        elapsed = max(time.time() - window["time"], 1e-9)
-        loss = totals[0].item() / self.dist.world_size / max(window["steps"], 1)
+            [window.loss, window.tokens, window.samples, window.positions, window.skipped], dtype=torch.float64))
+        elapsed = max(time.time() - window.start, 1e-9)
+        loss = totals[0].item() / self.dist.world_size / max(window.steps, 1)
         memory = all_gather_objects(max_memory_gb())
         scalars = {
             "train/loss": loss, "train/lr": lr,
@@ -285,12 +272,12 @@ class Trainer:
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         if peak:
-            rows = max(window["samples"], 1)
-            flops = training_flops_per_position(self.model, int(window["positions"] / rows)) * totals[3].item()
+            rows = max(window.samples, 1)
+            flops = training_flops_per_position(self.model, int(window.positions / rows)) * totals[3].item()
             scalars["train/mfu"] = flops / elapsed / (peak * self.dist.world_size)
         logger.log(scalars, step)
         log.info("step %d: %s", step, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
-        return [loss]
+        return loss
 
     def _save(self, step: int, data_state: Dict[str, int]) -> None:
         state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg)}
@@ -316,15 +303,21 @@ class Trainer:
             batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.train.micro_batch_size,
                                            self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
                                            None, left_pad=False)
-            for _, raw in zip(range(self.cfg.search.heldout_batches), batches):
-                raw["labels"][~raw["valid"]] = -100
-                self._heldout.append(raw)
-        raw = self._heldout[update % len(self._heldout)]
+            self._heldout = list(itertools.islice(_without_padding_labels(batches), self.cfg.search.heldout_batches))
         self.engine.eval()
-        loss = self.engine(**self._to_device(raw)).loss.float().item()
+        loss = self._token_weighted_loss([self._heldout[update % len(self._heldout)]])
         self.engine.train()
-        tokens = int((raw["labels"][:, 1:] != -100).sum())  # token-weighted: padding batches count for nothing
-        total = all_reduce_sum(torch.tensor([loss * tokens, tokens], dtype=torch.float64))
+        return loss
+
+    def _token_weighted_loss(self, batches: Iterable[Dict[str, Any]]) -> float:
+        """Mean loss per answer token over ``batches`` on every rank: the same on any number of ranks, and
+        a padding batch (no labels) counts for nothing."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for raw in batches:
+            loss = self.engine(**self._to_device(raw)).loss.float().item()
+            tokens = int((raw["labels"][:, 1:] >= 0).sum())
+            total += torch.tensor([loss * tokens, tokens], dtype=torch.float64)
+        total = all_reduce_sum(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
     def _finish_search(self, step: int) -> None:
@@ -332,26 +325,17 @@ class Trainer:
         digests = all_gather_objects(self.search.choice_digest())
         if self.dist.is_main:
             result = self.search.result()
-            write_json_atomic(os.path.join(self.out, SEARCH_RESULT),
-                              {**result, "steps": step, "choice_digest_per_rank": digests})
+            write_search_result(self.out, {**result, "steps": step, "choice_digest_per_rank": digests})
             log.info("search result: %s", {k: v for k, v in result.items() if k != "history"})
-        self._write_status("complete", step)
 
     @torch.no_grad()
     def evaluate_loss(self) -> Dict[str, float]:
         """Validation loss (token-weighted, identical on any number of ranks) and answer accuracy."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for raw in iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
-                                        self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                        self.cfg.eval.max_samples, left_pad=False):
-            raw["labels"][~raw["valid"]] = -100
-            batch = self._to_device(raw)
-            loss = self.engine(**batch).loss.float().item()
-            tokens = int((raw["labels"][:, 1:] != -100).sum())
-            total += torch.tensor([loss * tokens, tokens], dtype=torch.float64)
-        total = all_reduce_sum(total)
-        metrics = {"eval/loss": (total[0] / total[1].clamp(min=1)).item()}
+        batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
+                                       self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
+                                       self.cfg.eval.max_samples, left_pad=False)
+        metrics = {"eval/loss": self._token_weighted_loss(_without_padding_labels(batches))}
         # Answer accuracy by greedy generation. Under ZeRO-3 every rank must make the same number of forward
         # calls (parameters are gathered collectively), so no rank may stop decoding early there.
         _, task = evaluate_split(self.cfg, self.model, self.tokenizer, self.plan.val_urls, self.dist.rank,

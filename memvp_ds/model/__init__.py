@@ -1,3 +1,3 @@
-from memvp_ds.model.vlm import IGNORE_INDEX, VisualPromptedLM, VLMOutput, build_model
+from memvp_ds.model.vlm import VisualPromptedLM, VLMOutput, build_model
 
-__all__ = ["IGNORE_INDEX", "VisualPromptedLM", "VLMOutput", "build_model"]
+__all__ = ["VisualPromptedLM", "VLMOutput", "build_model"]

@@ -7,14 +7,33 @@ that cache slot 0 (from which transformers reads the sequence length) always bel
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Collection, Iterable, List, Optional
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from memvp_ds.config import ConfigError
+from memvp_ds.config import ConfigError, check_at_least
 from memvp_ds.model.adapters import BottleneckAdapter
+
+
+@dataclass
+class SkipOptions:
+    """Dynamic architecture skipping (``model.skip``; DAS, Wu et al. 2023): decoder layers replaced by light
+    adapters."""
+
+    layers: List[int] = field(default_factory=list)
+    """Decoder layers (0-based) that are not computed; each becomes ``h + adapter(input_layernorm(h))``."""
+    from_search: Optional[str] = None
+    """Output directory of a ``train.mode=das_search`` run: fills ``layers`` from its search.json when empty."""
+    adapter_dim: int = 256
+    """Hidden width of each skipped layer's bottleneck adapter."""
+
+    def validate(self, cfg) -> None:
+        check_at_least("model.skip.adapter_dim", self.adapter_dim, 1)
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ConfigError(f"model.skip.layers: {self.layers} must be distinct non-negative layer indices")
 
 
 class SkippableLayer(nn.Module):

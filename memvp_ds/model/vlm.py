@@ -15,9 +15,6 @@ from memvp_ds.model.layer_skip import LayerSkipping, install_layer_skipping
 from memvp_ds.model.llm import load_frozen_llm
 from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
 
-IGNORE_INDEX = -100
-
-
 @dataclass
 class VLMOutput:
     logits: torch.Tensor
@@ -32,22 +29,23 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def last_prompt_positions(attention_mask: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
     """(B,) index of each row's last prompt token: the one before the first label, or without labels (a
-    prompt to be answered) the last attended token."""
+    prompt to be answered) the last attended token. Labels are token ids where the loss applies and negative
+    (memvp_ds.data.prompts.IGNORE_INDEX) elsewhere."""
     length = attention_mask.shape[1]
     last_attended = length - 1 - attention_mask.flip(1).long().argmax(1)
     if labels is None:
         return last_attended
-    is_answer = labels != IGNORE_INDEX
+    is_answer = labels >= 0
     first_answer = is_answer.long().argmax(1)
     return torch.where(is_answer.any(1), (first_answer - 1).clamp(min=0), last_attended)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over label positions that are not IGNORE_INDEX (0 if there are none)."""
-    shifted_logits = logits[:, :-1].flatten(0, 1).float()
+    """Mean next-token cross-entropy over the positions with a label (>= 0); 0 if there are none."""
     shifted_labels = labels[:, 1:].flatten()
-    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
+    counted = shifted_labels >= 0
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1)[counted].float(), shifted_labels[counted], reduction="sum")
+    return total / counted.sum().clamp(min=1)
 
 
 def is_trainable(param: nn.Parameter) -> bool:

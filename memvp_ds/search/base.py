@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from memvp_ds.engine.distributed import all_gather_objects
+from memvp_ds.distributed import all_gather_objects
 
 HeldOutLoss = Callable[[int], float]
 """``heldout_loss(update_index)``: mean loss over all ranks on a held-out batch, without gradient."""

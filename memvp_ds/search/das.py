@@ -10,16 +10,48 @@ before the update). The result is the top-k layers by p.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from memvp_ds.config import DASSearchConfig
+from memvp_ds.config import ConfigError, check_at_least
 from memvp_ds.model.layer_skip import LayerSkipping
 from memvp_ds.search.base import ArchitectureSearch, HeldOutLoss, step_generator
 
 _TRAIN_DRAW, _SUBSET_DRAW = 2, 3
 _MAX_DRAWS_PER_SUBSET = 20
+
+
+@dataclass
+class DASSearchOptions:
+    """Search for the layers to skip (``search.das``, train.mode=das_search)."""
+
+    skip: int = 1
+    """k: layers skipped by every sampled sub-network and in the final skip list."""
+    subsets: int = 4
+    """Distinct skip sets scored per update."""
+    eta: float = 10.0
+    """Step size of ``s_i += eta * (r_j - mean r) * p_i (1 - p_i)`` with rewards r = exp(-loss)."""
+    turn: int = 5
+    """Optimizer steps between score updates."""
+    warmup_steps: int = 0
+    """Steps before the first score update (the adapters learn first)."""
+    ramp: bool = False
+    """Grow the number of skipped layers from 1 to ``skip`` over the warm-up."""
+    candidates: Optional[List[int]] = None
+    """Layers that may be skipped (default: all)."""
+
+    def validate(self, cfg) -> None:
+        for key in ("skip", "subsets", "turn"):
+            check_at_least(f"search.das.{key}", getattr(self, key), 1)
+        check_at_least("search.das.warmup_steps", self.warmup_steps, 0)
+        if cfg.train.mode != "das_search":
+            return
+        if cfg.model.skip.layers:
+            raise ConfigError("train.mode=das_search chooses the skipped layers: model.skip.layers must be empty")
+        if cfg.model.strategy == "dvp" and cfg.model.dvp.layer is None:
+            raise ConfigError("train.mode=das_search with model.strategy=dvp needs a fixed model.dvp.layer")
 
 
 def das_score_update(scores: torch.Tensor, subsets: Sequence[Sequence[int]], rewards: Sequence[float],
@@ -42,7 +74,7 @@ def sample_skip_set(probabilities: torch.Tensor, k: int, generator: torch.Genera
 class LayerSkipSearch(ArchitectureSearch):
     name = "das"
 
-    def __init__(self, skipping: LayerSkipping, cfg: DASSearchConfig, seed: int):
+    def __init__(self, skipping: LayerSkipping, cfg: DASSearchOptions, seed: int):
         self.candidates: List[int] = list(skipping.wrapped)
         super().__init__(seed, arms=len(self.candidates))
         self.skipping, self.cfg = skipping, cfg

@@ -9,14 +9,37 @@ and scored on a held-out batch without gradient, reward r = 100 exp(-loss), and 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
 
 import torch
 
-from memvp_ds.config import DVPSearchConfig
+from memvp_ds.config import ConfigError, check_at_least
 from memvp_ds.search.base import ArchitectureSearch, HeldOutLoss, step_generator
 
 _TRAIN_DRAW, _ARM_DRAW = 0, 1
+
+
+@dataclass
+class DVPSearchOptions:
+    """KAB-APP (``search.dvp``): a k-armed bandit over DVP's insertion layer (train.mode=dvp_search)."""
+
+    arms: int = 10
+    """m: arms drawn from the policy and scored after each update interval."""
+    eta: float = 0.1
+    """Step size of ``a[k] += eta * (r_k - mean r) * pi_k (1 - pi_k)`` with rewards r = 100 exp(-loss)."""
+    interval: int = 1
+    """Optimizer steps between policy updates."""
+
+    def validate(self, cfg) -> None:
+        check_at_least("search.dvp.arms", self.arms, 1)
+        check_at_least("search.dvp.interval", self.interval, 1)
+        if cfg.train.mode != "dvp_search":
+            return
+        if cfg.model.strategy != "dvp" or cfg.model.dvp.layer is not None:
+            raise ConfigError("train.mode=dvp_search needs model.strategy=dvp with model.dvp.layer unset")
+        if cfg.model.skip.layers:
+            raise ConfigError("train.mode=dvp_search: search with all layers (model.skip.layers must be empty)")
 
 
 def kab_app_update(logits: torch.Tensor, arms: Sequence[int], rewards: Sequence[float], eta: float) -> torch.Tensor:
@@ -32,7 +55,7 @@ def kab_app_update(logits: torch.Tensor, arms: Sequence[int], rewards: Sequence[
 class DVPLayerSearch(ArchitectureSearch):
     name = "dvp"
 
-    def __init__(self, strategy, cfg: DVPSearchConfig, seed: int):
+    def __init__(self, strategy, cfg: DVPSearchOptions, seed: int):
         self.candidates: List[int] = strategy.candidate_layers
         super().__init__(seed, arms=len(self.candidates))
         self.strategy, self.cfg = strategy, cfg

@@ -15,6 +15,7 @@ that position's X alone: causal by construction and nothing to keep in the KV ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Tuple
 
@@ -23,10 +24,25 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from memvp_ds.config import ModelConfig
+from memvp_ds.config import ModelConfig, check_at_least
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
+
+
+@dataclass
+class APTOptions:
+    """Options of the ``apt`` strategy (``model.apt``; approximated prompt tuning, Wu et al. 2023); see
+    docs/strategies/apt.md."""
+
+    prompts: int = 200
+    """p: learnable prompt rows per layer, beside the N projected visual tokens (0: the visual tokens alone)."""
+    rank: int = 4
+    """r of the low-rank map W1 W2 that approximates the prompts' key projection."""
+
+    def validate(self, cfg) -> None:
+        check_at_least("model.apt.prompts", self.prompts, 0)
+        check_at_least("model.apt.rank", self.rank, 1)
 
 
 class ApproximatedPrompts(nn.Module):
@@ -60,6 +76,7 @@ class ApproximatedPrompts(nn.Module):
 
 class APTStrategy(VisualStrategy):
     name = "apt"
+    options = APTOptions
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)

@@ -54,6 +54,8 @@ class VisualStrategy(nn.Module):
     """
 
     name: ClassVar[str]
+    options: ClassVar[Optional[type]] = None
+    """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()

@@ -16,6 +16,7 @@ generator and the search sets which one is active for each step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Tuple
 
@@ -30,6 +31,39 @@ from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy
 
 
+@dataclass
+class DVPOptions:
+    """Options of the ``dvp`` strategy (``model.dvp``; dynamic visual prompting, Huang et al. 2023); see
+    docs/strategies/dvp.md."""
+
+    layer: Optional[int] = None
+    """K: the decoder layer whose input receives the visual prompt. Unset: taken from ``from_search``, or,
+    under ``train.mode=dvp_search``, every layer is a candidate."""
+    from_search: Optional[str] = None
+    """Output directory of a ``train.mode=dvp_search`` run: fills ``layer`` from its search.json when unset."""
+    heads: int = 16
+    """Attention heads of the prompt generator's cross-attention."""
+    inner_dim: int = 512
+    """Width of the cross-attention (queries from the text state, keys/values from the CLIP features)."""
+    dropout: float = 0.1
+    """Attention dropout of the cross-attention (training only)."""
+    adapters: bool = False
+    """DVP + adapter: bottleneck adapters after every attention and MLP output."""
+    adapter_reduction: int = 64
+    """Adapter hidden width = hidden_size / adapter_reduction."""
+
+    def validate(self, cfg) -> None:
+        if cfg.model.strategy != "dvp":
+            return
+        if self.inner_dim % self.heads:
+            raise ConfigError(f"model.dvp.inner_dim ({self.inner_dim}) must be divisible by model.dvp.heads ({self.heads})")
+        if cfg.train.mode == "train" and self.layer is None:
+            raise ConfigError("model.dvp.layer: set it or model.dvp.from_search (a train.mode=dvp_search output), "
+                              "or run train.mode=dvp_search to find it")
+        if self.layer is not None and self.layer in cfg.model.skip.layers:
+            raise ConfigError(f"model.dvp.layer {self.layer} is in model.skip.layers: the prompt's layer must run")
+
+
 class VisualPromptGenerator(nn.Module):
     """Multi-head cross-attention: query LayerNorm(h) (d), keys/values the CLIP features (N x C), output d.
 
@@ -38,8 +72,6 @@ class VisualPromptGenerator(nn.Module):
 
     def __init__(self, width: int, visual_dim: int, heads: int, inner_dim: int, dropout: float):
         super().__init__()
-        if inner_dim % heads:
-            raise ConfigError(f"model.dvp.inner_dim ({inner_dim}) must be divisible by model.dvp.heads ({heads})")
         self.heads, self.dropout = heads, dropout
         self.query_norm = nn.LayerNorm(width)
         self.query = nn.Linear(width, inner_dim)
@@ -62,6 +94,7 @@ class VisualPromptGenerator(nn.Module):
 
 class DVPStrategy(VisualStrategy):
     name = "dvp"
+    options = DVPOptions
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -9,10 +10,29 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from memvp_ds.config import ModelConfig
+from memvp_ds.config import ConfigError, ModelConfig, check_at_least
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
+
+
+@dataclass
+class MemVPOptions:
+    """Options of the ``memvp`` strategy (``model.memvp``; Jie et al., ICML 2024)."""
+
+    memory_rows: int = 400
+    """M: visual tokens are zero-padded to M rows; the extra rows act as learnable memory slots
+    (official: 320 for 7B, 400 for 13B)."""
+    memory_scale: float = 0.1
+    """s in ``out = h + FFN(x) + s * Dropout(SiLU(x K^T)) V``."""
+    dropout: float = 0.1
+    """Dropout on the memory scores SiLU(x K^T) (training only)."""
+
+    def validate(self, cfg) -> None:
+        check_at_least("model.memvp.memory_rows", self.memory_rows, 1)
+        if cfg.model.strategy == "memvp" and cfg.model.visual_tokens > self.memory_rows:
+            raise ConfigError(f"model.visual_tokens ({cfg.model.visual_tokens}) exceeds model.memvp.memory_rows "
+                              f"({self.memory_rows}): every visual token needs a memory row")
 
 
 class VisualMemory(nn.Module):
@@ -42,6 +62,7 @@ class MemVPStrategy(VisualStrategy):
     """
 
     name = "memvp"
+    options = MemVPOptions
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)

@@ -29,6 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_port(job_id: int) -> int:
+    """The rendezvous port of a Slurm job: a function of its id, so every node of the job (and each requeued
+    attempt) computes the same one and two jobs sharing a first node rarely collide. slurm/*.sh ask this
+    function (``python -m memvp_ds.distributed port JOB_ID``) rather than repeating the rule."""
+    return 20000 + job_id % 20000
+
+
 def _env_from_slurm() -> None:
     """``srun python train.py`` without torchrun: derive the torch env vars from Slurm's."""
     os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
@@ -38,7 +45,7 @@ def _env_from_slurm() -> None:
         hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()
         os.environ["MASTER_ADDR"] = hosts[0]
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+    os.environ.setdefault("MASTER_PORT", str(rendezvous_port(int(os.environ["SLURM_JOB_ID"]))))
 
 
 def init_distributed() -> DistInfo:
@@ -103,3 +110,11 @@ def _collective_device() -> torch.device:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python -m memvp_ds.distributed port JOB_ID: for the Slurm scripts
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "port":
+        sys.exit("usage: python -m memvp_ds.distributed port JOB_ID")
+    print(rendezvous_port(int(sys.argv[2])))

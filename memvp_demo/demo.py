@@ -53,9 +53,10 @@ RUNS = {
 # Accuracy points MemVP must gain over the text-only control: with 200 test questions the standard error
 # of each accuracy is about 3.5 points, so 15 points is far beyond chance.
 MIN_MARGIN = 15.0
-PACKAGE = Path(__file__).resolve().parent
-CONFIGS = PACKAGE.parent / "configs"
-TINY_VIT = PACKAGE / "vision" / "model_configs" / "tiny-vit.json"
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = REPO / "memvp_ds"
+CONFIGS = REPO / "configs"
+TINY_VIT = LIBRARY / "vision" / "model_configs" / "tiny-vit.json"
 
 
 def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
@@ -96,7 +97,7 @@ def pretrain_base_llm(conversations: List[list], tokenizer_dir: str, out_dir: st
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memvp_ds.config import load_config
+    from memvp_ds.schema import load_config
     from memvp_ds.data.collate import TokenizedSample, collate
     from memvp_ds.data.prompts import encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
@@ -123,7 +124,7 @@ def pretrain_base_llm(conversations: List[list], tokenizer_dir: str, out_dir: st
 
 
 def launcher(ranks: int) -> List[str]:
-    train_py = str(PACKAGE / "train.py")
+    train_py = str(LIBRARY / "train.py")
     if ranks > 1 and shutil.which("deepspeed"):
         return ["deepspeed", "--num_gpus", str(ranks), train_py]
     return [sys.executable, train_py]
@@ -134,14 +135,14 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
         f"data.train_shards={data['train']}", f"data.val_shards={data['val']}", f"data.test_shards={data['test']}",
         f"data.tokenizer={data['tokenizer']}", f"train.output_dir={out / name}", f"train.max_steps={steps}",
         f"model.llm.path={data['llm']}", "model.llm.config=null",
-        f"train.save_interval={steps}", "train.ds_config=" + str(PACKAGE.parent / "ds_configs" / "zero2.json"),
+        f"train.save_interval={steps}", "train.ds_config=" + str(REPO / "ds_configs" / "zero2.json"),
         "logging.log_interval=10", *(o.format(out=out) for o in run.overrides),
     ]
     log_path = out / f"{name}.log"
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.run([*launcher(ranks), "--config", str(CONFIGS / run.config), *overrides],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=PACKAGE.parent)
+                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"training {name} failed (exit {proc.returncode}); see {log_path}")
     return time.time() - start
@@ -150,10 +151,10 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
 def evaluate_run(name: str, out: Path) -> Dict[str, float]:
     import torch
 
-    from memvp_ds.data.stream import shard_urls
+    from memvp_ds.data.shard_format import shard_urls
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.engine.checkpoint import load_exported
-    from memvp_ds.evaluate import evaluate_split, write_results
+    from memvp_ds.evaluation.run import evaluate_split, write_results
 
     model, cfg = load_exported(str(out / name / "export" / "trainable.safetensors"))
     tokenizer = load_tokenizer(cfg.data.tokenizer)

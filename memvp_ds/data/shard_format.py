@@ -1,0 +1,97 @@
+"""The shard format, owned here and shared by the writer (data_prep) and every reader (training, evaluation,
+verify, tests).
+
+A data folder holds ``{split}-{index:06d}.tar`` WebDataset shards and ``manifest.json``. Each sample is
+``<key>.json`` (its text fields, ``has_image``) and, when it has an image, ``<key>.npy`` (the CLIP features,
+N x C, stored with numpy's format and never unpickled). The manifest lists every shard with its split, sample
+count, size and sha256, and the feature ``recipe`` (how the features were made: tokens, dim, dtype, model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import braceexpand
+import numpy as np
+
+MANIFEST = "manifest.json"
+FIELDS_MEMBER = "json"
+"""Member suffix of a sample's text fields."""
+FEATURES_MEMBER = "npy"
+"""Member suffix of a sample's features."""
+REMOTE_PREFIXES = ("http:", "https:", "s3:", "gs:")
+"""URL schemes read by a WebDataset reader without a local file check."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_features(features: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, features, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_features(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_manifest(path: str) -> Dict[str, Any]:
+    """The manifest at ``path``, or in the folder ``path``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def split_counts(shards: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
+    """Per split: samples, samples with an image, shards."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for shard in shards:
+        entry = counts.setdefault(shard["split"], {"samples": 0, "with_image": 0, "shards": 0})
+        entry["samples"] += shard["samples"]
+        entry["with_image"] += shard["with_image"]
+        entry["shards"] += 1
+    return counts
+
+
+def shard_urls(spec: str) -> List[str]:
+    """Expand '::'-separated brace patterns; local paths must exist, 'pipe:' and remote URLs are kept."""
+    urls: List[str] = []
+    for part in spec.split("::"):
+        urls += list(braceexpand.braceexpand(part.strip()))
+    if not urls:
+        raise ValueError(f"no shards in '{spec}'")
+    missing = [u for u in urls if not u.startswith(("pipe:",) + REMOTE_PREFIXES) and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (from '{spec}')")
+    return urls
+
+
+def read_shard(path: str) -> Iterator[Tuple[str, Dict[str, Any], Optional[np.ndarray]]]:
+    """(key, fields, features-or-None) of every sample of a local shard, in order."""
+    samples: Dict[str, Dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = os.path.basename(member.name).partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for key, members in samples.items():
+        fields = json.loads(members[FIELDS_MEMBER])
+        features = decode_features(members[FEATURES_MEMBER]) if FEATURES_MEMBER in members else None
+        yield key, fields, features

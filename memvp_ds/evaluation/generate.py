@@ -1,0 +1,34 @@
+"""Batched greedy generation over evaluation batches."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+
+@torch.no_grad()
+def generate_records(model, batches: Iterable[Dict[str, Any]], tokenizer, max_new_tokens: int,
+                     stop_when_done: bool = True, dtype: torch.dtype = torch.float32,
+                     device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
+    """Greedy answers for every valid row of left-padded eval batches."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    records = []
+    for batch in batches:
+        tokens = model.generate(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            image_features=batch["image_features"].to(device, dtype), has_image=batch["has_image"].to(device),
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, stop_when_done=stop_when_done,
+        )
+        for row, valid in enumerate(batch["valid"].tolist()):
+            if not valid:
+                continue
+            prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+            new = [t for t in tokens[row].tolist() if t != tokenizer.eos_token_id]
+            records.append({
+                "id": batch["keys"][row], "fields": batch["fields"][row],
+                "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
+                "output": tokenizer.decode(new, skip_special_tokens=True),
+            })
+    return records

@@ -1,0 +1,57 @@
+"""The whole config schema of a run, and ``load_config`` for applications.
+
+``memvp_ds.config`` holds the options every run has; each strategy, layer skipping and each search declares
+its own options dataclass in its own module. This module adds them under ``model.<strategy>``,
+``model.skip`` and ``search.<name>``, resolves ``from_search`` choices (the one place that reads a file other
+than the YAML) and runs every group's ``validate`` rules. A new strategy therefore needs no line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from memvp_ds.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    SearchConfig,
+    check_choice,
+    default_model,
+    extend_schema,
+    merge_config,
+)
+from memvp_ds.model.layer_skip import SkipOptions
+from memvp_ds.model.strategies import STRATEGIES
+from memvp_ds.search.das import DASSearchOptions
+from memvp_ds.search.dvp import DVPSearchOptions
+from memvp_ds.search.result import apply_search_results
+
+MODEL_GROUPS = {**{name: cls.options for name, cls in STRATEGIES.items() if cls.options}, "skip": SkipOptions}
+"""Option groups under ``model.``: one per strategy that has options, and layer skipping."""
+SEARCH_GROUPS = {"dvp": DVPSearchOptions, "das": DASSearchOptions}
+"""Option groups under ``search.``."""
+
+RunModelConfig = extend_schema(ModelConfig, MODEL_GROUPS)
+RunSearchConfig = extend_schema(SearchConfig, SEARCH_GROUPS)
+RunConfig = extend_schema(Config, {"model": RunModelConfig, "search": RunSearchConfig},
+                          defaults={"model": lambda: default_model(RunModelConfig)})
+"""The schema of a run: ``Config`` with every registered option group."""
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                stored: Optional[Dict[str, Any]] = None) -> Any:
+    """Read a YAML config (on top of a ``stored`` plain-dict config, e.g. an export's) and ``key=value``
+    overrides onto the run schema, fill ``from_search`` choices and check every rule.
+
+    Raises ConfigError naming the file or override and the key. No model or data is touched.
+    """
+    cfg = merge_config(RunConfig, path, overrides, stored)
+    check_choice("model.strategy", cfg.model.strategy, sorted(STRATEGIES))
+    apply_search_results(cfg)
+    for groups, parent in ((MODEL_GROUPS, cfg.model), (SEARCH_GROUPS, cfg.search)):
+        for name in groups:
+            getattr(parent, name).validate(cfg)
+    return cfg
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config"]

@@ -1,0 +1,43 @@
+"""GPU checks (``pytest -m gpu`` on a CUDA machine; skipped elsewhere): the model's numerics in bf16 on the
+device against fp32 on the CPU, and cached generation on the device against full forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("strategy", ["memvp", "input_prefix", "apt"])
+def test_bf16_forward_on_gpu_matches_fp32_on_cpu(strategy):
+    cpu = tiny_model(strategy)
+    gpu = tiny_model(strategy, "model.llm.dtype=bfloat16").cuda()
+    gpu.load_trainable({k: v.cuda() for k, v in cpu.trainable_state_dict().items()})
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 512, (2, 24), generator=g)
+    feats = torch.randn(2, 16, 32, generator=g)
+    has_image = torch.tensor([True, False])
+    cpu.eval(), gpu.eval()
+    with torch.no_grad():
+        want = cpu(ids, image_features=feats, has_image=has_image).logits
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = gpu(ids.cuda(), image_features=feats.cuda(), has_image=has_image.cuda()).logits.float().cpu()
+    assert torch.allclose(got, want, atol=0.1, rtol=0.05), (got - want).abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_cached_generation_on_gpu_equals_full_forwards():
+    model = tiny_model("memvp").cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 512, (2, 10), generator=g).cuda()
+    feats = torch.randn(2, 16, 32, generator=g).cuda()
+    tokens = model.generate(ids, image_features=feats, max_new_tokens=6)
+    sequence = ids
+    for step in range(6):
+        with torch.no_grad():
+            logits = model(sequence, image_features=feats).logits
+        assert torch.equal(logits[:, -1].argmax(-1), tokens[:, step])
+        sequence = torch.cat([sequence, tokens[:, step : step + 1]], dim=1)

@@ -1,0 +1,121 @@
+"""The import graph follows the architecture: every import points down the layers, and there is no cycle.
+
+Layers, bottom to top (docs/architecture.md): config and the leaf helpers; model, data and vision (which do
+not import each other); search; schema and evaluation; engine; the applications (train, evaluate, predict);
+the data_prep tool; the demo. Every import counts, also those deferred into functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+from typing import Dict, Set
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("memvp_ds", "data_prep", "memvp_demo")
+
+LAYERS = [
+    ("memvp_ds.config", "memvp_ds.atomic_io", "memvp_ds.distributed"),
+    ("memvp_ds.model", "memvp_ds.data", "memvp_ds.vision"),
+    ("memvp_ds.search",),
+    ("memvp_ds.schema", "memvp_ds.evaluation"),
+    ("memvp_ds.engine",),
+    ("memvp_ds.train", "memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds"),
+    ("data_prep",),
+    ("memvp_demo",),
+]
+# Same layer, but independent of each other: the model needs no data code and vice versa.
+SIBLINGS_THAT_MUST_NOT_MEET = [("memvp_ds.model", "memvp_ds.data"), ("memvp_ds.model", "memvp_ds.vision"),
+                               ("memvp_ds.data", "memvp_ds.vision")]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> Dict[str, Set[str]]:
+    graph: Dict[str, Set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            module = _module_name(path)
+            targets = graph.setdefault(module, set())
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    targets.add(node.module)
+                elif isinstance(node, ast.Import):
+                    targets.update(alias.name for alias in node.names)
+            graph[module] = {t for t in targets if t.split(".")[0] in PACKAGES}
+    return graph
+
+
+def _layer_of(module: str) -> tuple:
+    """(layer index, component) of the most specific component that contains ``module``."""
+    best = None
+    for index, components in enumerate(LAYERS):
+        for component in components:
+            if module == component or module.startswith(component + "."):
+                if best is None or len(component) > len(best[1]):
+                    best = (index, component)
+    assert best is not None, f"{module} belongs to no layer: add it to LAYERS"
+    return best
+
+
+def _owning_module(name: str, graph: Dict[str, Set[str]]) -> str:
+    """``from pkg.mod import name`` may name a function: the importable module is the longest known prefix."""
+    while name not in graph and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def test_every_import_points_down_the_layers():
+    graph = _import_graph()
+    upward = []
+    for module, targets in graph.items():
+        layer, component = _layer_of(module)
+        for target in targets:
+            target = _owning_module(target, graph)
+            target_layer, target_component = _layer_of(target)
+            if target_component == component:
+                continue
+            if target_layer > layer or (target_layer == layer and target_component != component):
+                upward.append(f"{module} -> {target}")
+    assert not upward, "imports that do not point down the layers:\n" + "\n".join(sorted(upward))
+
+
+def test_there_is_no_import_cycle():
+    graph = {m: {_owning_module(t, _import_graph_cache) for t in ts} for m, ts in _import_graph_cache.items()}
+    state: Dict[str, int] = {}
+    stack = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target == module or target.startswith(module + ".") and module in PACKAGES:
+                continue  # a package __init__ re-exporting its own submodules
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+def test_light_modules_do_not_load_torch():
+    """data_prep's sources need one regex from the prompt code: that must not import torch or transformers."""
+    import subprocess
+
+    code = ("import sys; import memvp_ds.data.prompts, memvp_ds.config; "
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+_import_graph_cache = _import_graph()
