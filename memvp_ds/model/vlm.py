@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
@@ -72,6 +73,11 @@ class VisualPromptedLM(nn.Module):
     def _decoder(self) -> nn.Module:
         return self.llm.base_model
 
+    @property
+    def _cache_argument(self) -> str:
+        """transformers renamed the decoder's ``past_key_values`` argument to ``cache`` during 5.x."""
+        return "cache" if "cache" in inspect.signature(self._decoder.forward).parameters else "past_key_values"
+
     def _run_decoder(self, inputs: DecoderInputs, **kwargs) -> torch.Tensor:
         out = self._decoder(
             input_ids=inputs.input_ids,
@@ -126,7 +132,7 @@ class VisualPromptedLM(nn.Module):
         # window or full) would no longer line up: let the cache create plain slots as layers use them.
         cache = DynamicCache() if self.skipping and self.skipping.skipped else DynamicCache(config=self.llm.config)
         mask = inputs.attention_mask
-        hidden = self._run_decoder(inputs, past_key_values=cache, use_cache=True)
+        hidden = self._run_decoder(inputs, **{self._cache_argument: cache}, use_cache=True)
         self.strategy.prefill_finished()
         lm_head = self.llm.get_output_embeddings()
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -145,7 +151,7 @@ class VisualPromptedLM(nn.Module):
                 input_ids=next_token[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                **{self._cache_argument: cache},
                 use_cache=True,
             ).last_hidden_state
         return torch.stack(new_tokens, dim=1)
