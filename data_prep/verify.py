@@ -7,8 +7,11 @@ import json
 import os
 import re
 import tarfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+import numpy as np
+
+from data_prep.clip_model import preprocessing_summary
 from data_prep.shards import MANIFEST, decode_features, read_manifest, sha256_of, split_counts
 from memvp_ds.atomic_io import write_json_atomic
 
@@ -33,8 +36,15 @@ def read_shard(path: str):
         yield key, fields, features
 
 
+def _non_finite_values(features: np.ndarray) -> Optional[str]:
+    # fp16 storage turns activations beyond 65504 into inf; NaN or inf would poison training silently.
+    nan, inf = int(np.isnan(features).sum()), int(np.isinf(features).sum())
+    return f"{nan} NaN and {inf} inf feature values" if nan or inf else None
+
+
 def verify(out_dir: str) -> List[str]:
-    """Problems found (empty when every shard matches the manifest in count, checksum, shape and dtype)."""
+    """Problems found (empty when every shard matches the manifest in count, checksum, shape and dtype, and
+    every feature value is finite)."""
     manifest = read_manifest(out_dir)
     recipe = manifest["recipe"]
     expected_shape = (recipe["tokens"], recipe["dim"])
@@ -59,6 +69,9 @@ def verify(out_dir: str) -> List[str]:
                             f"{entry['name']}: sample {key} has features {features.shape} {features.dtype}, "
                             f"expected {expected_shape} {recipe['dtype']}"
                         )
+                    non_finite = _non_finite_values(features)
+                    if non_finite:
+                        problems.append(f"{entry['name']}: sample {key} has {non_finite}")
                 if fields.get("has_image") != (features is not None):
                     problems.append(f"{entry['name']}: sample {key} has_image disagrees with its features")
         except Exception as err:
@@ -80,6 +93,7 @@ def inspect(out_dir: str) -> str:
         f"source: {manifest['source']}",
         f"recipe: {recipe['model']} ({recipe['pretrained']}), {recipe['layer']} layer, "
         f"{recipe['tokens']} x {recipe['dim']} {recipe['dtype']}",
+        f"preprocessing: {preprocessing_summary(recipe)}",
     ]
     for split, counts in sorted(split_counts(manifest["shards"]).items()):
         lines.append(f"{split}: {counts['samples']} samples, {counts['with_image']} with image, {counts['shards']} shards")
