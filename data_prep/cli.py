@@ -39,7 +39,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--clip-pretrained", default="openai",
                    help="local checkpoint file, 'random' (tests/demo), or an open_clip tag with --allow-download")
     p.add_argument("--allow-download", action="store_true", help="let open_clip download pretrained weights")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int,
+                   help="input size in pixels (default: the CLIP model's own, e.g. 224 for ViT-L-14)")
     p.add_argument("--layer", choices=["penultimate", "last"], default="penultimate", help="transformer block")
     p.add_argument("--keep-cls", action="store_true", help="keep the CLS token (not the official recipe)")
     p.add_argument("--no-quick-gelu", action="store_true", help="the weights use GELU rather than QuickGELU")
@@ -74,11 +75,13 @@ def _parse_part(text: str):
 
 
 def cmd_extract(args) -> int:
+    from data_prep.clip_model import native_image_size
     from data_prep.extract import ExtractOptions, run_extract
     from memvp_ds.vision.clip_features import FeatureRecipe
 
+    image_size = native_image_size(args.clip_model) if args.image_size is None else args.image_size
     recipe = FeatureRecipe(
-        model=args.clip_model, pretrained=args.clip_pretrained, image_size=args.image_size, layer=args.layer,
+        model=args.clip_model, pretrained=args.clip_pretrained, image_size=image_size, layer=args.layer,
         keep_cls=args.keep_cls, quick_gelu=not args.no_quick_gelu,
     )
     index, count = _parse_part(args.part)

@@ -19,17 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data_prep.checks import check_sample_keys, check_split_names
+from data_prep.clip_model import check_weights_available, load_visual
 from data_prep.shards import write_shard
 from data_prep.sources.base import Example, Source
 from memvp_ds.atomic_io import atomic_open, write_json_atomic
 from memvp_ds.data.shard_format import MANIFEST, read_manifest, sha256_of, shard_name, split_counts
-from memvp_ds.vision.clip_features import (
-    ClipFeatureExtractor,
-    FeatureRecipe,
-    image_transform,
-    load_clip_visual,
-    load_image,
-)
+from memvp_ds.vision.clip_features import ClipFeatureExtractor, FeatureRecipe, image_transform, load_image
 
 log = logging.getLogger("data_prep")
 TOOL_VERSION = "memvp_ds-data_prep 0.1.0"
@@ -119,21 +115,39 @@ def _load_resumable(path: str, header: Dict[str, Any], out_dir: str) -> Dict[str
     return intact
 
 
+def _source_location(source: Source) -> str:
+    described = source.describe()
+    return described.get("path") or described.get("root") or source.name
+
+
+def _checked_examples(source: Source) -> List[Example]:
+    """All examples, refused before anything is written if a split or a sample key is unsafe."""
+    examples = list(source.examples())
+    check_split_names(examples, _source_location(source))
+    check_sample_keys(examples, _source_location(source))
+    return examples
+
+
 def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> Dict[str, Any]:
-    """Extract (this part of) the dataset into shards; returns the manifest written."""
+    """Extract (this part of) the dataset into shards; returns the manifest written.
+
+    Bad options, unavailable weights and bad annotations (malformed records, unsafe split names, shared
+    sample keys) raise before --out is created or any image is read.
+    """
     if opts.on_bad_image not in ("text-only", "drop"):
         raise ValueError(f"--on-bad-image must be 'text-only' or 'drop', got '{opts.on_bad_image}'")
     if not 0 <= opts.part_index < opts.part_count:
         raise ValueError(f"--part {opts.part_index}/{opts.part_count}: index must be in [0, {opts.part_count})")
-    os.makedirs(opts.out_dir, exist_ok=True)
+    check_weights_available(recipe, opts.allow_download)
+    all_examples = _checked_examples(source)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = ClipFeatureExtractor(load_clip_visual(recipe, opts.allow_download), recipe).to(device)
+    extractor = ClipFeatureExtractor(load_visual(recipe, opts.allow_download), recipe).to(device)
     samples_per_shard = opts.samples_per_shard
     if opts.shard_size_mb:
         bytes_per_sample = extractor.tokens * extractor.dim * np.dtype(recipe.dtype).itemsize + 2048
         samples_per_shard = max(1, int(opts.shard_size_mb * 2**20 // bytes_per_sample))
 
-    plans = plan_shards(list(source.examples()), samples_per_shard)
+    plans = plan_shards(all_examples, samples_per_shard)
     mine = [plan for ordinal, plan in enumerate(plans) if ordinal % opts.part_count == opts.part_index]
     header = {
         "tool": TOOL_VERSION,
@@ -144,6 +158,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
         "part": {"index": opts.part_index, "count": opts.part_count},
         "planned_shards": len(plans),
     }
+    os.makedirs(opts.out_dir, exist_ok=True)
     manifest_path = os.path.join(opts.out_dir, manifest_name(opts.part_index, opts.part_count))
     done = _load_resumable(manifest_path, header, opts.out_dir)
     todo = [plan for plan in mine if plan.name not in done]

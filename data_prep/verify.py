@@ -6,16 +6,26 @@ import glob
 import json
 import os
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+import numpy as np
+
+from data_prep.clip_model import preprocessing_summary
 from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.data.shard_format import MANIFEST, read_manifest, read_shard, sha256_of, split_counts
 
 _PART = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
 
 
+def _non_finite_values(features: np.ndarray) -> Optional[str]:
+    # fp16 storage turns activations beyond 65504 into inf; NaN or inf would poison training silently.
+    nan, inf = int(np.isnan(features).sum()), int(np.isinf(features).sum())
+    return f"{nan} NaN and {inf} inf feature values" if nan or inf else None
+
+
 def verify(out_dir: str) -> List[str]:
-    """Problems found (empty when every shard matches the manifest in count, checksum, shape and dtype)."""
+    """Problems found (empty when every shard matches the manifest in count, checksum, shape and dtype, and
+    every feature value is finite)."""
     manifest = read_manifest(out_dir)
     recipe = manifest["recipe"]
     expected_shape = (recipe["tokens"], recipe["dim"])
@@ -40,6 +50,9 @@ def verify(out_dir: str) -> List[str]:
                             f"{entry['name']}: sample {key} has features {features.shape} {features.dtype}, "
                             f"expected {expected_shape} {recipe['dtype']}"
                         )
+                    non_finite = _non_finite_values(features)
+                    if non_finite:
+                        problems.append(f"{entry['name']}: sample {key} has {non_finite}")
                 if fields.get("has_image") != (features is not None):
                     problems.append(f"{entry['name']}: sample {key} has_image disagrees with its features")
         except Exception as err:
@@ -61,6 +74,7 @@ def inspect(out_dir: str) -> str:
         f"source: {manifest['source']}",
         f"recipe: {recipe['model']} ({recipe['pretrained']}), {recipe['layer']} layer, "
         f"{recipe['tokens']} x {recipe['dim']} {recipe['dtype']}",
+        f"preprocessing: {preprocessing_summary(recipe)}",
     ]
     for split, counts in sorted(split_counts(manifest["shards"]).items()):
         lines.append(f"{split}: {counts['samples']} samples, {counts['with_image']} with image, {counts['shards']} shards")

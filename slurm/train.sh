@@ -12,7 +12,12 @@
 # script forwards it to the ranks, training saves a checkpoint at the next step boundary and exits, and the
 # script requeues the job (it does not rely on --requeue as well). The requeued job has the same name,
 # so it finds runs/<job name>/checkpoints and resumes from the newest complete one; TensorBoard continues
-# in runs/<job name>/tb. A finished run (status.json "complete") is not requeued.
+# in runs/<job name>/tb. The job requeues only when THIS attempt was signalled and the ranks then wrote
+# status.json "preempted"; anything else (a crash, a finished run, a status left by an earlier attempt)
+# ends the job with the ranks' exit code, so a crash fails the job instead of requeueing forever.
+#
+# Arguments reach every rank exactly as given (spaces and quotes included): they are passed on as an
+# array, never rebuilt into a command string.
 #
 # Defaults below are overridden by the same options on the sbatch command line.
 #SBATCH --job-name=memvp
@@ -41,31 +46,54 @@ export MASTER_PORT=$("${MEMVP_PYTHON:-python}" -m memvp_ds.distributed port "$SL
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 OUTPUT_DIR=${MEMVP_OUTPUT_DIR:-runs/$SLURM_JOB_NAME}
+STATUS_FILE=$OUTPUT_DIR/status.json
 PYTHON=${MEMVP_PYTHON:-python}
 echo "[$(date)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} node(s) ($SLURM_JOB_NODELIST)," \
      "${SLURM_NTASKS} ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
 
-forward_stop() {
-    echo "[$(date)] stop signal: asking the ranks to checkpoint and exit"
-    kill -USR1 "$SRUN_PID" 2>/dev/null
+# status.json's identity (inode and modification time), or "absent". The trainer replaces the file
+# atomically (new inode), so a different identity after the ranks exit means this attempt wrote it; an
+# unchanged one is an earlier attempt's, which must not decide what this attempt does.
+status_identity() {
+    stat -c '%i %y' "$STATUS_FILE" 2>/dev/null || echo absent
 }
-trap forward_stop USR1 TERM
 
+run_status() {
+    sed -n 's/.*"status": *"\([a-z_]*\)".*/\1/p' "$STATUS_FILE" 2>/dev/null
+}
+
+STOP_SIGNAL=""  # set when this attempt is asked to stop; only then may it requeue
+SRUN_PID=""
+forward_stop() {
+    STOP_SIGNAL=$1
+    echo "[$(date)] $1: asking the ranks to checkpoint and exit"
+    [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+}
+trap 'forward_stop USR1' USR1
+trap 'forward_stop TERM' TERM
+
+STATUS_BEFORE=$(status_identity)
 srun --kill-on-bad-exit=1 --label \
     "$PYTHON" memvp_ds/train.py --config "$CONFIG" "train.output_dir=$OUTPUT_DIR" "$@" &
 SRUN_PID=$!
-# A trapped signal interrupts `wait`; keep waiting until the ranks have saved and exited.
-while true; do
+# A trapped signal interrupts `wait`; keep waiting while the ranks save, then collect their exit code
+# (bash keeps it for a finished background job).
+while kill -0 "$SRUN_PID" 2>/dev/null; do
     wait "$SRUN_PID"
-    RC=$?
-    kill -0 "$SRUN_PID" 2>/dev/null || break
 done
+wait "$SRUN_PID"
+RC=$?
 
-STATUS=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['status'])" "$OUTPUT_DIR/status.json" 2>/dev/null)
-echo "[$(date)] ranks exited with $RC, run status: ${STATUS:-unknown}"
-if [ "$STATUS" = "preempted" ]; then
+STATUS=$(run_status)
+if [ "$(status_identity)" = "$STATUS_BEFORE" ]; then
+    STATUS=""  # an earlier attempt's status says nothing about this one
+fi
+echo "[$(date)] ranks exited with $RC, stop signal: ${STOP_SIGNAL:-none}," \
+     "run status: ${STATUS:-none written by this attempt}"
+if [ -n "$STOP_SIGNAL" ] && [ "$STATUS" = "preempted" ]; then
     echo "[$(date)] requeueing job $SLURM_JOB_ID to resume from the newest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "[$(date)] requeue failed; resubmit with the same job name to resume" >&2
+    exit 1
 fi
 exit "$RC"

@@ -2,34 +2,45 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, Iterator
+from typing import Iterator
 
 from data_prep.sources.base import Example, safe_key
+from data_prep.sources.records import (
+    Field,
+    check_fields,
+    describe_record,
+    is_id,
+    is_text,
+    is_text_list,
+    is_text_or_number,
+    is_turn_list,
+    read_records,
+)
 from memvp_ds.data.prompts import strip_image_placeholder
 
-
-def read_records(path: str) -> Iterator[Dict[str, Any]]:
-    """Records of a .json list or a .jsonl file (streamed line by line); errors name file and line."""
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from None
-    else:
-        with open(path) as f:
-            records = json.load(f)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-        yield from records
+_LLAVA_FIELDS = (
+    Field("id", is_id, "a string or integer", required=False),
+    Field("image", is_text, "a string (image path)", required=False),
+    Field("conversations", is_turn_list, 'a list of {"from": string, "value": string} turns'),
+)
+_QA_FIELDS = (
+    Field("id", is_id, "a string or integer", required=False),
+    Field("image", is_text, "a string (image path)", required=False),
+    Field("split", is_text, "a string", required=False),
+    Field("question", is_text, "a string"),
+    Field("answer", is_text_or_number, "a string or number"),
+    Field("choices", is_text_list, "a list of strings", required=False),
+)
 
 
 def _image_path(image_root: str, name):
     return os.path.join(image_root, name) if name else None
+
+
+def _source_id(record, index: int) -> str:
+    """The record's own id, or its position in the file when it has none."""
+    return str(record["id"]) if record.get("id") is not None else str(index)
 
 
 class _AnnotationFileSource:
@@ -52,14 +63,13 @@ class LlavaSource(_AnnotationFileSource):
     name = "llava"
 
     def examples(self) -> Iterator[Example]:
-        for index, record in enumerate(read_records(self.path)):
-            if "conversations" not in record:
-                raise ValueError(f"{self.path}: record {index} has no 'conversations'")
+        for index, (where, record) in enumerate(read_records(self.path)):
+            check_fields(record, _LLAVA_FIELDS, describe_record(where, record))
             turns = [
                 {"from": t["from"], "value": strip_image_placeholder(t["value"])}
                 for t in record["conversations"]
             ]
-            source_id = str(record.get("id", index))
+            source_id = _source_id(record, index)
             fields = {"conversations": turns, "source_id": source_id, "split": self.split}
             yield Example(safe_key(source_id), self.split, _image_path(self.image_root, record.get("image")), fields)
 
@@ -69,17 +79,20 @@ class JsonlQASource(_AnnotationFileSource):
 
     name = "jsonl"
 
+    def _split_of(self, record) -> str:
+        return self.split if record.get("split") is None else record["split"]
+
     def examples(self) -> Iterator[Example]:
-        records = list(read_records(self.path))
-        splits = sorted({r.get("split", self.split) for r in records})
+        records = []
+        for where, record in read_records(self.path):
+            check_fields(record, _QA_FIELDS, describe_record(where, record))
+            records.append(record)
+        splits = sorted({self._split_of(r) for r in records})
         for split in splits:  # group by split: shards never mix splits
             for index, record in enumerate(records):
-                if record.get("split", self.split) != split:
+                if self._split_of(record) != split:
                     continue
-                for required in ("question", "answer"):
-                    if required not in record:
-                        raise ValueError(f"{self.path}: record {index} has no '{required}'")
-                source_id = str(record.get("id", index))
+                source_id = _source_id(record, index)
                 fields = {k: record.get(k) for k in ("question", "answer", "choices")}
                 fields.update(source_id=source_id, split=split)
                 yield Example(safe_key(source_id), split, _image_path(self.image_root, record.get("image")), fields)
