@@ -31,8 +31,8 @@ def _free_port() -> int:
 
 def rendezvous_port(job_id: int) -> int:
     """The rendezvous port of a Slurm job: a function of its id, so every node of the job (and each requeued
-    attempt) computes the same one and two jobs sharing a first node rarely collide. slurm/*.sh ask this
-    function (``python -m memvp_ds.distributed port JOB_ID``) rather than repeating the rule."""
+    attempt) computes the same one and two jobs sharing a first node rarely collide. The Slurm scripts leave
+    the rendezvous to the ranks, so this is the only place the rule is written."""
     return 20000 + job_id % 20000
 
 
@@ -111,10 +111,3 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-if __name__ == "__main__":  # python -m memvp_ds.distributed port JOB_ID: for the Slurm scripts
-    import sys
-
-    if len(sys.argv) != 3 or sys.argv[1] != "port":
-        sys.exit("usage: python -m memvp_ds.distributed port JOB_ID")
-    print(rendezvous_port(int(sys.argv[2])))

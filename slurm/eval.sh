@@ -10,6 +10,6 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=$("${MEMVP_PYTHON:-python}" -m memvp_ds.distributed port "$SLURM_JOB_ID")
+# The rendezvous (first node of the allocation, a port derived from the job id) is set up by each rank:
+# memvp_ds/distributed.py, the one place for that rule.
 srun --kill-on-bad-exit=1 --label "${MEMVP_PYTHON:-python}" memvp_ds/evaluate.py "$@"

@@ -41,15 +41,15 @@ shift
 export NCCL_ASYNC_ERROR_HANDLING=1
 # export NCCL_SOCKET_IFNAME=ib0          # pick the interface that connects the nodes
 # export NCCL_IB_HCA=mlx5                # InfiniBand adapters, if any
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=$("${MEMVP_PYTHON:-python}" -m memvp_ds.distributed port "$SLURM_JOB_ID")
+# The rendezvous (first node of the allocation, a port derived from the job id) is set up by each rank:
+# memvp_ds/distributed.py, the one place for that rule.
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 OUTPUT_DIR=${MEMVP_OUTPUT_DIR:-runs/$SLURM_JOB_NAME}
 STATUS_FILE=$OUTPUT_DIR/status.json
 PYTHON=${MEMVP_PYTHON:-python}
 echo "[$(date)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} node(s) ($SLURM_JOB_NODELIST)," \
-     "${SLURM_NTASKS} ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
+     "${SLURM_NTASKS} ranks, output $OUTPUT_DIR"
 
 # status.json's identity (inode and modification time), or "absent". The trainer replaces the file
 # atomically (new inode), so a different identity after the ranks exit means this attempt wrote it; an
