@@ -120,7 +120,9 @@ def load_clip_visual(recipe: FeatureRecipe, allow_download: bool = False) -> nn.
             f"CLIP weights '{pretrained}' are not a local file; pass the checkpoint path "
             "(e.g. open_clip_pytorch_model.bin) or allow downloads explicitly"
         )
-    model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu)
+    # On the default device, so a model built under ``torch.device("meta")`` (sizing without allocating) stays there.
+    model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu,
+                                   device=torch.get_default_device())
     visual = model.visual.eval().requires_grad_(False)
     for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post"):
         if not hasattr(visual, attr):
