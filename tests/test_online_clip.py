@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from memvp_ds import ConfigError, build_model, load_config
 from tests.conftest import TINY_VIT, prepare_dataset, tiny_config
-from tests.helpers import REPO, run_train, scalars, train_overrides
+from tests.helpers import run_train, scalars, train_overrides
 
 
 def _online(weights) -> list:
@@ -171,19 +170,21 @@ def test_images_only_shards_verify_and_catch_a_missing_image(online_data, tmp_pa
 def test_online_training_zero3_two_ranks_matches_one_process_resumes_exactly_and_predicts(online_data, tmp_path):
     """One small end-to-end check on the tiny CLIP + tiny LLM, dropout off so rank counts compare:
     2-rank ZeRO-3 (frozen CLIP partitioned like the LLM) == 1 process; the CLIP adapters train under both;
-    resuming the single run from its mid checkpoint ends on the same weights; memvp-predict answers with
-    the exported adapters inside its CLIP."""
+    resuming the single run from its mid checkpoint ends on the same weights; memvp-predict's answer is the
+    model's generation with the exported (trained) adapters inside its CLIP."""
     steps = 6
     common = (*_online(online_data["weights"]), f"train.max_steps={steps}", "train.save_interval=3",
               "model.memvp.dropout=0.0", "model.vision.adapter_dropout=0.0", "data.shuffle_buffer=16")
     run_train(train_overrides(online_data, tmp_path / "zero3", *common, "train.ds_config=ds_configs/zero3.json"),
               ranks=2)
-    run_train(train_overrides(online_data, tmp_path / "single", *common, "data.num_workers=2",
-                              "train.grad_accum_steps=2"))
+    # The 2-rank run also evaluates at its end (ZeRO-3 generation through the tower); the others need not.
+    single = (*common, "data.num_workers=2", "train.grad_accum_steps=2", "data.val_shards=null")
+    run_train(train_overrides(online_data, tmp_path / "single", *single))
     losses = {name: [v for _, v in sorted(scalars(tmp_path / name, "train/loss").items())] for name in ("zero3", "single")}
     assert len(losses["zero3"]) == steps
     assert losses["zero3"][:3] == pytest.approx(losses["single"][:3], rel=1e-4, abs=1e-4)
     assert losses["zero3"] == pytest.approx(losses["single"], rel=1e-2)
+    assert list(scalars(tmp_path / "zero3", "eval/acc/overall")) == [steps]  # ZeRO-3 generation ran the tower
     final = {name: load_file(tmp_path / name / "export" / "trainable.safetensors") for name in ("zero3", "single")}
     adapters = [k for k in final["single"] if k.startswith("vision.") and k.endswith("fc2.weight")]
     assert len(adapters) == 2 and set(final["zero3"]) == set(final["single"])
@@ -194,7 +195,7 @@ def test_online_training_zero3_two_ranks_matches_one_process_resumes_exactly_and
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "single" / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     (resumed / "checkpoints" / "latest").write_text("step-00000003\n")
-    run_train(train_overrides(online_data, resumed, *common, "data.num_workers=2", "train.grad_accum_steps=2"))
+    run_train(train_overrides(online_data, resumed, *single))
     assert sorted(scalars(resumed, "train/loss")) == [4, 5, 6]
     again = load_file(resumed / "export" / "trainable.safetensors")
     assert set(again) == set(final["single"])
@@ -226,7 +227,3 @@ def test_online_training_zero3_two_ranks_matches_one_process_resumes_exactly_and
     tokens = model.eval().generate(ids, images=pixels, max_new_tokens=16, eos_token_id=tokenizer.eos_token_id)
     expected = tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
     assert answer(export, image, problem["question"], problem["choices"]) == expected
-    proc = subprocess.run(["python", "-m", "memvp_ds.predict", "--weights", export, "--image", image, "--question",
-                           problem["question"], "--choices", *problem["choices"]], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0 and "parsed answer:" in proc.stdout, proc.stderr[-2000:]
