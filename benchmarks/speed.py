@@ -4,18 +4,23 @@
     python benchmarks/speed.py --preset llama13b       # 13B layer shapes, bf16, on a GPU (--layers to fit)
     python benchmarks/speed.py --json out.json
 
-Variants: memvp, input_prefix (the baseline), apt, dvp (prompt at the middle layer) and memvp_skip (MemVP
-with DAS skipping ``--skip`` layers). Prints a table and writes JSON with, per variant: train step time,
-model FLOPs per step, tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each variant's
-ratio to input_prefix and memvp_skip's ratio to memvp. Weights are random (speed only).
+Variants: memvp, input_prefix (the baseline), apt, dvp (prompt at the middle layer), memvp_skip (MemVP
+with DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters
+run inside the model on pixels: model.vision.online; a ViT whose output has the preset's visual shape,
+ViT-L/14 for llama13b). Prints a table and writes JSON with, per variant: train step time, model FLOPs per
+step (memvp_online adds the CLIP's), tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each
+variant's ratio to input_prefix, and memvp_skip's and memvp_online's ratios to memvp. Weights are random
+(speed only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,18 +53,51 @@ class Preset:
     apt_prompts: int
     dvp_heads: int
     dvp_inner: int
+    clip_model: str
+    """open_clip model name for memvp_online; empty: a ViT made to the preset's visual shape."""
+    clip_layers: int
+    """Blocks of that generated ViT (the last one is not run: penultimate-layer features)."""
+    clip_image_size: int
 
 
 PRESETS = {
-    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64),
-    "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512),
+    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64, "", 5, 128),
+    "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512,
+                       "ViT-L-14", 24, 224),
 }
-VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "memvp_skip")
+VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "memvp_skip", "memvp_online")
+
+
+def clip_model(p: Preset) -> str:
+    """The preset's CLIP: a named open_clip model, or a model-config JSON for a ViT of the preset's shape."""
+    if p.clip_model:
+        return p.clip_model
+    patch = p.clip_image_size // int(math.isqrt(p.visual_tokens))
+    vision = {"image_size": p.clip_image_size, "layers": p.clip_layers, "width": p.visual_dim, "patch_size": patch,
+              "head_width": 64}
+    text = {"context_length": 16, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1}
+    path = Path(tempfile.mkdtemp()) / "bench-vit.json"
+    path.write_text(json.dumps({"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}))
+    return str(path)
+
+
+def clip_train_flops(model, p: Preset) -> float:
+    """Frozen CLIP forward + input-gradient backward (4 FLOPs per weight and token, attention tripled) plus
+    the adapters (6 per weight and token), per training step."""
+    tower = model.vision
+    tokens = tower.tokens + (0 if tower.recipe.keep_cls else 1)
+    frozen = sum(q.numel() for n, q in tower.blocks.named_parameters() if ".adapter." not in n)
+    adapters = sum(q.numel() for n, q in tower.blocks.named_parameters() if ".adapter." in n)
+    attention = 3 * 4 * tokens * tokens * tower.dim * len(tower.blocks)
+    return p.batch * (tokens * (4 * frozen + 6 * adapters) + attention)
 
 
 def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
     if variant == "memvp_skip":
         return ["model.strategy=memvp", f"model.skip.layers={list(range(1, 1 + skip))}"]
+    if variant == "memvp_online":
+        return ["model.strategy=memvp", "model.vision.online=true", f"model.vision.recipe.model={clip_model(p)}",
+                "model.vision.recipe.pretrained=random", f"model.vision.recipe.image_size={p.clip_image_size}"]
     overrides = [f"model.strategy={variant}"]
     if variant == "apt":
         overrides.append(f"model.apt.prompts={p.apt_prompts}")
@@ -78,6 +116,8 @@ def build(variant: str, p: Preset, device: torch.device, skip: int):
                              f"model.visual_tokens={p.visual_tokens}", f"model.memvp.memory_rows={p.memory_rows}"])
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
+    if model.vision is not None:  # a DeepSpeed engine casts the frozen CLIP to the run's precision too
+        model.vision.to(getattr(torch, p.dtype))
     for param in model.trainable_parameters().values():  # bf16 compute like a DeepSpeed bf16 engine
         param.data = param.data.to(getattr(torch, p.dtype))
     return model
@@ -101,23 +141,29 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
     model = build(variant, p, device, skip)
     dtype = getattr(torch, p.dtype)
     ids = torch.randint(4, p.vocab, (p.batch, p.text_tokens), device=device)
-    feats = torch.randn(p.batch, p.visual_tokens, p.visual_dim, device=device, dtype=dtype)
+    if model.vision is None:
+        visual = {"image_features": torch.randn(p.batch, p.visual_tokens, p.visual_dim, device=device, dtype=dtype)}
+    else:
+        size = p.clip_image_size
+        visual = {"images": torch.randint(0, 256, (p.batch, 3, size, size), dtype=torch.uint8, device=device)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def train_step():
         model.zero_grad(set_to_none=True)
         model.train()
-        model(ids, labels=ids, image_features=feats).loss.backward()
+        model(ids, labels=ids, **visual).loss.backward()
 
     step = _timed(train_step, p.repeats, device)
     train_memory = max_memory_gb()
     model.eval()
-    prefill = _timed(lambda: model.generate(ids, image_features=feats, max_new_tokens=1), p.repeats, device)
-    full = _timed(lambda: model.generate(ids, image_features=feats, max_new_tokens=p.new_tokens, stop_when_done=False),
+    prefill = _timed(lambda: model.generate(ids, **visual, max_new_tokens=1), p.repeats, device)
+    full = _timed(lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens, stop_when_done=False),
                   p.repeats, device)
     positions = p.text_tokens + (p.visual_tokens if variant == "input_prefix" else 0)
     flops = training_flops_per_position(model, positions) * positions * p.batch
+    if model.vision is not None:
+        flops += clip_train_flops(model, p)
     return {
         "train_step_s": step,
         "train_gflops_per_step": flops / 1e9,
@@ -147,6 +193,7 @@ def main(argv=None) -> int:
     results = {name: measure(name, preset, device, peak, args.skip) for name in args.variants}
     ratios = {f"{name}_over_input_prefix": (name, "input_prefix") for name in results if name != "input_prefix"}
     ratios["memvp_skip_over_memvp"] = ("memvp_skip", "memvp")
+    ratios["memvp_online_over_memvp"] = ("memvp_online", "memvp")
     ratios = {key: {metric: results[a][metric] / results[b][metric] for metric in results[a]}
               for key, (a, b) in ratios.items() if a in results and b in results}
     print(f"preset {args.preset} on {device} ({preset.layers} layers, batch {preset.batch}, "

@@ -50,6 +50,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
     p.add_argument("--part", default="0/1", help="i/n: this task's share of the shards (array jobs)")
     p.add_argument("--on-bad-image", choices=["text-only", "drop"], default="text-only")
+    p.add_argument("--store", choices=["features", "images", "both"], default="features",
+                   help="per image: CLIP features, the resized image (for online CLIP with trainable adapters, "
+                   "model.vision.online=true), or both")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 
 
@@ -88,7 +91,7 @@ def cmd_extract(args) -> int:
     opts = ExtractOptions(
         out_dir=args.out, samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size_mb,
         batch_size=args.batch_size, num_workers=args.workers, part_index=index, part_count=count,
-        on_bad_image=args.on_bad_image, device=args.device, allow_download=args.allow_download,
+        on_bad_image=args.on_bad_image, device=args.device, allow_download=args.allow_download, store=args.store,
     )
     manifest = run_extract(_build_source(args), recipe, opts)
     errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_extract(sub)
     for name, help_text in (
-        ("verify", "re-read every shard: count, sha256, feature shape and dtype against the manifest; exit 1 on any mismatch"),
+        ("verify", "re-read every shard: count, sha256, feature shape and dtype, image size against the manifest; "
+                   "exit 1 on any mismatch"),
         ("inspect", "print counts per split, the feature recipe and one sample"),
         ("merge", "combine manifest.part-i-of-n.json of all parts into manifest.json"),
     ):

@@ -1,4 +1,5 @@
-"""The extract pipeline: examples -> decoded images (worker processes) -> CLIP features -> shards.
+"""The extract pipeline: examples -> decoded, resized images (worker processes) -> CLIP features and/or the
+resized images themselves (``store``) -> shards.
 
 Work is planned as a fixed list of shards (``{split}-{index:06d}.tar``, ``samples_per_shard`` examples each,
 in source order), so every run, every ``--part i/n`` and every resume agrees on which example goes where.
@@ -24,8 +25,24 @@ from data_prep.clip_model import check_weights_available, load_visual
 from data_prep.shards import write_shard
 from data_prep.sources.base import Example, Source
 from memvp_ds.atomic_io import atomic_open, write_json_atomic
-from memvp_ds.data.shard_format import MANIFEST, read_manifest, sha256_of, shard_name, split_counts
-from memvp_ds.vision.clip_features import ClipFeatureExtractor, FeatureRecipe, image_transform, load_image
+from memvp_ds.data.shard_format import (
+    FEATURES_MEMBER,
+    IMAGE_MEMBER,
+    MANIFEST,
+    STORE_MODES,
+    read_manifest,
+    sha256_of,
+    shard_name,
+    split_counts,
+    stored_members,
+)
+from memvp_ds.vision.clip_features import (
+    ClipFeatureExtractor,
+    FeatureRecipe,
+    image_pixels,
+    load_image,
+    normalize_pixels,
+)
 
 log = logging.getLogger("data_prep")
 TOOL_VERSION = "memvp_ds-data_prep 0.1.0"
@@ -45,6 +62,8 @@ class ExtractOptions:
     """What a missing or corrupt image turns its sample into: text-only (kept without features) or drop."""
     device: Optional[str] = None
     allow_download: bool = False
+    store: str = "features"
+    """What each image becomes: CLIP features, the resized image (for online CLIP training), or both."""
 
 
 @dataclass
@@ -73,10 +92,10 @@ def manifest_name(part_index: int, part_count: int) -> str:
 
 
 class _ImageDataset(Dataset):
-    """Decodes and transforms one example's image in a worker; failures become (None, reason)."""
+    """Decodes and resizes one example's image in a worker (uint8 pixels); failures become (None, reason)."""
 
     def __init__(self, examples: Sequence[Example], recipe: FeatureRecipe):
-        self.examples, self.transform = examples, image_transform(recipe)
+        self.examples, self.recipe = examples, recipe
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -86,7 +105,7 @@ class _ImageDataset(Dataset):
         if path is None:
             return index, None, None
         try:
-            return index, self.transform(load_image(path)), None
+            return index, image_pixels(load_image(path), self.recipe), None
         except Exception as err:  # any decode failure is data, not a crash: count and report it
             return index, None, f"{type(err).__name__}: {err}"
 
@@ -136,6 +155,8 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     """
     if opts.on_bad_image not in ("text-only", "drop"):
         raise ValueError(f"--on-bad-image must be 'text-only' or 'drop', got '{opts.on_bad_image}'")
+    if opts.store not in STORE_MODES:
+        raise ValueError(f"--store must be one of {', '.join(STORE_MODES)}, got '{opts.store}'")
     if not 0 <= opts.part_index < opts.part_count:
         raise ValueError(f"--part {opts.part_index}/{opts.part_count}: index must be in [0, {opts.part_count})")
     check_weights_available(recipe, opts.allow_download)
@@ -144,7 +165,9 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     extractor = ClipFeatureExtractor(load_visual(recipe, opts.allow_download), recipe).to(device)
     samples_per_shard = opts.samples_per_shard
     if opts.shard_size_mb:
-        bytes_per_sample = extractor.tokens * extractor.dim * np.dtype(recipe.dtype).itemsize + 2048
+        members = stored_members({"store": opts.store})
+        bytes_per_sample = 2048 + (FEATURES_MEMBER in members) * extractor.tokens * extractor.dim * np.dtype(
+            recipe.dtype).itemsize + (IMAGE_MEMBER in members) * 3 * recipe.image_size**2  # PNG: at most raw size
         samples_per_shard = max(1, int(opts.shard_size_mb * 2**20 // bytes_per_sample))
 
     plans = plan_shards(all_examples, samples_per_shard)
@@ -153,6 +176,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
         "tool": TOOL_VERSION,
         "source": source.describe(),
         "recipe": {**recipe.to_dict(), "tokens": extractor.tokens, "dim": extractor.dim},
+        "store": opts.store,
         "samples_per_shard": samples_per_shard,
         "on_bad_image": opts.on_bad_image,
         "part": {"index": opts.part_index, "count": opts.part_count},
@@ -177,27 +201,34 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     )
     dtype = getattr(np, recipe.dtype)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    pending: List[Tuple[str, Dict[str, Any], Optional[np.ndarray]]] = []
+    members = stored_members({"store": opts.store})
+    pending: List[Tuple[str, Dict[str, Any], Optional[np.ndarray], Optional[np.ndarray]]] = []
     pending_errors: List[Dict[str, str]] = []
     plan_iter = iter(todo)
     current, seen_in_current = next(plan_iter, None), 0
     start = time.time()
     with tqdm(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
         for indices, images, valid, errors in loader:
-            features = None
-            if images is not None:
+            features = pixels = None
+            if images is not None and FEATURES_MEMBER in members:
+                normalized = normalize_pixels(images.to(device, non_blocking=True), recipe.mean, recipe.std)
                 with autocast:
-                    features = extractor(images.to(device, non_blocking=True)).float().cpu().numpy().astype(dtype)
+                    features = extractor(normalized).float().cpu().numpy().astype(dtype)
+            if images is not None and IMAGE_MEMBER in members:
+                pixels = images.permute(0, 2, 3, 1).numpy()  # (B, S, S, 3) for PNG
             feature_rows = iter(features) if features is not None else iter(())
+            pixel_rows = iter(pixels) if pixels is not None else iter(())
             for index, ok, error in zip(indices, valid, errors):
                 example = examples[index]
-                row = next(feature_rows) if ok else None
+                row = next(feature_rows, None) if ok else None
+                image = next(pixel_rows, None) if ok else None
                 if error is not None:
                     pending_errors.append({"key": example.key, "image": example.image, "reason": error})
                     if opts.on_bad_image == "drop":
-                        row = None
+                        row = image = None
                 if not (error is not None and opts.on_bad_image == "drop"):
-                    pending.append((example.key, {**example.fields, "has_image": row is not None}, row))
+                    has_image = row is not None or image is not None
+                    pending.append((example.key, {**example.fields, "has_image": has_image}, row, image))
                 seen_in_current += 1
                 if seen_in_current == len(current.examples):  # the shard's last example: close it
                     entry = write_shard(os.path.join(opts.out_dir, current.name), pending)

@@ -7,11 +7,16 @@ import io
 import json
 import os
 import tarfile
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
-import numpy as np
-
-from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, encode_features, sha256_of
+from memvp_ds.data.shard_format import (
+    FEATURES_MEMBER,
+    FIELDS_MEMBER,
+    IMAGE_MEMBER,
+    encode_features,
+    encode_image,
+    sha256_of,
+)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -22,16 +27,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str, samples: Iterable[Tuple[str, Dict[str, Any], Optional[np.ndarray]]]) -> Dict[str, Any]:
-    """Write (key, fields, features-or-None) samples to ``path`` atomically; return the manifest entry."""
+def write_shard(path: str, samples: Iterable[Tuple]) -> Dict[str, Any]:
+    """Write (key, fields, features-or-None[, image-or-None]) samples to ``path`` atomically; return the
+    manifest entry. An image is the (S, S, 3) uint8 RGB array after the recipe's resize."""
     tmp = path + ".tmp"
     count = with_image = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, fields, features in samples:
+        for key, fields, features, *image in samples:
+            image = image[0] if image else None
             _add_member(tar, f"{key}.{FIELDS_MEMBER}", json.dumps(fields, sort_keys=True).encode())
             if features is not None:
                 _add_member(tar, f"{key}.{FEATURES_MEMBER}", encode_features(features))
-                with_image += 1
+            if image is not None:
+                _add_member(tar, f"{key}.{IMAGE_MEMBER}", encode_image(image))
+            with_image += features is not None or image is not None
             count += 1
     os.replace(tmp, path)
     return {

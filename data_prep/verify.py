@@ -12,7 +12,16 @@ import numpy as np
 
 from data_prep.clip_model import preprocessing_summary
 from memvp_ds.atomic_io import write_json_atomic
-from memvp_ds.data.shard_format import MANIFEST, read_manifest, read_shard, sha256_of, split_counts
+from memvp_ds.data.shard_format import (
+    FEATURES_MEMBER,
+    IMAGE_MEMBER,
+    MANIFEST,
+    read_manifest,
+    read_shard,
+    sha256_of,
+    split_counts,
+    stored_members,
+)
 
 _PART = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
 
@@ -24,11 +33,13 @@ def _non_finite_values(features: np.ndarray) -> Optional[str]:
 
 
 def verify(out_dir: str) -> List[str]:
-    """Problems found (empty when every shard matches the manifest in count, checksum, shape and dtype, and
-    every feature value is finite)."""
+    """Problems found (empty when every shard matches the manifest in count, checksum, feature shape and
+    dtype, and image size, and every feature value is finite)."""
     manifest = read_manifest(out_dir)
     recipe = manifest["recipe"]
     expected_shape = (recipe["tokens"], recipe["dim"])
+    image_shape = (recipe["image_size"], recipe["image_size"], 3)
+    members = stored_members(manifest)
     problems: List[str] = []
     if not manifest.get("complete"):
         problems.append(f"{out_dir}: manifest is not complete (extraction unfinished or parts not merged)")
@@ -41,10 +52,9 @@ def verify(out_dir: str) -> List[str]:
             problems.append(f"{entry['name']}: size or sha256 differs from the manifest (corrupt or truncated)")
         try:
             count = with_image = 0
-            for key, fields, features in read_shard(path):
+            for key, fields, features, image in read_shard(path, with_images=True):
                 count += 1
                 if features is not None:
-                    with_image += 1
                     if features.shape != expected_shape or str(features.dtype) != recipe["dtype"]:
                         problems.append(
                             f"{entry['name']}: sample {key} has features {features.shape} {features.dtype}, "
@@ -53,8 +63,16 @@ def verify(out_dir: str) -> List[str]:
                     non_finite = _non_finite_values(features)
                     if non_finite:
                         problems.append(f"{entry['name']}: sample {key} has {non_finite}")
-                if fields.get("has_image") != (features is not None):
-                    problems.append(f"{entry['name']}: sample {key} has_image disagrees with its features")
+                if image is not None and image.shape != image_shape:
+                    problems.append(f"{entry['name']}: sample {key} has a {image.shape} image, expected {image_shape}")
+                with_image += features is not None or image is not None
+                present = {FEATURES_MEMBER: features is not None, IMAGE_MEMBER: image is not None}
+                for member in (FEATURES_MEMBER, IMAGE_MEMBER):
+                    expected = bool(fields.get("has_image")) and member in members
+                    if present[member] != expected:
+                        problems.append(f"{entry['name']}: sample {key} {'has' if present[member] else 'lacks'} "
+                                        f"a .{member} member (has_image {fields.get('has_image')}, store "
+                                        f"{manifest.get('store', 'features')})")
         except Exception as err:
             problems.append(f"{entry['name']}: unreadable ({type(err).__name__}: {err})")
             continue
@@ -75,15 +93,18 @@ def inspect(out_dir: str) -> str:
         f"recipe: {recipe['model']} ({recipe['pretrained']}), {recipe['layer']} layer, "
         f"{recipe['tokens']} x {recipe['dim']} {recipe['dtype']}",
         f"preprocessing: {preprocessing_summary(recipe)}",
+        f"store: {manifest.get('store', 'features')} (image {recipe['image_size']} px)",
     ]
     for split, counts in sorted(split_counts(manifest["shards"]).items()):
         lines.append(f"{split}: {counts['samples']} samples, {counts['with_image']} with image, {counts['shards']} shards")
     errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
     lines.append(f"image errors: {errors}")
     if manifest["shards"]:
-        key, fields, features = next(read_shard(os.path.join(out_dir, manifest["shards"][0]["name"])))
+        key, fields, features, image = next(read_shard(os.path.join(out_dir, manifest["shards"][0]["name"]),
+                                                       with_images=True))
         shape = "none" if features is None else f"{features.shape} {features.dtype}"
-        lines.append(f"first sample {key}: features {shape}; fields {json.dumps(fields)[:300]}")
+        pixels = "none" if image is None else f"{image.shape} {image.dtype}"
+        lines.append(f"first sample {key}: features {shape}; image {pixels}; fields {json.dumps(fields)[:300]}")
     return "\n".join(lines)
 
 
@@ -108,12 +129,13 @@ def merge(out_dir: str) -> Dict[str, Any]:
         part = parts[index][1]
         if not part.get("complete"):
             raise ValueError(f"{out_dir}: part {index} of {count} is not complete")
-        for key in ("source", "recipe", "samples_per_shard", "tool"):
-            if part[key] != first[key]:
+        for key in ("source", "recipe", "samples_per_shard", "tool", "store"):
+            if part.get(key) != first.get(key):
                 raise ValueError(f"{out_dir}: part {index} differs from part 0 in '{key}'")
         shards += part["shards"]
     shards.sort(key=lambda entry: (entry["split"], entry["name"]))
     merged = {key: first[key] for key in ("tool", "source", "recipe", "samples_per_shard", "on_bad_image")}
+    merged["store"] = first.get("store", "features")
     merged.update(part={"index": 0, "count": 1}, merged_from=count, complete=True, shards=shards)
     merged.update(planned_shards=first["planned_shards"], splits=split_counts(shards))
     if len(shards) != first["planned_shards"]:

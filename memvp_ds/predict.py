@@ -4,13 +4,15 @@
         --question "What colour is the circle?" --choices red green blue yellow
 
 The image goes through the same CLIP feature code and recipe as data_prep (stored in the export), so the
-model sees exactly the kind of features it was trained on. The CLIP weights must be a local file: the
-recipe's own path, or --clip-pretrained.
+model sees exactly the kind of features it was trained on. A model trained with an online vision tower
+(model.vision.online) instead gets the resized pixels and runs its own frozen CLIP with the trained
+adapters. The CLIP weights must be a local file: the recipe's own path, or --clip-pretrained.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional
 
@@ -34,25 +36,36 @@ def extract_image_features(recipe_dict: dict, image_path: str, clip_pretrained: 
     return extractor(pixels).to(getattr(torch, recipe.dtype))
 
 
+def image_pixels_for(recipe_dict: dict, image_path: str) -> torch.Tensor:
+    """(1, 3, S, S) uint8 pixels of one image, resized as data_prep stores them for an online vision tower."""
+    from memvp_ds.vision.clip_features import FeatureRecipe, image_pixels, load_image
+
+    fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
+    return image_pixels(load_image(image_path), FeatureRecipe(**fields))[None]
+
+
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
            hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16) -> str:
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.engine.checkpoint import load_exported, read_export_metadata
 
-    model, cfg = load_exported(weights)
+    online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)
+    overrides = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
+    model, cfg = load_exported(weights, overrides=overrides)
     model.eval()
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.llm.path, cfg.model.llm.trust_remote_code)
     fields = {"question": question, "choices": choices or [], "hint": hint, "answer": 0}
     prompt_format = cfg.data.prompt_format if choices else "qa"
     segments = build_segments(fields, prompt_format, with_target=False)
     ids = torch.tensor([encode_segments(tokenizer, segments, cfg.data.max_seq_len).input_ids])
-    features = None
-    if image is not None:
+    visual = {}
+    if image is not None and model.vision is not None:  # the adapted CLIP inside the model makes the features
+        visual["images"] = image_pixels_for(dataclasses.asdict(cfg.model.vision.recipe), image)
+    elif image is not None:
         recipe = read_export_metadata(weights, "feature_recipe")
-        features = extract_image_features(recipe, image, clip_pretrained).float()
-    tokens = model.generate(ids, image_features=features, max_new_tokens=max_new_tokens,
-                            eos_token_id=tokenizer.eos_token_id)
+        visual["image_features"] = extract_image_features(recipe, image, clip_pretrained).float()
+    tokens = model.generate(ids, **visual, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
 
 

@@ -25,9 +25,11 @@ from memvp_ds.model.strategies import STRATEGIES
 from memvp_ds.search.das import DASSearchOptions
 from memvp_ds.search.dvp import DVPSearchOptions
 from memvp_ds.search.result import apply_search_results
+from memvp_ds.vision.tower import VisionOptions
 
-MODEL_GROUPS = {**{name: cls.options for name, cls in STRATEGIES.items() if cls.options}, "skip": SkipOptions}
-"""Option groups under ``model.``: one per strategy that has options, and layer skipping."""
+MODEL_GROUPS = {**{name: cls.options for name, cls in STRATEGIES.items() if cls.options}, "skip": SkipOptions,
+                "vision": VisionOptions}
+"""Option groups under ``model.``: one per strategy that has options, layer skipping and the online vision tower."""
 SEARCH_GROUPS = {"dvp": DVPSearchOptions, "das": DASSearchOptions}
 """Option groups under ``search.``."""
 

@@ -48,7 +48,8 @@ def _cpu_threads():
 TINY_VIT = str(REPO / "memvp_ds" / "vision" / "model_configs" / "tiny-vit.json")
 
 
-def prepare_dataset(root: Path, num_train=192, num_val=32, num_test=32, samples_per_shard=24) -> dict:
+def prepare_dataset(root: Path, num_train=192, num_val=32, num_test=32, samples_per_shard=24,
+                    clip_pretrained: str = "random", store: str = "features") -> dict:
     """Synthetic ScienceQA -> tiny-CLIP shards -> tokenizer trained on its text (the real pipeline)."""
     from data_prep.extract import ExtractOptions, run_extract
     from data_prep.sources import ScienceQASource
@@ -58,9 +59,10 @@ def prepare_dataset(root: Path, num_train=192, num_val=32, num_test=32, samples_
     from memvp_ds.vision.clip_features import FeatureRecipe
 
     make_synthetic_scienceqa(str(root / "sqa"), num_train, num_val, num_test, seed=0)
-    recipe = FeatureRecipe(model=TINY_VIT, pretrained="random", image_size=64)
+    recipe = FeatureRecipe(model=TINY_VIT, pretrained=clip_pretrained, image_size=64)
     manifest = run_extract(ScienceQASource(str(root / "sqa")), recipe,
-                           ExtractOptions(out_dir=str(root / "shards"), samples_per_shard=samples_per_shard, num_workers=0))
+                           ExtractOptions(out_dir=str(root / "shards"), samples_per_shard=samples_per_shard, num_workers=0,
+                                          store=store))
     import json
 
     problems = json.load(open(root / "sqa" / "problems.json"))

@@ -1,7 +1,6 @@
 """slurm/*.sh on a real local Slurm cluster: two emulated nodes, real sbatch/srun/scontrol."""
 
 import json
-import os
 import re
 import subprocess
 import sys

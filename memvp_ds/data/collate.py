@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from memvp_ds.data.prompts import IGNORE_INDEX, build_segments, encode_segments
-from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, decode_features
+from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image
 
 
 @dataclass
@@ -19,27 +19,39 @@ class TokenizedSample:
     input_ids: List[int]
     labels: List[int]
     features: Optional[np.ndarray]
+    """(N, C) features, or (3, S, S) uint8 pixels when the encoder reads images."""
     fields: Dict[str, Any]
 
 
 class SampleEncoder:
-    """Raw tar sample (bytes of .json and optional .npy) -> TokenizedSample, checked against the model."""
+    """Raw tar sample (bytes of .json and optional .npy / .png) -> TokenizedSample, checked against the model.
+
+    With ``image_size`` set (an online vision tower) the sample's stored image is read as (3, S, S) uint8
+    pixels instead of its features."""
 
     def __init__(self, tokenizer, prompt_format: str, max_seq_len: int, visual_tokens: int, visual_dim: int,
-                 with_target: bool = True, use_images: bool = True):
+                 with_target: bool = True, use_images: bool = True, image_size: Optional[int] = None):
         self.tokenizer, self.prompt_format, self.max_seq_len = tokenizer, prompt_format, max_seq_len
-        self.feature_shape = (visual_tokens, visual_dim)
+        self.member = FEATURES_MEMBER if image_size is None else IMAGE_MEMBER
+        self.feature_shape = (visual_tokens, visual_dim) if image_size is None else (3, image_size, image_size)
         self.with_target, self.use_images = with_target, use_images
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        if self.member == FEATURES_MEMBER:
+            return decode_features(data)
+        return np.ascontiguousarray(decode_image(data).transpose(2, 0, 1))
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
         fields = json.loads(raw[FIELDS_MEMBER])
-        if fields.get("has_image") and FEATURES_MEMBER not in raw:
-            raise ValueError(f"sample {raw['__key__']}: has_image but no features (cut off in a truncated shard?)")
+        if fields.get("has_image") and self.member not in raw:
+            raise ValueError(f"sample {raw['__key__']}: has_image but no .{self.member} member (a truncated shard, or "
+                             "shards written with another --store)")
         features = None
-        if FEATURES_MEMBER in raw and self.use_images:
-            features = decode_features(raw[FEATURES_MEMBER])
+        if self.member in raw and self.use_images:
+            features = self._decode(raw[self.member])
             if features.shape != self.feature_shape:
-                raise ValueError(f"sample {raw['__key__']}: features {features.shape}, model expects {self.feature_shape}")
+                raise ValueError(f"sample {raw['__key__']}: .{self.member} {features.shape}, model expects "
+                                 f"{self.feature_shape}")
         segments = build_segments(fields, self.prompt_format, with_target=self.with_target)
         encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
         ids, labels = encoded.input_ids, encoded.labels
@@ -50,6 +62,15 @@ class SampleEncoder:
         return TokenizedSample(raw["__key__"], ids, labels, features, fields)
 
 
+def build_encoder(cfg, tokenizer, with_target: bool = True) -> SampleEncoder:
+    """The run's encoder (``cfg``: the run config): stored features, or stored images when the model runs
+    its vision tower online (``model.vision.online``)."""
+    vision = cfg.model.vision
+    return SampleEncoder(tokenizer, cfg.data.prompt_format, cfg.data.max_seq_len, cfg.model.visual_tokens,
+                         cfg.model.visual_dim, with_target, cfg.data.use_images,
+                         image_size=vision.recipe.image_size if vision.online else None)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -58,16 +79,17 @@ def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_m
             left_pad: bool = False) -> Dict[str, Any]:
     """Pad to a common length (a multiple of ``pad_to_multiple``) and stack features.
 
-    Every batch carries an ``image_features`` tensor, zeros for text-only rows (``has_image`` False): every
-    rank then runs the same modules each step, which ZeRO-3's parameter gathering requires. Training pads
-    on the right, generation on the left.
+    Every batch carries an ``image_features`` tensor (fp16), or for (3, S, S) pixel shapes an ``images``
+    tensor (uint8), zeros for text-only rows (``has_image`` False): every rank then runs the same modules
+    each step, which ZeRO-3's parameter gathering requires. Training pads on the right, generation on the left.
     """
     length = _round_up(max(len(s.input_ids) for s in samples), pad_to_multiple)
     batch = len(samples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    features = torch.zeros((batch, *feature_shape), dtype=torch.float16)
+    pixels = len(feature_shape) == 3
+    features = torch.zeros((batch, *feature_shape), dtype=torch.uint8 if pixels else torch.float16)
     has_image = torch.zeros(batch, dtype=torch.bool)
     for row, sample in enumerate(samples):
         n = len(sample.input_ids)
@@ -76,13 +98,13 @@ def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_m
         labels[row, span] = torch.tensor(sample.labels)
         attention_mask[row, span] = 1
         if sample.features is not None:
-            features[row] = torch.from_numpy(sample.features.astype(np.float16, copy=False))
+            features[row] = torch.from_numpy(sample.features if pixels else sample.features.astype(np.float16, copy=False))
             has_image[row] = True
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "image_features": features,
+        "images" if pixels else "image_features": features,
         "has_image": has_image,
         "keys": [s.key for s in samples],
         "fields": [s.fields for s in samples],

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from memvp_ds.config import Config, ConfigError
-from memvp_ds.data.shard_format import MANIFEST, read_manifest, shard_urls
+from memvp_ds.data.shard_format import FEATURES_MEMBER, IMAGE_MEMBER, MANIFEST, read_manifest, shard_urls, stored_members
+
+ONLINE_RECIPE_KEYS = ("image_size", "mean", "std", "layer", "keep_cls")
+"""Recipe entries the shards' manifest and an online vision tower (model.vision.recipe) must agree on."""
 
 
 @dataclass
@@ -36,7 +39,26 @@ def _read_checked_manifest(cfg: Config, first_shard: str) -> Dict[str, Any]:
             f"{path}: shards hold {recipe['tokens']} x {recipe['dim']} features but model.visual_tokens x "
             f"model.visual_dim is {cfg.model.visual_tokens} x {cfg.model.visual_dim}"
         )
+    _check_store(cfg, path, manifest)
     return manifest
+
+
+def _check_store(cfg: Config, path: str, manifest: Dict[str, Any]) -> None:
+    """The shards carry what the model reads: features, or images made by the online tower's recipe."""
+    members, vision = stored_members(manifest), cfg.model.vision
+    if not vision.online:
+        if FEATURES_MEMBER not in members:
+            raise ConfigError(f"{path}: shards hold images only (store '{manifest['store']}'); set "
+                              "model.vision.online=true or extract with --store features|both")
+        return
+    if IMAGE_MEMBER not in members:
+        raise ConfigError(f"{path}: model.vision.online needs shards with images; these hold features only "
+                          "(extract with memvp-prep extract --store images|both)")
+    recipe = manifest["recipe"]
+    for key in ONLINE_RECIPE_KEYS:
+        if recipe[key] != getattr(vision.recipe, key):
+            raise ConfigError(f"{path}: shards were made with {key}={recipe[key]} but model.vision.recipe.{key} "
+                              f"is {getattr(vision.recipe, key)}")
 
 
 def plan_data(cfg: Config, world_size: int) -> DataPlan:

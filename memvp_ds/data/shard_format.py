@@ -3,8 +3,10 @@ verify, tests).
 
 A data folder holds ``{split}-{index:06d}.tar`` WebDataset shards and ``manifest.json``. Each sample is
 ``<key>.json`` (its text fields, ``has_image``) and, when it has an image, ``<key>.npy`` (the CLIP features,
-N x C, stored with numpy's format and never unpickled). The manifest lists every shard with its split, sample
-count, size and sha256, and the feature ``recipe`` (how the features were made: tokens, dim, dtype, model).
+N x C, stored with numpy's format and never unpickled) and/or ``<key>.png`` (the image after the recipe's
+resize, 8-bit RGB, for the online vision tower), as the manifest's ``store`` says (features, images or both;
+absent: features). The manifest lists every shard with its split, sample count, size and sha256, and the
+feature ``recipe`` (how the features were made: tokens, dim, dtype, model, image size, mean/std).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import io
 import json
 import os
 import tarfile
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 import braceexpand
 import numpy as np
@@ -24,6 +26,10 @@ FIELDS_MEMBER = "json"
 """Member suffix of a sample's text fields."""
 FEATURES_MEMBER = "npy"
 """Member suffix of a sample's features."""
+IMAGE_MEMBER = "png"
+"""Member suffix of a sample's resized image (online vision tower)."""
+STORE_MODES = ("features", "images", "both")
+"""What shards carry per image: CLIP features, the resized image, or both (manifest key ``store``)."""
 REMOTE_PREFIXES = ("http:", "https:", "s3:", "gs:")
 """URL schemes read by a WebDataset reader without a local file check."""
 
@@ -48,6 +54,33 @@ def encode_features(features: np.ndarray) -> bytes:
 
 def decode_features(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_image(pixels: np.ndarray) -> bytes:
+    """(S, S, 3) uint8 RGB -> PNG bytes (lossless, deterministic for the same pixels)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG bytes -> (S, S, 3) uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode != "RGB":
+            raise ValueError(f"stored image is {image.mode}, expected RGB")
+        return np.asarray(image.convert("RGB"))
+
+
+def stored_members(manifest: Dict[str, Any]) -> Tuple[str, ...]:
+    """The per-image member suffixes the manifest's shards carry."""
+    store = manifest.get("store", "features")
+    if store not in STORE_MODES:
+        raise ValueError(f"manifest: unknown store '{store}' (one of {', '.join(STORE_MODES)})")
+    return {"features": (FEATURES_MEMBER,), "images": (IMAGE_MEMBER,), "both": (FEATURES_MEMBER, IMAGE_MEMBER)}[store]
 
 
 def read_manifest(path: str) -> Dict[str, Any]:
@@ -84,8 +117,9 @@ def shard_urls(spec: str) -> List[str]:
     return urls
 
 
-def read_shard(path: str) -> Iterator[Tuple[str, Dict[str, Any], Optional[np.ndarray]]]:
-    """(key, fields, features-or-None) of every sample of a local shard, in order."""
+def read_shard(path: str, with_images: bool = False) -> Iterator[Tuple]:
+    """(key, fields, features-or-None) of every sample of a local shard, in order; with ``with_images``,
+    (key, fields, features-or-None, image-or-None)."""
     samples: Dict[str, Dict[str, bytes]] = {}
     with tarfile.open(path) as tar:
         for member in tar:
@@ -94,4 +128,7 @@ def read_shard(path: str) -> Iterator[Tuple[str, Dict[str, Any], Optional[np.nda
     for key, members in samples.items():
         fields = json.loads(members[FIELDS_MEMBER])
         features = decode_features(members[FEATURES_MEMBER]) if FEATURES_MEMBER in members else None
-        yield key, fields, features
+        if with_images:
+            yield key, fields, features, decode_image(members[IMAGE_MEMBER]) if IMAGE_MEMBER in members else None
+        else:
+            yield key, fields, features

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.config import Config, ConfigError, to_yaml
-from memvp_ds.data.collate import SampleEncoder
+from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.data.plan import plan_data
 from memvp_ds.data.stream import build_train_loader, iterate_eval_batches
@@ -37,7 +37,8 @@ from memvp_ds.search import build_search, skippable_layers
 from memvp_ds.search.result import write_search_result
 
 log = logging.getLogger("memvp_ds")
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "has_image")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "images", "has_image")
+"""Batch entries the model takes; a batch carries either image_features or images (online vision tower)."""
 STATUS = "status.json"
 
 
@@ -133,9 +134,7 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------
     def _encoder(self, with_target: bool = True) -> SampleEncoder:
-        return SampleEncoder(self.tokenizer, self.cfg.data.prompt_format, self.cfg.data.max_seq_len,
-                             self.cfg.model.visual_tokens, self.cfg.model.visual_dim, with_target,
-                             self.cfg.data.use_images)
+        return build_encoder(self.cfg, self.tokenizer, with_target)
 
     def _train_loader(self, skip_micro_batches: int):
         data = self.cfg.data
@@ -147,8 +146,9 @@ class Trainer:
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         device = self.engine.device
-        moved = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
-        moved["image_features"] = moved["image_features"].to(self._compute_dtype())
+        moved = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+        if "image_features" in moved:  # pixels stay uint8: the vision tower normalises them in fp32
+            moved["image_features"] = moved["image_features"].to(self._compute_dtype())
         return moved
 
     def _compute_dtype(self) -> torch.dtype:

@@ -16,9 +16,12 @@ def generate_records(model, batches: Iterable[Dict[str, Any]], tokenizer, max_ne
     device = device or next(model.parameters()).device
     records = []
     for batch in batches:
+        # Features, or uint8 pixels for an online vision tower (which normalises them itself).
+        visual = ({"images": batch["images"].to(device)} if "images" in batch
+                  else {"image_features": batch["image_features"].to(device, dtype)})
         tokens = model.generate(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            image_features=batch["image_features"].to(device, dtype), has_image=batch["has_image"].to(device),
+            batch["input_ids"].to(device), batch["attention_mask"].to(device), **visual,
+            has_image=batch["has_image"].to(device),
             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, stop_when_done=stop_when_done,
         )
         for row, valid in enumerate(batch["valid"].tolist()):

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from memvp_ds.atomic_io import atomic_open, write_json_atomic
-from memvp_ds.data.collate import SampleEncoder
+from memvp_ds.data.collate import build_encoder
 from memvp_ds.data.stream import iterate_eval_batches
 from memvp_ds.distributed import all_gather_objects
 from memvp_ds.evaluation.generate import generate_records
@@ -53,8 +53,7 @@ def task_metrics(prompt_format: str, records: List[Dict[str, Any]]) -> Dict[str,
 def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size: int,
                    stop_when_done: bool = True, device: Optional[torch.device] = None):
     """(records, metrics) for one split; metrics only on rank 0 (others get {})."""
-    encoder = SampleEncoder(tokenizer, cfg.data.prompt_format, cfg.data.max_seq_len, cfg.model.visual_tokens,
-                            cfg.model.visual_dim, with_target=False, use_images=cfg.data.use_images)
+    encoder = build_encoder(cfg, tokenizer, with_target=False)
     batches = iterate_eval_batches(urls, encoder, cfg.eval.batch_size, tokenizer.pad_token_id, rank, world_size,
                                    cfg.eval.max_samples, left_pad=True)
     dtype = next(p for p in model.parameters()).dtype

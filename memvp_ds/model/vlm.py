@@ -15,6 +15,7 @@ from memvp_ds.config import ModelConfig
 from memvp_ds.model.layer_skip import LayerSkipping, install_layer_skipping
 from memvp_ds.model.llm import load_frozen_llm
 from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
+from memvp_ds.vision.tower import OnlineClipTower, build_vision_tower
 
 @dataclass
 class VLMOutput:
@@ -56,13 +57,16 @@ def is_trainable(param: nn.Parameter) -> bool:
 
 class VisualPromptedLM(nn.Module):
     """``llm`` (frozen HF causal LM) + ``strategy`` (its trainable tensors) + optional layer skipping (DAS,
-    whose adapters are trainable too)."""
+    whose adapters are trainable too) + optional online ``vision`` tower (frozen CLIP with trainable
+    adapters), which turns ``images`` (uint8 pixels) into the features the strategy receives."""
 
-    def __init__(self, llm: PreTrainedModel, strategy: VisualStrategy, skipping: Optional[LayerSkipping] = None):
+    def __init__(self, llm: PreTrainedModel, strategy: VisualStrategy, skipping: Optional[LayerSkipping] = None,
+                 vision: Optional[OnlineClipTower] = None):
         super().__init__()
         self.llm = llm
         self.strategy = strategy
         self.skipping = skipping
+        self.vision = vision
 
     @property
     def computed_layers(self) -> int:
@@ -77,6 +81,17 @@ class VisualPromptedLM(nn.Module):
     def _cache_argument(self) -> str:
         """transformers renamed the decoder's ``past_key_values`` argument to ``cache`` during 5.x."""
         return "cache" if "cache" in inspect.signature(self._decoder.forward).parameters else "past_key_values"
+
+    def _visual_features(self, image_features: Optional[torch.Tensor], images: Optional[torch.Tensor]
+                         ) -> Optional[torch.Tensor]:
+        """The strategy's features: pre-extracted ones, or the online tower's from pixels."""
+        if self.vision is None:
+            if images is not None:
+                raise ValueError("got images but the model has no online vision tower (model.vision.online=false)")
+            return image_features
+        if images is None:
+            raise ValueError("the online vision tower (model.vision.online=true) needs images, not features")
+        return self.vision(images)
 
     def _run_decoder(self, inputs: DecoderInputs, **kwargs) -> torch.Tensor:
         out = self._decoder(
@@ -95,9 +110,11 @@ class VisualPromptedLM(nn.Module):
         labels: Optional[torch.Tensor] = None,
         image_features: Optional[torch.Tensor] = None,
         has_image: Optional[torch.Tensor] = None,
+        images: Optional[torch.Tensor] = None,
     ) -> VLMOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        image_features = self._visual_features(image_features, images)
         inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
                                last_prompt_positions(attention_mask, labels))
         hidden = self._run_decoder(inputs, use_cache=False)
@@ -115,6 +132,7 @@ class VisualPromptedLM(nn.Module):
         max_new_tokens: int = 16,
         eos_token_id: Optional[int] = None,
         stop_when_done: bool = True,
+        images: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Batched greedy decoding with the LLM's KV cache; prompts must be left-padded.
 
@@ -126,6 +144,7 @@ class VisualPromptedLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate expects left-padded prompts: attention_mask[:, -1] must be 1 for every row")
+        image_features = self._visual_features(image_features, images)
         inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
                                last_prompt_positions(attention_mask, None))
         # With skipped layers the cache slots are renumbered, so the config's per-layer cache types (sliding
@@ -192,10 +211,16 @@ class VisualPromptedLM(nn.Module):
 
 def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPromptedLM:
     """Load the frozen LLM named by ``cfg.llm``, attach the strategy ``cfg.strategy`` and drop the layers in
-    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle."""
+    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle. With
+    ``cfg.vision.online`` the frozen CLIP with its adapters comes last, so the strategy's initialisation is
+    the same in both modes."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
     llm = load_frozen_llm(cfg.llm)
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
     skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg.skip.adapter_dim)
-    return VisualPromptedLM(llm, strategy, skipping)
+    vision = build_vision_tower(cfg.vision) if cfg.vision.online else None
+    if vision is not None and (vision.tokens, vision.dim) != (cfg.visual_tokens, cfg.visual_dim):
+        raise ValueError(f"model.vision.recipe: {cfg.vision.recipe.model} makes {vision.tokens} x {vision.dim} "
+                         f"features but model.visual_tokens x model.visual_dim is {cfg.visual_tokens} x {cfg.visual_dim}")
+    return VisualPromptedLM(llm, strategy, skipping, vision)

@@ -1,4 +1,5 @@
-"""CLIP patch features with the official MemVP recipe, shared by data_prep and online prediction.
+"""CLIP patch features with the official MemVP recipe, shared by data_prep, online prediction and the online
+vision tower (memvp_ds/vision/tower.py).
 
 Default recipe: bicubic resize of the whole image to 224 x 224 (no crop), ImageNet mean/std (a quirk of the
 official code, not CLIP's own statistics), all transformer blocks but the last, CLS dropped, ln_post
@@ -7,10 +8,11 @@ applied, no projection: 256 x 1024 for ViT-L/14, stored as fp16.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 from PIL import Image
@@ -28,14 +30,19 @@ class FeatureRecipe:
     pretrained: str = "openai"
     """open_clip pretrained tag, a local checkpoint file, or 'random' (random weights: tests and demos)."""
     image_size: int = 224
+    """Side of the square the whole image is resized to (bicubic, aspect ratio not kept, no crop)."""
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    """Per-channel mean subtracted after scaling pixels to [0, 1] (official: ImageNet's, not CLIP's)."""
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    """Per-channel standard deviation the centred pixels are divided by."""
     layer: str = "penultimate"
     """penultimate (official) or last transformer block."""
     keep_cls: bool = False
+    """Keep the CLS token in front of the patch tokens (not the official recipe)."""
     quick_gelu: bool = True
     """OpenAI's CLIP weights were trained with QuickGELU; a local checkpoint file cannot tell open_clip so."""
     dtype: str = "float16"
+    """Storage dtype of extracted features."""
 
     def __post_init__(self) -> None:
         if self.layer not in ("penultimate", "last"):
@@ -45,14 +52,36 @@ class FeatureRecipe:
         return asdict(self)
 
 
-def image_transform(recipe: FeatureRecipe) -> transforms.Compose:
-    return transforms.Compose(
-        [
-            transforms.Resize((recipe.image_size, recipe.image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(recipe.mean, recipe.std),
-        ]
-    )
+def resize_image(image: Image.Image, recipe: FeatureRecipe) -> Image.Image:
+    """The recipe's resize: the whole image squashed to image_size x image_size, bicubic (PIL)."""
+    size = (recipe.image_size, recipe.image_size)
+    return transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC)(image)
+
+
+def image_pixels(image: Image.Image, recipe: FeatureRecipe) -> torch.Tensor:
+    """(3, S, S) uint8 pixels after the recipe's resize: what shards store for online use (as PNG)."""
+    return transforms.functional.pil_to_tensor(resize_image(image, recipe))
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: List[float], std: List[float]) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 scaled to [0, 1] and normalised per channel.
+
+    The very operations of torchvision's ToTensor + Normalize, in the same order, so features made from
+    stored pixels equal features made from the decoded image bit for bit.
+    """
+    x = pixels.to(torch.float32).div(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.sub(mean_t).div(std_t)
+
+
+def _transform(image: Image.Image, recipe: FeatureRecipe) -> torch.Tensor:
+    return normalize_pixels(image_pixels(image, recipe), recipe.mean, recipe.std)
+
+
+def image_transform(recipe: FeatureRecipe) -> Callable[[Image.Image], torch.Tensor]:
+    """RGB image -> (3, S, S) float32 CLIP input: resize, scale to [0, 1], normalise (picklable)."""
+    return functools.partial(_transform, recipe=recipe)
 
 
 def load_image(path: str) -> Image.Image:
@@ -91,7 +120,9 @@ def load_clip_visual(recipe: FeatureRecipe, allow_download: bool = False) -> nn.
             f"CLIP weights '{pretrained}' are not a local file; pass the checkpoint path "
             "(e.g. open_clip_pytorch_model.bin) or allow downloads explicitly"
         )
-    model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu)
+    # On the default device, so a model built under ``torch.device("meta")`` (sizing without allocating) stays there.
+    model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu,
+                                   device=torch.get_default_device())
     visual = model.visual.eval().requires_grad_(False)
     for attr in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post"):
         if not hasattr(visual, attr):
