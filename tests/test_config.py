@@ -96,7 +96,7 @@ def test_every_option_is_documented_and_listed_by_help_config():
     assert len(rows) > 60
     assert [key for key, _, _, doc in rows if not doc] == []
     proc = subprocess.run([sys.executable, "memvp_ds/train.py", "--help-config"], cwd=CONFIGS.parent,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for key, _, default, _ in rows:
         assert f"{key} (" in proc.stdout and f"default: {default!r}" in proc.stdout, key
