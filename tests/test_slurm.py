@@ -104,8 +104,9 @@ def test_extract_array_job_matches_single_process(slurm, dataset, tmp_path):
 # --- guarantees of docs/reliability.md: argument passing and requeue decisions ---------------------------
 
 # Stands in for the program a Slurm script starts (MEMVP_PYTHON): records its argv, then plays this attempt's
-# act from STAND_IN_ACTS (one per attempt, by SLURM_RESTART_COUNT). "preempt" does what the trainer does on
-# the stop signal: status.json "preempted" written atomically by rank 0, exit 0.
+# act from STAND_IN_ACTS (one per attempt, by SLURM_RESTART_COUNT): "exit0" exits 0, "crash" exits 3,
+# "crash-on-stop" exits 4 on the stop signal, "preempt" does what the trainer does on the stop signal
+# (rank 0 writes status.json "preempted" atomically, every rank exits 0).
 STAND_IN = """#!{python}
 import json, os, signal, sys, time, uuid
 
@@ -132,7 +133,8 @@ if act in ("preempt", "crash-on-stop"):
             json.dump({{"status": "preempted", "step": 4, "total_steps": 40}}, f)
         os.replace(os.path.join(out, "status.json.tmp"), os.path.join(out, "status.json"))
 """
-# Spaces, both quote kinds, $, backquotes, a glob and a backslash: any re-parsing by a shell would change one.
+# Spaces, both quote kinds, $, backquotes, a glob, a backslash and an empty argument: any re-parsing by a
+# shell would change or drop one.
 AWKWARD = ["model.llm.path=/ckpt/my model", "data.prompt=it's \"quoted\" $HOME `id` *", "--weights",
            "a b/'c'\\d.safetensors", ""]
 
