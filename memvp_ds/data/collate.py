@@ -23,13 +23,16 @@ class TokenizedSample:
 
 
 class SampleEncoder:
-    """Raw tar sample (bytes of .json and optional .npy) -> TokenizedSample, checked against the model."""
+    """Raw tar sample (bytes of .json and optional .npy) -> TokenizedSample, checked against the model.
+
+    ``with_target=False`` encodes the evaluation prompt; ``use_caption`` puts the sample's caption in a
+    ScienceQA context (the official evaluation does, training does not)."""
 
     def __init__(self, tokenizer, prompt_format: str, max_seq_len: int, visual_tokens: int, visual_dim: int,
-                 with_target: bool = True, use_images: bool = True):
+                 with_target: bool = True, use_images: bool = True, use_caption: bool = False):
         self.tokenizer, self.prompt_format, self.max_seq_len = tokenizer, prompt_format, max_seq_len
         self.feature_shape = (visual_tokens, visual_dim)
-        self.with_target, self.use_images = with_target, use_images
+        self.with_target, self.use_images, self.use_caption = with_target, use_images, use_caption
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
         fields = json.loads(raw[FIELDS_MEMBER])
@@ -40,7 +43,7 @@ class SampleEncoder:
             features = decode_features(raw[FEATURES_MEMBER])
             if features.shape != self.feature_shape:
                 raise ValueError(f"sample {raw['__key__']}: features {features.shape}, model expects {self.feature_shape}")
-        segments = build_segments(fields, self.prompt_format, with_target=self.with_target)
+        segments = build_segments(fields, self.prompt_format, self.with_target, self.use_caption)
         encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
         ids, labels = encoded.input_ids, encoded.labels
         if self.with_target:
