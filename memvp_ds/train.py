@@ -51,9 +51,11 @@ def print_plan(cfg, world_size=None) -> int:
     """--dry-run: the run's plan as one JSON object on stdout."""
     import json
 
+    from memvp_ds.config import check_at_least
     from memvp_ds.engine.plan_report import dry_run_report
 
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    check_at_least("--world-size", world_size, 1)
     print(json.dumps(dry_run_report(cfg, world_size), indent=2))
     return 0
 
