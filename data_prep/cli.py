@@ -34,6 +34,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--image-root", default=".", help="llava/jsonl: folder that image paths are relative to")
     p.add_argument("--split", default="train", help="llava/jsonl: split name for records without one")
     p.add_argument("--splits", nargs="*", help="scienceqa: splits to extract (default train val test)")
+    p.add_argument("--captions", help="scienceqa: captions.json (default: <root>/captions.json when present); "
+                   "stored per sample for the official evaluation context")
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name or model-config JSON path")
     p.add_argument("--clip-pretrained", default="openai",
@@ -62,7 +64,7 @@ def _build_source(args):
     if args.source == "scienceqa":
         if not args.root:
             sys.exit("extract: --root is required for --source scienceqa")
-        return ScienceQASource(args.root, args.splits)
+        return ScienceQASource(args.root, args.splits, args.captions)
     if not args.annotations:
         sys.exit(f"extract: --annotations is required for --source {args.source}")
     cls = LlavaSource if args.source == "llava" else JsonlQASource

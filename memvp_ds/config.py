@@ -108,14 +108,18 @@ class ModelConfig:
 class DataConfig:
     """Where the shards are and how samples become token sequences."""
 
+    shards: Optional[str] = None
+    """data_prep's output folder (it holds manifest.json): each split uses every shard the manifest lists
+    for it. ``train_shards``/``val_shards``/``test_shards`` replace a split's list by an explicit one."""
     train_shards: Optional[str] = None
-    """WebDataset shards of the training split: a brace pattern, a list separated by '::', or 'pipe:' URLs."""
+    """Explicit shards of the training split instead of the manifest's list (a subset, or shards elsewhere):
+    a brace pattern, a list separated by '::', or 'pipe:' URLs. The run plan reports the coverage."""
     val_shards: Optional[str] = None
-    """Shards of the validation split (periodic evaluation, and held-out batches of the searches)."""
+    """Explicit shards of the validation split (periodic evaluation, held-out batches of the searches)."""
     test_shards: Optional[str] = None
-    """Shards of the test split (memvp-eval --split test)."""
+    """Explicit shards of the test split (memvp-eval --split test)."""
     manifest: Optional[str] = None
-    """manifest.json written by data_prep; default: the one next to the training shards."""
+    """manifest.json written by data_prep; default: the one in ``shards``, else next to the training shards."""
     tokenizer: Optional[str] = None
     """Local HF tokenizer directory (default: the LLM directory)."""
     prompt_format: str = "qcm_a"
@@ -168,9 +172,13 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Gradient-norm clipping threshold (0: off, as in the official recipe)."""
     precision: str = "bf16"
-    """bf16, fp16 or fp32 (frozen weights and compute; trainable master weights stay fp32)."""
+    """bf16, fp16 or fp32 (frozen weights and compute; trainable master weights stay fp32). fp16 is the
+    paper's precision (with model.llm.dtype=float16): DeepSpeed fp16 with dynamic loss scaling set like the
+    official GradScaler (start 2**16, halve on overflow, double after 2000 clean steps) unless the
+    DeepSpeed JSON's fp16 section says otherwise."""
     ds_config: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON; its "auto" values are filled from this config."""
+    """DeepSpeed JSON; its "auto" values are filled from this config. A relative path not found from the
+    working directory is looked up in the project's shipped ds_configs/."""
     gradient_checkpointing: bool = False
     """Recompute each decoder block in backward (non-reentrant): less activation memory, ~1/3 more compute."""
     save_interval: int = 500
@@ -209,7 +217,13 @@ class EvalConfig:
     batch_size: int = 8
     """Prompts per generation batch and rank."""
     max_new_tokens: int = 16
-    """Greedy decoding length for free-form formats (qa, conversation)."""
+    """Greedy decoding length for free-form formats (qa, conversation). ScienceQA (qcm_a) always follows
+    the official protocol: the prompt ends in 'The answer is', ONE token is generated, and its first
+    capital letter is the answer (none, or a letter beyond the choices, is a parse failure: wrong)."""
+    use_caption: bool = True
+    """ScienceQA (qcm_a): the evaluation context is the hint + ' ' + the image caption (the 'caption' field
+    data_prep takes from captions.json), as the official evaluation does; training never uses captions.
+    False: the hint alone, as in training. The metrics report which was used."""
     interval: int = 0
     """Evaluate on the val shards every N optimizer steps (0: only at the end)."""
     max_samples: Optional[int] = None
@@ -266,7 +280,8 @@ class Config:
     """Architecture searches."""
 
     def __post_init__(self) -> None:
-        if self.train.mode != "train" and self.data.train_shards and not self.data.val_shards:
+        explicit_only = self.data.train_shards and not self.data.shards
+        if self.train.mode != "train" and explicit_only and not self.data.val_shards:
             raise ConfigError(f"train.mode={self.train.mode} scores sub-networks on held-out data: set data.val_shards")
 
 

@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from memvp_ds.config import ConfigError
-    from memvp_ds.data.shard_format import shard_urls
-    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.data.plan import resolve_split
+    from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
     from memvp_ds.distributed import destroy, init_distributed
     from memvp_ds.engine.checkpoint import load_trainable_weights, read_export_metadata
     from memvp_ds.engine.metrics import ScalarLogger
@@ -48,11 +48,11 @@ def main(argv=None) -> int:
     else:
         raise ConfigError("--config is required unless --weights is an export file (which stores its config)")
     split = args.split or cfg.eval.split
-    spec = {"test": cfg.data.test_shards, "val": cfg.data.val_shards, "train": cfg.data.train_shards}.get(split)
-    if not spec:
-        raise ConfigError(f"no shards configured for split '{split}' (data.{split}_shards)")
-    urls = shard_urls(spec)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.llm.path, cfg.model.llm.trust_remote_code)
+    shards = resolve_split(cfg, split)
+    if shards is None:
+        raise ConfigError(f"no shards for split '{split}': set data.shards (data_prep's output) or data.{split}_shards")
+    urls = shards.urls
+    tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
 
     dist_info = init_distributed()
     device = torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")

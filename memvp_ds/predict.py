@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if args.choices:
         from memvp_ds.evaluation.scienceqa import parse_answer
 
-        index, _ = parse_answer(output, len(args.choices))
+        index = parse_answer(output, len(args.choices))
         print(f"parsed answer: {args.choices[index] if index is not None else 'none'}")
     return 0
 

@@ -1,7 +1,8 @@
 """Train a visual-prompting strategy on a frozen LLM.
 
     deepspeed memvp_ds/train.py --config configs/memvp_llama13b_sqa.yaml train.micro_batch_size=2
-    python memvp_ds/train.py --config configs/tiny_memvp.yaml data.train_shards=...   # one process
+    python memvp_ds/train.py --config configs/tiny_memvp.yaml data.shards=...   # one process
+    memvp-train --config configs/memvp_llama13b_sqa.yaml --dry-run --world-size 8    # the plan, as JSON
     torchrun --nproc_per_node 8 memvp_ds/train.py --config ...                        # or srun, see slurm/
 
 Config: the YAML file, then ``key=value`` overrides (dotted keys of memvp_ds.config). Resumes from the
@@ -23,6 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--help-config", action="store_true",
                         help="list every config key with its type, default and documentation, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check config, DeepSpeed JSON, shards, tokenizer and output folder, print the run's plan "
+                             "as JSON and exit (no model, no process group)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks the dry run plans for (default: $WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
     return parser.parse_args(argv)
 
@@ -41,6 +47,19 @@ def config_reference() -> str:
     return "\n".join(blocks)
 
 
+def print_plan(cfg, world_size=None) -> int:
+    """--dry-run: the run's plan as one JSON object on stdout."""
+    import json
+
+    from memvp_ds.config import check_at_least
+    from memvp_ds.engine.plan_report import dry_run_report
+
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    check_at_least("--world-size", world_size, 1)
+    print(json.dumps(dry_run_report(cfg, world_size), indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -50,6 +69,8 @@ def main(argv=None) -> int:
     from memvp_ds.schema import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
+    if args.dry_run:
+        return print_plan(cfg, args.world_size)
 
     from memvp_ds.distributed import destroy, init_distributed
     from memvp_ds.engine.trainer import Trainer

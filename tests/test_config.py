@@ -19,6 +19,49 @@ def test_official_recipe_values():
     assert load_config(str(CONFIGS / "memvp_llama7b_sqa.yaml")).model.memvp.memory_rows == 320
 
 
+def test_shipped_recipes_read_every_shard_of_the_extraction():
+    """No hand-written shard ranges: each split uses every shard the manifest in data.shards lists."""
+    for path in sorted(CONFIGS.glob("*_sqa.yaml")):
+        cfg = load_config(str(path))
+        assert cfg.data.shards == "data/sqa_shards", path.name
+        assert (cfg.data.train_shards, cfg.data.val_shards, cfg.data.test_shards) == (None, None, None), path.name
+        assert cfg.eval.use_caption and cfg.data.prompt_format == "qcm_a"
+
+
+def test_fp16_gives_deepspeed_dynamic_loss_scaling_like_the_official_gradscaler(tmp_path):
+    """torch.cuda.amp.GradScaler defaults: init 2**16, x0.5 on every overflow, x2 after 2000 clean steps."""
+    from memvp_ds.engine.deepspeed_config import build_ds_config
+
+    cfg = load_config(str(CONFIGS / "memvp_llama13b_sqa.yaml"), ["train.precision=fp16", "model.llm.dtype=float16"])
+    ds = build_ds_config(cfg, world_size=8)
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000,
+                          "hysteresis": 1, "min_loss_scale": 1}
+    assert ds["bf16"] == {"enabled": False} and ds["train_batch_size"] == 32
+    assert build_ds_config(load_config(str(CONFIGS / "memvp_llama13b_sqa.yaml")), 8)["fp16"] == {"enabled": False}
+    # DeepSpeed's own parser reads it as dynamic scaling with those values
+    from deepspeed.runtime.precision_config import get_float16_config
+
+    parsed = get_float16_config(ds)
+    assert parsed.enabled and parsed.loss_scale == 0 and parsed.initial_dynamic_scale() == 2**16
+    assert (parsed.loss_scale_window, parsed.hysteresis, parsed.min_loss_scale) == (2000, 1, 1)
+    # a value written in the JSON wins over the default
+    custom = tmp_path / "ds.json"
+    custom.write_text('{"fp16": {"enabled": "auto", "initial_scale_power": 12}, "zero_optimization": {"stage": 2}}')
+    ds = build_ds_config(load_config(str(CONFIGS / "memvp_llama13b_sqa.yaml"),
+                                     ["train.precision=fp16", f"train.ds_config={custom}"]), 8)
+    assert ds["fp16"]["initial_scale_power"] == 12 and ds["fp16"]["loss_scale_window"] == 2000
+
+
+def test_a_relative_ds_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    from memvp_ds.engine.deepspeed_config import locate_ds_config
+
+    monkeypatch.chdir(tmp_path)
+    assert locate_ds_config("ds_configs/zero3.json") == str(CONFIGS.parent / "ds_configs" / "zero3.json")
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3.json").write_text("{}")
+    assert locate_ds_config("ds_configs/zero3.json") == "ds_configs/zero3.json"  # the working directory first
+
+
 def test_overrides_apply_last():
     cfg = tiny_config("memvp", "train.blr=0.25", "model.memvp.memory_rows=32")
     assert cfg.train.blr == 0.25 and cfg.model.memvp.memory_rows == 32

@@ -229,3 +229,29 @@ def test_cli_synthetic_extract_with_worker_processes_and_inspect(tmp_path, capsy
     assert prep_main(["extract", "--source", "scienceqa", "--root", str(tmp_path / "nowhere"), "--out",
                       str(tmp_path / "x")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_scienceqa_captions_are_carried_into_the_samples(sqa_root, tmp_path, capsys):
+    """captions.json (the ScienceQA repo's {"captions": {pid: text}}) -> each sample's 'caption' field, ""
+    for a pid without one; without the file the field is absent."""
+    root = tmp_path / "sqa"
+    shutil.copytree(sqa_root, root)
+    problems = json.load(open(root / "problems.json"))
+    with_image = sorted(pid for pid, p in problems.items() if p["image"])
+    captions = {pid: f"A drawing number {pid}." for pid in with_image[::2]}
+    (root / "captions.json").write_text(json.dumps({"model": "x", "max_length": 64, "captions": captions}))
+    manifest = _extract(str(root), tmp_path / "out")
+    assert manifest["source"]["captions"] == str(root / "captions.json")
+    seen = 0
+    for shard in manifest["shards"]:
+        for sample in wds.WebDataset(str(tmp_path / "out" / shard["name"]), shardshuffle=False):
+            fields = json.loads(sample["json"])
+            assert fields["caption"] == captions.get(fields["source_id"], "")
+            seen += bool(fields["caption"])
+    assert seen == len(captions)
+    plain = _extract(sqa_root, tmp_path / "plain")
+    sample = next(iter(wds.WebDataset(str(tmp_path / "plain" / plain["shards"][0]["name"]), shardshuffle=False)))
+    assert "caption" not in json.loads(sample["json"]) and plain["source"]["captions"] is None
+    assert prep_main(["extract", "--source", "scienceqa", "--root", sqa_root, "--captions", str(tmp_path / "nope.json"),
+                      "--out", str(tmp_path / "x")]) == 2
+    assert "nope.json" in capsys.readouterr().err

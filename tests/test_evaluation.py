@@ -11,12 +11,28 @@ from memvp_ds.evaluation.vqa import normalize_answer, vqa_accuracy
 from tests.helpers import REPO, run_train, train_overrides
 
 
-def test_parse_answer_pattern_fallback_and_failure():
-    assert parse_answer("Answer: The answer is B.", 3) == (1, "pattern")
-    assert parse_answer("The answer is (C).", 3) == (2, "pattern")
-    assert parse_answer("B. because it is red", 3) == (1, "fallback")
-    assert parse_answer("The answer is D.", 3) == (None, "failed")  # only 3 options
-    assert parse_answer("no idea", 3) == (None, "failed")
+# (decoded output, number of choices, the official reading: first capital letter, if it is one of the choices)
+OFFICIAL_READINGS = [
+    (" A", 3, 0), ("A", 3, 0), ("B", 2, 1), ("A:", 3, 0), ("(B)", 3, 1), ("B.", 3, 1), ("\nC", 3, 2),
+    ("E", 5, 4),
+    ("The answer is: (B)", 3, None),  # reads 'T' from 'The': not an option
+    ("Answer: B", 5, 0),              # the 'A' of 'Answer': the official reading, faithfully
+    ("", 3, None), (" ", 3, None), (".", 3, None),
+    ("a", 3, None), (" b", 3, None),  # lowercase is no answer
+    ("D", 3, None), ("E", 4, None),   # beyond the choices
+    ("1", 3, None),
+]
+
+
+@pytest.mark.parametrize("output, choices, expected", OFFICIAL_READINGS)
+def test_parse_answer_is_the_official_reading(output, choices, expected):
+    assert parse_answer(output, choices) == expected
+    # independently: eval.py's re.findall(r'([A-Z])') first match, kept only within options[:len(choices)]
+    import re
+
+    found = re.findall(r"([A-Z])", output)
+    official = "ABCDE"[:choices].index(found[0]) if found and found[0] in "ABCDE"[:choices] else None
+    assert official == expected
 
 
 def _problem(answer, subject, hint, image, grade):
@@ -26,10 +42,10 @@ def _problem(answer, subject, hint, image, grade):
 
 def test_scienceqa_breakdown_matches_hand_computation():
     records = [
-        {"fields": _problem(0, "natural science", "", True, "grade2"), "output": "The answer is A."},   # right
-        {"fields": _problem(1, "natural science", "ctx", False, "grade8"), "output": "The answer is A."},  # wrong
-        {"fields": _problem(2, "social science", "ctx", True, "grade7"), "output": "C) maybe"},  # right, fallback
-        {"fields": _problem(1, "language science", "", False, "grade12"), "output": "hmm"},  # failed
+        {"fields": _problem(0, "natural science", "", True, "grade2"), "output": " A"},   # right
+        {"fields": _problem(1, "natural science", "ctx", False, "grade8"), "output": "A"},  # wrong
+        {"fields": _problem(2, "social science", "ctx", True, "grade7"), "output": "C"},  # right
+        {"fields": _problem(1, "language science", "", False, "grade12"), "output": " b"},  # parse failure
     ]
     m = scienceqa_metrics(records)
     assert m["acc/overall"] == 50.0
@@ -37,7 +53,8 @@ def test_scienceqa_breakdown_matches_hand_computation():
     # TXT: rows 2, 3 (one right); IMG: rows 1, 3 (both right); NO: row 4
     assert (m["acc/TXT"], m["acc/IMG"], m["acc/NO"]) == (50.0, 100.0, 0.0)
     assert (m["acc/G1-6"], m["acc/G7-12"]) == (100.0, pytest.approx(100 / 3))
-    assert (m["parse/pattern"], m["parse/fallback"], m["parse/failed"]) == (2, 1, 1)
+    assert m["count/parse_failures"] == 1 and m["count/overall"] == 4
+    assert [r["parsed"] for r in records] == [0, 0, 2, None] and [r["gold"] for r in records] == [0, 1, 2, 1]
 
 
 def test_vqa_accuracy_matches_hand_computation():
@@ -76,7 +93,8 @@ def test_predictions_do_not_depend_on_batch_size_or_ranks(trained, tmp_path):
     key = lambda rows: sorted((r["id"], r["output"]) for r in rows)
     assert key(by_one) == key(by_eight) == key(two_ranks)
     assert metrics == metrics8 == metrics2
-    assert {"acc/overall", "acc/IMG", "parse/failed"} <= set(metrics)
+    assert {"acc/overall", "acc/IMG", "count/parse_failures"} <= set(metrics)
+    assert metrics["answer_tokens"] == 1 and metrics["use_caption"] is True
 
 
 def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, trained):
@@ -130,3 +148,73 @@ def test_conversation_predictions_are_scored_against_the_last_answer():
     metrics = task_metrics("conversation", records)
     assert metrics["caption/bleu4"] == pytest.approx(100.0, rel=1e-6) and metrics["count/overall"] == 2
     assert records[0]["gold"] == ["a red ball on the left"]
+
+
+def test_scienceqa_evaluation_reads_one_token_after_the_answer_prefix(dataset):
+    """The official protocol on the tiny model: prompt + 'The answer is', ONE greedy token, its first capital
+    letter. Each output is checked against an independent greedy step of the model on the unpadded prompt."""
+    import re
+
+    import torch
+
+    from memvp_ds.data.shard_format import read_shard
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.evaluation.run import evaluate_split
+    from tests.conftest import tiny_config, tiny_model
+
+    cfg = tiny_config("memvp", "eval.batch_size=5", "eval.max_samples=12", "eval.max_new_tokens=7")
+    model, tok = tiny_model("memvp").eval(), load_tokenizer(dataset["tokenizer"])
+    urls = dataset["test"].split("::")
+    records, metrics = evaluate_split(cfg, model, tok, urls, 0, 1)
+    samples = {key: (fields, features) for url in urls for key, fields, features in read_shard(url)}
+    assert len(records) == 12 and metrics["answer_tokens"] == 1 and metrics["count/overall"] == 12
+    assert metrics["use_caption"] is True and metrics["count/captioned"] == 0  # the synthetic set has no captions
+    failures = 0
+    for record in records:
+        fields, features = samples[record["id"]]
+        assert record["prompt"].endswith("\nResponse:The answer is")
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(record["prompt"], add_special_tokens=False)])
+        feats = None if features is None else torch.from_numpy(features).float()[None]
+        with torch.no_grad():
+            token = model(ids, image_features=feats, has_image=torch.tensor([feats is not None])).logits[0, -1].argmax()
+        expected = "" if token == tok.eos_token_id else tok.decode([int(token)], skip_special_tokens=True)
+        assert record["output"] == expected
+        found = re.findall(r"([A-Z])", expected)
+        letters = "ABCDE"[: len(fields["choices"])]
+        official = letters.index(found[0]) if found and found[0] in letters else None
+        assert record["parsed"] == official
+        failures += official is None
+    assert metrics["count/parse_failures"] == failures
+
+
+def test_evaluation_context_carries_the_caption(dataset):
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.evaluation.run import eval_encoder
+    from tests.conftest import tiny_config
+
+    tok = load_tokenizer(dataset["tokenizer"])
+    fields = {"question": "Which?", "hint": "A hint.", "choices": ["x", "y"], "answer": 0, "caption": "A cat."}
+    raw = {"__key__": "k", "json": json.dumps(fields).encode()}
+    decode = lambda cfg: tok.decode(eval_encoder(cfg, tok)(raw).input_ids, skip_special_tokens=True)
+    assert decode(tiny_config("memvp")).split("\n")[1] == "Context: A hint. A cat."
+    assert decode(tiny_config("memvp", "eval.use_caption=false")).split("\n")[1] == "Context: A hint."
+
+
+def test_a_tokenizer_without_bos_trains_and_evaluates(dataset, tmp_path):
+    """Qwen2-style: no BOS token. The real entry point trains with it; the export evaluates."""
+    from memvp_ds.data.prompts import build_segments
+    from memvp_ds.data.tokenizer import load_tokenizer, train_tokenizer
+    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.evaluation.run import evaluate_split
+
+    problems = json.load(open(dataset["root"] / "sqa" / "problems.json"))
+    texts = ["".join(t for t, _ in build_segments(p, "qcm_a")) for p in problems.values()]
+    train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=400, with_bos=False)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.bos_token_id is None
+    overrides = train_overrides(dataset, tmp_path / "run", "train.max_steps=4", f"data.tokenizer={tmp_path / 'tok'}")
+    run_train(overrides)
+    model, cfg = load_exported(str(tmp_path / "run" / "export" / "trainable.safetensors"))
+    records, metrics = evaluate_split(cfg, model, tok, dataset["test"].split("::"), 0, 1)
+    assert metrics["count/overall"] == 32 and len(records) == 32
+    assert all(r["prompt"].startswith("Question: ") for r in records)

@@ -1,13 +1,20 @@
-"""ScienceQA: problems.json + pid_splits.json + images/{split}/{pid}/image.png."""
+"""ScienceQA: problems.json + pid_splits.json + images/{split}/{pid}/image.png, and captions.json when present.
+
+captions.json is the ScienceQA repository's caption file (``{"captions": {pid: text}}``, made by its
+tools/generate_caption.py); the official MemVP evaluation puts the caption into the test context. Each
+sample then stores its caption ("" for a pid without one) in the ``caption`` field.
+"""
 
 from __future__ import annotations
 
 import os
+import json
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from data_prep.sources.base import Example, safe_key
 from data_prep.sources.records import AnnotationError, Field, check_fields, is_index, is_text, is_text_list, load_json
 
+CAPTIONS = "captions.json"
 _KEPT_FIELDS = ("question", "choices", "answer", "hint", "subject", "topic", "category", "grade", "lecture", "solution")
 _PROBLEM_FIELDS = (
     Field("question", is_text, "a string"),
@@ -21,21 +28,37 @@ _PROBLEM_FIELDS = (
 class ScienceQASource:
     name = "scienceqa"
 
-    def __init__(self, root: str, splits: Optional[Sequence[str]] = None):
+    def __init__(self, root: str, splits: Optional[Sequence[str]] = None, captions: Optional[str] = None):
+        """``captions``: the captions.json to use; default ``root/captions.json`` if it exists (else none)."""
         self.root = root
         self.problems_path = os.path.join(root, "problems.json")
         self.splits_path = os.path.join(root, "pid_splits.json")
         for path in (self.problems_path, self.splits_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"ScienceQA root {root} has no {os.path.basename(path)}")
+        if captions is not None and not os.path.isfile(captions):
+            raise FileNotFoundError(f"captions file not found: {captions}")
+        default = os.path.join(root, CAPTIONS)
+        self.captions = captions or (default if os.path.isfile(default) else None)
         self.splits = list(splits) if splits else ["train", "val", "test"]
 
     def describe(self):
-        return {"type": self.name, "root": os.path.abspath(self.root), "splits": self.splits}
+        return {"type": self.name, "root": os.path.abspath(self.root), "splits": self.splits,
+                "captions": os.path.abspath(self.captions) if self.captions else None}
+
+    def _read_captions(self) -> Optional[Dict[str, str]]:
+        if self.captions is None:
+            return None
+        with open(self.captions) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("captions"), dict):
+            raise ValueError(f"{self.captions}: expected {{\"captions\": {{pid: caption}}}}")
+        return data["captions"]
 
     def examples(self) -> Iterator[Example]:
         problems = _load_object(self.problems_path)
         pid_splits = _load_object(self.splits_path)
+        captions = self._read_captions()
         for split in self.splits:
             for pid in self._split_pids(pid_splits, split):
                 problem = problems.get(str(pid))
@@ -48,6 +71,8 @@ class ScienceQASource:
                     image = os.path.join(self.root, "images", split, str(pid), problem["image"])
                 fields = {name: problem.get(name) for name in _KEPT_FIELDS}
                 fields.update(source_id=str(pid), split=split)
+                if captions is not None:
+                    fields["caption"] = captions.get(str(pid), "")
                 yield Example(key=safe_key(pid), split=split, image=image, fields=fields)
 
     def _split_pids(self, pid_splits: Dict[str, Any], split: str) -> List[Any]:

@@ -26,15 +26,17 @@ class TokenizedSample:
 class SampleEncoder:
     """Raw tar sample (bytes of .json and optional .npy / .png) -> TokenizedSample, checked against the model.
 
-    With ``image_size`` set (an online vision tower) the sample's stored image is read as (3, S, S) uint8
-    pixels instead of its features."""
+    ``with_target=False`` encodes the evaluation prompt; ``use_caption`` puts the sample's caption in a
+    ScienceQA context (the official evaluation does, training does not). With ``image_size`` set (an online
+    vision tower) the sample's stored image is read as (3, S, S) uint8 pixels instead of its features."""
 
     def __init__(self, tokenizer, prompt_format: str, max_seq_len: int, visual_tokens: int, visual_dim: int,
-                 with_target: bool = True, use_images: bool = True, image_size: Optional[int] = None):
+                 with_target: bool = True, use_images: bool = True, use_caption: bool = False,
+                 image_size: Optional[int] = None):
         self.tokenizer, self.prompt_format, self.max_seq_len = tokenizer, prompt_format, max_seq_len
         self.member = FEATURES_MEMBER if image_size is None else IMAGE_MEMBER
         self.feature_shape = (visual_tokens, visual_dim) if image_size is None else (3, image_size, image_size)
-        self.with_target, self.use_images = with_target, use_images
+        self.with_target, self.use_images, self.use_caption = with_target, use_images, use_caption
 
     def _decode(self, data: bytes) -> np.ndarray:
         if self.member == FEATURES_MEMBER:
@@ -52,7 +54,7 @@ class SampleEncoder:
             if features.shape != self.feature_shape:
                 raise ValueError(f"sample {raw['__key__']}: .{self.member} {features.shape}, model expects "
                                  f"{self.feature_shape}")
-        segments = build_segments(fields, self.prompt_format, with_target=self.with_target)
+        segments = build_segments(fields, self.prompt_format, self.with_target, self.use_caption)
         encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
         ids, labels = encoded.input_ids, encoded.labels
         if self.with_target:
@@ -62,12 +64,12 @@ class SampleEncoder:
         return TokenizedSample(raw["__key__"], ids, labels, features, fields)
 
 
-def build_encoder(cfg, tokenizer, with_target: bool = True) -> SampleEncoder:
+def build_encoder(cfg, tokenizer, with_target: bool = True, use_caption: bool = False) -> SampleEncoder:
     """The run's encoder (``cfg``: the run config): stored features, or stored images when the model runs
     its vision tower online (``model.vision.online``)."""
     vision = cfg.model.vision
     return SampleEncoder(tokenizer, cfg.data.prompt_format, cfg.data.max_seq_len, cfg.model.visual_tokens,
-                         cfg.model.visual_dim, with_target, cfg.data.use_images,
+                         cfg.model.visual_dim, with_target, cfg.data.use_images, use_caption,
                          image_size=vision.recipe.image_size if vision.online else None)
 
 

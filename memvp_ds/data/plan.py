@@ -1,4 +1,5 @@
-"""Sizing a run from its shards: which URLs, how many samples, how many steps. Reads only the manifest."""
+"""Sizing a run from its shards: which URLs each split uses, how many samples, how many steps. Reads only
+the manifest (and checks that the shards it names are there with the listed sizes)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,43 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from memvp_ds.config import Config, ConfigError
-from memvp_ds.data.shard_format import FEATURES_MEMBER, IMAGE_MEMBER, MANIFEST, read_manifest, shard_urls, stored_members
+from memvp_ds.data.shard_format import (
+    FEATURES_MEMBER,
+    IMAGE_MEMBER,
+    MANIFEST,
+    REMOTE_PREFIXES,
+    read_manifest,
+    shard_urls,
+    split_urls,
+    stored_members,
+)
 
+SPLITS = ("train", "val", "test")
 ONLINE_RECIPE_KEYS = ("image_size", "mean", "std", "layer", "keep_cls")
 """Recipe entries the shards' manifest and an online vision tower (model.vision.recipe) must agree on."""
 
 
 @dataclass
+class SplitShards:
+    """The shards one split reads, and how much of the manifest's split that covers."""
+
+    urls: List[str]
+    source: str
+    """'manifest' (every shard listed for the split in data.shards) or 'explicit' (data.<split>_shards)."""
+    shards_used: int
+    shards_listed: int
+    samples_used: int
+    samples_listed: int
+
+    def coverage(self) -> Dict[str, Any]:
+        return {"source": self.source, "shards": f"{self.shards_used}/{self.shards_listed}",
+                "samples": f"{self.samples_used}/{self.samples_listed}"}
+
+
+@dataclass
 class DataPlan:
-    train_urls: List[str]
-    val_urls: Optional[List[str]]
+    splits: Dict[str, SplitShards]
+    """Per split (train, val, test) the shards it reads; a split without shards is absent."""
     train_samples: int
     shard_samples: Dict[str, int]
     """Manifest sample count per shard file name: a shard that yields fewer was truncated."""
@@ -27,12 +55,37 @@ class DataPlan:
     total_steps: int
     warmup_steps: int
 
+    @property
+    def train_urls(self) -> List[str]:
+        return self.splits["train"].urls
 
-def _read_checked_manifest(cfg: Config, first_shard: str) -> Dict[str, Any]:
-    path = cfg.data.manifest or os.path.join(os.path.dirname(first_shard), MANIFEST)
+    @property
+    def val_urls(self) -> Optional[List[str]]:
+        return self.splits["val"].urls if "val" in self.splits else None
+
+
+def manifest_path(cfg: Config) -> Optional[str]:
+    """data.manifest, else the one in data.shards, else the one next to the first explicit training shard."""
+    if cfg.data.manifest:
+        return cfg.data.manifest
+    if cfg.data.shards:
+        return os.path.join(cfg.data.shards, MANIFEST)
+    spec = cfg.data.train_shards or cfg.data.val_shards or cfg.data.test_shards
+    if spec and not spec.startswith(("pipe:",) + REMOTE_PREFIXES):
+        return os.path.join(os.path.dirname(shard_urls(spec)[0]), MANIFEST)
+    return None
+
+
+def load_checked_manifest(cfg: Config) -> Dict[str, Any]:
+    """The run's manifest, complete, with features of the shape the model expects."""
+    path = manifest_path(cfg)
+    if path is None:
+        raise ConfigError("data.shards: not set (the data_prep output folder); or give data.manifest for remote shards")
     if not os.path.isfile(path):
         raise ConfigError(f"data.manifest: {path} not found (data_prep writes it next to the shards)")
     manifest = read_manifest(path)
+    if not manifest.get("complete", True):
+        raise ConfigError(f"{path}: the extraction is incomplete (still running, interrupted, or parts not merged)")
     recipe = manifest["recipe"]
     if (recipe["tokens"], recipe["dim"]) != (cfg.model.visual_tokens, cfg.model.visual_dim):
         raise ConfigError(
@@ -61,20 +114,54 @@ def _check_store(cfg: Config, path: str, manifest: Dict[str, Any]) -> None:
                               f"is {getattr(vision.recipe, key)}")
 
 
+def _check_sizes(urls: List[str], listed: Dict[str, Dict[str, Any]]) -> None:
+    """A local shard whose size differs from the manifest's is damaged or from another extraction."""
+    for url in urls:
+        entry = listed.get(os.path.basename(url))
+        if entry and os.path.isfile(url) and os.path.getsize(url) != entry["bytes"]:
+            raise ConfigError(f"{url}: {os.path.getsize(url)} bytes, the manifest lists {entry['bytes']} "
+                              f"(truncated? run memvp-prep verify)")
+
+
+def resolve_split(cfg: Config, split: str, manifest: Optional[Dict[str, Any]] = None) -> Optional[SplitShards]:
+    """The shards ``split`` reads: data.<split>_shards when set, else every shard that the manifest in
+    data.shards lists for the split. None when the split has no shards. Explicit shards must be listed in
+    the manifest under that split."""
+    explicit = getattr(cfg.data, f"{split}_shards")
+    if not explicit and not cfg.data.shards:
+        return None
+    manifest = manifest if manifest is not None else load_checked_manifest(cfg)
+    listed = {s["name"]: s for s in manifest["shards"] if s["split"] == split}
+    if explicit:
+        urls, source = shard_urls(explicit), "explicit"
+        unknown = [u for u in urls if os.path.basename(u) not in listed]
+        if unknown:
+            raise ConfigError(f"data.{split}_shards: {unknown[0]} is not a {split} shard of {manifest_path(cfg)}")
+    else:
+        urls, source = split_urls(cfg.data.shards, split), "manifest"
+        if not urls:
+            return None
+    _check_sizes(urls, listed)
+    used = [listed[os.path.basename(u)] for u in urls]
+    return SplitShards(urls, source, len(used), len(listed), sum(s["samples"] for s in used),
+                       sum(s["samples"] for s in listed.values()))
+
+
 def plan_data(cfg: Config, world_size: int) -> DataPlan:
     """Check shards and manifest against the config and size the run; no model is touched."""
-    if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards is not set")
-    train_urls = shard_urls(cfg.data.train_shards)
-    val_urls = shard_urls(cfg.data.val_shards) if cfg.data.val_shards else None
-    manifest = _read_checked_manifest(cfg, train_urls[0])
-    names = {os.path.basename(u) for u in train_urls}
-    samples = sum(s["samples"] for s in manifest["shards"] if s["name"] in names)
-    if samples == 0:
-        raise ConfigError(f"data.train_shards: none of {sorted(names)[:3]}... is listed in the manifest")
+    if not cfg.data.shards and not cfg.data.train_shards:
+        raise ConfigError("data.shards: not set (the data_prep output folder holding manifest.json)")
+    manifest = load_checked_manifest(cfg)
+    splits = {split: shards for split in SPLITS if (shards := resolve_split(cfg, split, manifest)) is not None}
+    if "train" not in splits or splits["train"].samples_used == 0:
+        raise ConfigError(f"data.shards: {manifest_path(cfg)} lists no training samples")
+    if cfg.train.mode != "train" and "val" not in splits:
+        raise ConfigError(f"train.mode={cfg.train.mode} scores sub-networks on held-out data: the manifest lists "
+                          f"no val shards and data.val_shards is not set")
+    samples = splits["train"].samples_used
     global_batch = cfg.train.global_batch(world_size)
     steps_per_epoch = max(1, samples // global_batch)
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     warmup = min(total, round(cfg.train.warmup_epochs * steps_per_epoch))
     counts = {s["name"]: s["samples"] for s in manifest["shards"]}
-    return DataPlan(train_urls, val_urls, samples, counts, manifest["recipe"], steps_per_epoch, total, warmup)
+    return DataPlan(splits, samples, counts, manifest["recipe"], steps_per_epoch, total, warmup)

@@ -1,8 +1,12 @@
-"""Prompt builders and the label mask: ScienceQA QCM-A and LLaVA-style conversations.
+"""Prompt builders and the label mask: ScienceQA QCM-A (the official MemVP strings), generic QA and
+LLaVA-style conversations.
 
-Both reduce to a list of segments (text, is_target); ``encode_segments`` tokenizes them, puts the loss on
-target segments only and truncates to ``max_seq_len``. Training and evaluation use the same builders, so
-the prompt a model is evaluated on is byte-identical to the one it was trained on.
+Every format is a list of segments (text, is_target). ``encode_segments`` tokenizes the concatenated text
+as ONE string, as the official code does (a byte-level BPE would otherwise split a word at a segment
+boundary), and puts the loss on the tokens of target segments; a segment's tokens are found by tokenizing
+the text up to its end alone. Training and evaluation use the same builders, so the prompt a model is
+evaluated on is the one it was trained on (plus the caption, when the evaluation uses it, and the answer
+prefix).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from memvp_ds.config import PROMPT_FORMATS
 IGNORE_INDEX = -100
 """Label of a position without loss (prompt, padding). The model treats every negative label so."""
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ANSWER_PREFIX = "The answer is"
+"""What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
 Segment = Tuple[str, bool]
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 
@@ -26,15 +32,25 @@ class EncodedText:
     labels: List[int]
 
 
-def scienceqa_prompt(question: str, choices: Sequence[str], hint: Optional[str]) -> str:
-    """The QCM part of the official QCM-A format."""
-    context = (hint or "").strip() or "N/A"
+def scienceqa_context(hint: Optional[str], caption: Optional[str] = None) -> str:
+    """Hint and caption joined by one space, or 'N/A' when both are empty."""
+    return " ".join([hint or "", caption or ""]).strip() or "N/A"
+
+
+def scienceqa_prompt(question: str, choices: Sequence[str], hint: Optional[str], caption: Optional[str] = None) -> str:
+    """The official QCM-A prompt: 'Question: q\\nContext: c\\nOptions: (A) x (B) y\\nResponse:'.
+
+    Like the official code, one pass of replace('  ', ' ') over the whole prompt (so three spaces become
+    two), then strip().
+    """
     options = " ".join(f"({OPTION_LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
-    return f"Question: {question}\nContext: {context}\nOptions: {options}\n"
+    prompt = f"Question: {question}\nContext: {scienceqa_context(hint, caption)}\nOptions: {options}\nResponse:"
+    return prompt.replace("  ", " ").strip()
 
 
 def scienceqa_target(answer_index: int) -> str:
-    return f"Answer: The answer is {OPTION_LETTERS[answer_index]}."
+    """'The answer is X.', trained right after 'Response:' with no separator."""
+    return f"The answer is {OPTION_LETTERS[answer_index]}."
 
 
 def strip_image_placeholder(text: str) -> str:
@@ -45,62 +61,87 @@ def strip_image_placeholder(text: str) -> str:
 def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
     """LLaVA turns [{"from": "human"|"gpt", "value": ...}] as 'USER: ...\\nASSISTANT: ...' segments.
 
-    The ``<image>`` placeholder is removed: the image enters through the strategy, not the text.
+    The space after 'ASSISTANT:' starts the answer segment, so that the prompt tokenized alone is a token
+    prefix of the whole text (a prompt ending in a space would tokenize to a lone space token). The
+    ``<image>`` placeholder is removed: the image enters through the strategy, not the text.
     """
     segments: List[Segment] = []
     for turn in turns:
         text = strip_image_placeholder(turn["value"])
         if turn["from"] == "human":
-            segments.append((f"USER: {text}\nASSISTANT: ", False))
+            segments.append((f"USER: {text}\nASSISTANT:", False))
         elif turn["from"] == "gpt":
-            segments.append((f"{text}\n", True))
+            segments.append((f" {text}\n", True))
         else:
             raise ValueError(f"conversation turn 'from' must be 'human' or 'gpt', got {turn['from']!r}")
     return segments
 
 
-def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
-    """Tokenize segments behind BOS; labels are the token ids on target segments (and EOS), else -100.
+def bos_ids(tokenizer) -> List[int]:
+    """[BOS] where the tokenizer has one (LLaMA), [] where it has none (Qwen2)."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
-    EOS ends the sequence only if it ends with a target. Too long a sequence loses tokens from the start
-    of the text after BOS (the oldest context), so the answer the loss is computed on is kept whole.
+
+def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
+    """BOS (if any) + the segments' text tokenized as one string (+ EOS when it ends with a target).
+
+    Labels are the token ids of target segments and of EOS, -100 elsewhere. A segment ends after as many
+    tokens as the text up to its end has when tokenized alone (the official prompt length); that text's
+    tokens must be a prefix of the whole text's tokens, else the mask would be wrong: ValueError. Too
+    long a sequence loses tokens from the start of the text after BOS (the oldest context), so the answer
+    the loss is computed on is kept whole.
     """
-    input_ids: List[int] = [tokenizer.bos_token_id]
-    labels: List[int] = [IGNORE_INDEX]
-    for text, is_target in segments:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        input_ids += ids
-        labels += ids if is_target else [IGNORE_INDEX] * len(ids)
+    head = bos_ids(tokenizer)
+    text = "".join(segment for segment, _ in segments)
+    input_ids = head + tokenizer.encode(text, add_special_tokens=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    start, prefix = len(head), ""
+    for index, (segment, is_target) in enumerate(segments):
+        prefix += segment
+        end = len(input_ids)
+        if index < len(segments) - 1:
+            prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+            end = len(head) + len(prefix_ids)
+            if input_ids[len(head) : end] != prefix_ids:
+                raise ValueError(f"the tokenizer merges across the segment boundary after {prefix[-30:]!r}: "
+                                 f"the text before it is not a token prefix of the whole text")
+        if is_target:
+            labels[start:end] = input_ids[start:end]
+        start = end
     if segments and segments[-1][1]:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     overflow = len(input_ids) - max_seq_len
     if overflow > 0:
-        input_ids = input_ids[:1] + input_ids[1 + overflow :]
-        labels = labels[:1] + labels[1 + overflow :]
+        keep = len(head)
+        input_ids = input_ids[:keep] + input_ids[keep + overflow :]
+        labels = labels[:keep] + labels[keep + overflow :]
     return EncodedText(input_ids=input_ids, labels=labels)
 
 
-def build_segments(fields: dict, prompt_format: str, with_target: bool = True) -> List[Segment]:
+def build_segments(fields: dict, prompt_format: str, with_target: bool = True,
+                   use_caption: bool = False) -> List[Segment]:
     """Segments for one stored sample. ``with_target=False`` gives the prompt a model answers at eval time.
 
-    qcm_a: ScienceQA question/hint/choices -> 'Answer: The answer is X.'; qa: generic question -> answer
-    (with options when the sample has choices); conversation: LLaVA turns (eval prompts end before the
-    last answer).
+    qcm_a: the official ScienceQA prompt -> 'The answer is X.' (evaluation prompt: the prompt +
+    'The answer is'; ``use_caption`` adds the sample's ``caption`` field to the context, as the official
+    evaluation does); qa: generic question -> answer (with options when the sample has choices);
+    conversation: LLaVA turns (eval prompts end before the last answer).
     """
     if prompt_format == "qcm_a":
-        segments = [(scienceqa_prompt(fields["question"], fields["choices"], fields.get("hint")), False)]
-        target = scienceqa_target(int(fields["answer"]))
-    elif prompt_format == "qa":
+        caption = fields.get("caption") if use_caption else None
+        prompt = scienceqa_prompt(fields["question"], fields["choices"], fields.get("hint"), caption)
+        if not with_target:
+            return [(prompt + ANSWER_PREFIX, False)]
+        return [(prompt, False), (scienceqa_target(int(fields["answer"])), True)]
+    if prompt_format == "qa":
         prompt = f"Question: {fields['question']}\n"
         if fields.get("choices"):
             prompt += "Options: " + " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(fields["choices"])) + "\n"
-        segments, target = [(prompt, False)], f"Answer: {fields['answer']}"
-    elif prompt_format == "conversation":
+        return [(prompt, False), (f"Answer: {fields['answer']}", True)] if with_target else [(prompt, False)]
+    if prompt_format == "conversation":
         segments = conversation_segments(fields["conversations"])
         if with_target:
             return segments
         return segments[:-1] if segments and segments[-1][1] else segments
-    else:
-        raise ValueError(f"data.prompt_format: unknown format '{prompt_format}'; choose one of {PROMPT_FORMATS}")
-    return segments + [(target, True)] if with_target else segments
+    raise ValueError(f"data.prompt_format: unknown format '{prompt_format}'; choose one of {PROMPT_FORMATS}")

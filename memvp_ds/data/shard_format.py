@@ -104,6 +104,18 @@ def split_counts(shards: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
     return counts
 
 
+def split_urls(folder: str, split: str) -> List[str]:
+    """Paths of every shard that the manifest in ``folder`` lists for ``split``, in name order ([] when it
+    lists none). A listed shard missing from the folder is an error naming it."""
+    manifest = read_manifest(folder)
+    urls = [os.path.join(folder, name) for name in sorted(s["name"] for s in manifest["shards"] if s["split"] == split)]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) listed in {os.path.join(folder, MANIFEST)} not found, "
+                                f"e.g. {missing[0]}")
+    return urls
+
+
 def shard_urls(spec: str) -> List[str]:
     """Expand '::'-separated brace patterns; local paths must exist, 'pipe:' and remote URLs are kept."""
     urls: List[str] = []
@@ -117,18 +129,25 @@ def shard_urls(spec: str) -> List[str]:
     return urls
 
 
-def read_shard(path: str, with_images: bool = False) -> Iterator[Tuple]:
-    """(key, fields, features-or-None) of every sample of a local shard, in order; with ``with_images``,
-    (key, fields, features-or-None, image-or-None)."""
-    samples: Dict[str, Dict[str, bytes]] = {}
+def read_raw_samples(path: str) -> Iterator[Dict[str, Any]]:
+    """Every sample of a local shard, in order, as WebDataset readers give it: ``{"__key__": key, member
+    suffix: bytes}`` (what ``memvp_ds.data.collate.SampleEncoder`` takes)."""
+    samples: Dict[str, Dict[str, Any]] = {}
     with tarfile.open(path) as tar:
         for member in tar:
             key, _, ext = os.path.basename(member.name).partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    for key, members in samples.items():
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+    yield from samples.values()
+
+
+def read_shard(path: str, with_images: bool = False) -> Iterator[Tuple]:
+    """(key, fields, features-or-None) of every sample of a local shard, in order; with ``with_images``,
+    (key, fields, features-or-None, image-or-None)."""
+    for members in read_raw_samples(path):
         fields = json.loads(members[FIELDS_MEMBER])
         features = decode_features(members[FEATURES_MEMBER]) if FEATURES_MEMBER in members else None
         if with_images:
-            yield key, fields, features, decode_image(members[IMAGE_MEMBER]) if IMAGE_MEMBER in members else None
+            yield members["__key__"], fields, features, (
+                decode_image(members[IMAGE_MEMBER]) if IMAGE_MEMBER in members else None)
         else:
-            yield key, fields, features
+            yield members["__key__"], fields, features

@@ -21,10 +21,30 @@ def _fill(ds: Dict[str, Any], key_path: str, value: Any, ours: str, source: str)
     node[leaf] = value
 
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""Where the shipped ds_configs/ are found for a relative train.ds_config that is not in the working directory."""
+FP16_DYNAMIC_LOSS_SCALE = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000,
+                           "hysteresis": 1, "min_loss_scale": 1}
+"""DeepSpeed fp16 settings equal to the official recipe's torch.cuda.amp.GradScaler defaults: dynamic
+(loss_scale 0), start at 2**16, halve on every overflow (hysteresis 1), double after 2000 clean steps."""
+
+
+def locate_ds_config(path: str) -> str:
+    """``path`` if it exists (absolute, or relative to the working directory); else a relative path looked
+    up in the project's shipped ds_configs, so that a run works from any directory."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    for candidate in (os.path.join(PROJECT_ROOT, path), os.path.join(PROJECT_ROOT, "ds_configs", os.path.basename(path))):
+        if os.path.isfile(candidate):
+            return candidate
+    return path
+
+
 def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
-    path = cfg.train.ds_config
+    """The DeepSpeed JSON of train.ds_config with its "auto" values filled from the config."""
+    path = locate_ds_config(cfg.train.ds_config)
     if not os.path.isfile(path):
-        raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path}")
+        raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path} (nor in {PROJECT_ROOT}/ds_configs)")
     with open(path) as f:
         try:
             ds = json.load(f)
@@ -40,6 +60,9 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     _fill(ds, "gradient_clipping", train.grad_clip, "train.grad_clip", path)
     _fill(ds, "bf16.enabled", train.precision == "bf16", "train.precision", path)
     _fill(ds, "fp16.enabled", train.precision == "fp16", "train.precision", path)
+    if train.precision == "fp16":
+        for key, value in FP16_DYNAMIC_LOSS_SCALE.items():
+            ds["fp16"].setdefault(key, value)
     # A client torch optimizer (AdamW) under ZeRO: DeepSpeed calls it "untested" but partitions it fine.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress

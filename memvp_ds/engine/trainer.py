@@ -14,12 +14,12 @@ import torch
 from tqdm import tqdm
 
 from memvp_ds.atomic_io import write_json_atomic
-from memvp_ds.config import Config, ConfigError, to_yaml
+from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.data.plan import plan_data
 from memvp_ds.data.stream import build_train_loader, iterate_eval_batches
-from memvp_ds.data.tokenizer import load_tokenizer
+from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
 from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier
@@ -96,10 +96,7 @@ class Trainer:
         # Validation first: configs, DeepSpeed JSON, shards, manifest, tokenizer. Then the heavy parts.
         self.ds_config = build_ds_config(cfg, dist_info.world_size)
         self.plan = plan_data(cfg, dist_info.world_size)
-        tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
-        if tokenizer_path is None:
-            raise ConfigError("data.tokenizer: needed when the LLM comes from an inline config (model.llm.config)")
-        self.tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)
+        self.tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
         self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
         self.engine = self._build_engine()
         self.model = self.engine.module

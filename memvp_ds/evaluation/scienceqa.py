@@ -1,28 +1,28 @@
-"""ScienceQA answer parsing and the published accuracy breakdown (Lu et al. 2022; as in LaVIN/MemVP)."""
+"""ScienceQA answer parsing and the published accuracy breakdown (Lu et al. 2022), as the official MemVP
+evaluation reads and scores them."""
 
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 from memvp_ds.data.prompts import OPTION_LETTERS
 
-_ANSWER = re.compile(r"The answer is \(?([A-Z])\)?")
-_FALLBACK = re.compile(r"^\s*\(?([A-Z])[\).:\s]")
+_CAPITAL = re.compile(r"[A-Z]")
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 
 
-def parse_answer(output: str, num_choices: int) -> Tuple[Optional[int], str]:
-    """(choice index or None, how it was found): 'pattern' for "The answer is X.", 'fallback' for an output
-    that starts with a bare option letter such as "B." or "(B)", 'failed' otherwise (counted as wrong)."""
-    match = _ANSWER.search(output)
-    how = "pattern"
+def parse_answer(output: str, num_choices: int) -> Optional[int]:
+    """The official reading of a generated answer: its first capital letter (A-Z) is the predicted option.
+
+    None (a parse failure, scored wrong) when there is no capital letter or it is beyond the choices:
+    nothing is guessed, so e.g. 'The answer is: (B)' reads 'T' and fails, ' a' fails, '(B)' is B.
+    """
+    match = _CAPITAL.search(output)
     if match is None:
-        match, how = _FALLBACK.match(output), "fallback"
-    if match is None:
-        return None, "failed"
-    index = OPTION_LETTERS.index(match.group(1))
-    return (index, how) if index < num_choices else (None, "failed")
+        return None
+    index = OPTION_LETTERS.index(match.group())
+    return index if index < num_choices else None
 
 
 def categories(fields: dict) -> Iterable[str]:
@@ -30,7 +30,7 @@ def categories(fields: dict) -> Iterable[str]:
     subject = SUBJECTS.get(fields.get("subject"))
     if subject:
         yield subject
-    has_text = bool((fields.get("hint") or "").strip())
+    has_text = bool(fields.get("hint"))
     has_image = bool(fields.get("has_image"))
     if has_text:
         yield "TXT"
@@ -44,23 +44,25 @@ def categories(fields: dict) -> Iterable[str]:
 
 
 def scienceqa_metrics(records: Iterable[dict]) -> Dict[str, float]:
-    """Accuracy (%) overall and per category, plus counts of answers found by fallback or not at all.
+    """Accuracy (%) overall and per category, and the count of parse failures (outputs without a valid
+    option letter, counted as wrong).
 
     Each record needs ``fields`` (the stored sample: answer, choices, subject, hint, has_image, grade) and
-    ``output`` (the generated text).
+    ``output`` (the generated text); ``parsed`` (option index or None) and ``gold`` are added to it.
     """
     totals: Dict[str, list] = {}
-    parse_counts = {"pattern": 0, "fallback": 0, "failed": 0}
+    failures = 0
     for record in records:
         fields = record["fields"]
-        predicted, how = parse_answer(record["output"], len(fields["choices"]))
-        parse_counts[how] += 1
-        correct = predicted == int(fields["answer"])
+        record["parsed"] = parse_answer(record["output"], len(fields["choices"]))
+        record["gold"] = int(fields["answer"])
+        failures += record["parsed"] is None
+        correct = record["parsed"] == record["gold"]
         for key in ("overall", *categories(fields)):
             entry = totals.setdefault(key, [0, 0])
             entry[0] += int(correct)
             entry[1] += 1
     metrics = {f"acc/{key}": 100.0 * right / count for key, (right, count) in totals.items()}
     metrics.update({f"count/{key}": count for key, (_, count) in totals.items()})
-    metrics.update({f"parse/{key}": value for key, value in parse_counts.items()})
+    metrics["count/parse_failures"] = failures
     return metrics

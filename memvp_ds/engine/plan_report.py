@@ -1,0 +1,96 @@
+"""The plan of a run before it starts (memvp-train --dry-run): every check that needs no model weights, and
+what the run will do, as one JSON-able dict. Loads no model and starts no process group."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+from memvp_ds.config import Config, ConfigError
+from memvp_ds.data.collate import SampleEncoder
+from memvp_ds.data.plan import plan_data
+from memvp_ds.data.prompts import IGNORE_INDEX
+from memvp_ds.data.shard_format import read_raw_samples
+from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
+from memvp_ds.engine.deepspeed_config import build_ds_config, locate_ds_config, zero_stage
+from memvp_ds.evaluation.run import answer_tokens, eval_encoder
+
+
+def check_writable(output_dir: str) -> str:
+    """The absolute output folder, if it exists writable or could be created; ConfigError otherwise."""
+    path = os.path.abspath(output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {path} is not writable ({existing} is not a writable folder)")
+    return path
+
+
+def _decode(tokenizer, ids: List[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _first_sample(urls: List[str]) -> Optional[Dict[str, Any]]:
+    """The first sample of the first local shard (None for remote URLs, which a dry run does not read)."""
+    if not urls or not os.path.isfile(urls[0]):
+        return None
+    return next(read_raw_samples(urls[0]), None)
+
+
+def _training_example(encoder: SampleEncoder, raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A training sample split as the loss sees it: prompt = tokens without loss, target = tokens with loss."""
+    sample = encoder(raw)
+    tokenizer = encoder.tokenizer
+    prompt = [t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
+    target = [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    return {"key": sample.key, "prompt": _decode(tokenizer, prompt), "target": _decode(tokenizer, target),
+            "prompt_tokens": len(prompt), "target_tokens": len(target),
+            "starts_with_bos": tokenizer.bos_token_id is not None and sample.input_ids[0] == tokenizer.bos_token_id,
+            "ends_with_eos": sample.input_ids[-1] == tokenizer.eos_token_id}
+
+
+def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """Check the config, the DeepSpeed JSON, the shards against the manifest, the tokenizer and the output
+    folder, and describe the run: its size and schedule, the shards each split reads and the first
+    training sample as the model will see it. Raises ConfigError (or FileNotFoundError) naming the problem."""
+    ds = build_ds_config(cfg, world_size)
+    plan = plan_data(cfg, world_size)
+    tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
+    output_dir = check_writable(cfg.train.output_dir)
+    data = cfg.data
+    train_encoder = SampleEncoder(tokenizer, data.prompt_format, data.max_seq_len, cfg.model.visual_tokens,
+                                  cfg.model.visual_dim, with_target=True, use_images=data.use_images)
+    first = _first_sample(plan.train_urls)
+    report: Dict[str, Any] = {
+        "world_size": world_size,
+        "global_batch": cfg.train.global_batch(world_size),
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "train_samples": plan.train_samples,
+        "epochs": cfg.train.epochs,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
+        "warmup_steps": plan.warmup_steps,
+        "lr": cfg.train.lr(world_size),
+        "min_lr": cfg.train.min_lr,
+        "precision": cfg.train.precision,
+        "ds_config": {"path": os.path.abspath(locate_ds_config(cfg.train.ds_config)), "zero_stage": zero_stage(ds),
+                      "bf16": ds.get("bf16"), "fp16": ds.get("fp16")},
+        "shards": {split: shards.coverage() for split, shards in plan.splits.items()},
+        "feature_recipe": {k: plan.feature_recipe.get(k) for k in ("model", "tokens", "dim", "dtype")},
+        "tokenizer": {"path": tokenizer_path(cfg), "bos": tokenizer.bos_token, "eos": tokenizer.eos_token},
+        "prompt_format": data.prompt_format,
+        "output_dir": output_dir,
+        "example": _training_example(train_encoder, first) if first is not None else None,
+    }
+    evaluation: Dict[str, Any] = {"split": cfg.eval.split, "answer_tokens": answer_tokens(cfg)}
+    if data.prompt_format == "qcm_a":
+        evaluation["use_caption"] = cfg.eval.use_caption
+    eval_split = plan.splits.get(cfg.eval.split)
+    eval_first = _first_sample(eval_split.urls) if eval_split else None
+    if eval_first is not None:
+        prompt_ids = eval_encoder(cfg, tokenizer)(eval_first).input_ids
+        evaluation["example_prompt"] = _decode(tokenizer, prompt_ids)
+    report["eval"] = evaluation
+    return report
