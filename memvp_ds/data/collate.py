@@ -13,6 +13,11 @@ from memvp_ds.data.prompts import IGNORE_INDEX, build_segments, encode_segments
 from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, decode_features
 
 
+class FeatureShapeError(ValueError):
+    """Stored features whose shape is not the model's: the shard disagrees with its manifest or the model,
+    so every image sample of it would fail; never skipped sample by sample."""
+
+
 @dataclass
 class TokenizedSample:
     key: str
@@ -39,7 +44,9 @@ class SampleEncoder:
         if FEATURES_MEMBER in raw and self.use_images:
             features = decode_features(raw[FEATURES_MEMBER])
             if features.shape != self.feature_shape:
-                raise ValueError(f"sample {raw['__key__']}: features {features.shape}, model expects {self.feature_shape}")
+                raise FeatureShapeError(f"features {features.shape}, model expects {self.feature_shape}")
+            if not np.isfinite(features).all():
+                raise ValueError("non-finite (NaN or inf) features")
         segments = build_segments(fields, self.prompt_format, with_target=self.with_target)
         encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
         ids, labels = encoded.input_ids, encoded.labels
