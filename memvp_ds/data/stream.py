@@ -252,6 +252,18 @@ def build_train_loader(urls: List[str], encoder: SampleEncoder, micro_batch: int
                       worker_init_fn=ignore_stop_signals if num_workers else None)
 
 
+def close_loader(batches: Iterator[Dict[str, Any]]) -> None:
+    """Stop a DataLoader iterator's workers now, on every exit path of the loop that reads it.
+
+    Waiting for garbage collection is not enough: an exception raised through the iterator keeps it alive
+    in its traceback, and at interpreter exit multiprocessing would join workers that were never told to
+    stop. (``_shutdown_workers`` is the iterator's own shutdown, the one its ``__del__`` runs.)
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 @dataclass
 class _Collate:
     """Picklable collate for loader workers."""

@@ -20,7 +20,7 @@ from memvp_ds.config import Config, ConfigError, to_yaml
 from memvp_ds.data.collate import SampleEncoder
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.data.plan import plan_data
-from memvp_ds.data.stream import ErrorBudget, build_train_loader, iterate_eval_batches
+from memvp_ds.data.stream import ErrorBudget, build_train_loader, close_loader, iterate_eval_batches
 from memvp_ds.data.tokenizer import load_tokenizer
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
@@ -289,6 +289,7 @@ class Trainer:
                     logger.log(self.evaluate_loss(), step)
             return "complete", step, losses
         finally:
+            close_loader(batches)
             bar.close()
 
     def _finish(self, step: int, logger: ScalarLogger) -> None:
