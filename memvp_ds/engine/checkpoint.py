@@ -211,8 +211,8 @@ def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
 
 COMPATIBILITY_IGNORED = ("model.llm.dtype", "model.llm.attn_implementation", "model.llm.trust_remote_code")
 """Model keys that may differ on resume: how the frozen LLM is stored and run does not change the trained
-tensors. (``model.llm.path`` is compared by folder name, since the folder may move between clusters, and
-``from_search`` paths not at all: the choices they resolved to are compared.)"""
+tensors. Nor do dropout rates (regularisation only). ``model.llm.path`` is compared by folder name, since the
+folder may move between clusters, and ``from_search`` paths not at all: the choices they resolved to are."""
 
 
 def check_compatible(path: str, cfg: Config) -> None:
@@ -243,7 +243,7 @@ def _compared(key: str, strategy: str) -> bool:
     parts = key.split(".")
     if key == "train.mode":
         return True
-    if parts[0] != "model" or key in COMPATIBILITY_IGNORED or parts[-1] == "from_search":
+    if parts[0] != "model" or key in COMPATIBILITY_IGNORED or parts[-1] in ("from_search", "dropout"):
         return False
     return len(parts) == 2 or parts[1] in ("llm", "projector", strategy, "skip")
 
