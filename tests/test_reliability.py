@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from data_prep.shards import write_shard
 from memvp_ds import ConfigError, load_config
@@ -292,11 +292,9 @@ def test_non_finite_losses_stop_the_run_and_keep_latest_healthy(dataset, tmp_pat
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "diverged" and status["step"] < 40
     assert "3 optimizer steps in a row" in proc.stderr and "train.max_nonfinite_steps" in proc.stderr
-    latest = ckpt.find_resume_checkpoint(str(out), "auto")
-    if latest is not None:
-        from safetensors.torch import load_file
-
-        assert all(torch.isfinite(t).all() for t in load_file(os.path.join(latest, "trainable.safetensors")).values())
+    latest = ckpt.find_resume_checkpoint(str(out), "auto")  # step 1's loss was finite; later ones were not
+    assert latest == str(out / "checkpoints" / "step-00000001"), latest
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(latest, "trainable.safetensors")).values())
 
 
 # -- 5. pre-flight ----------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ so the global batch of each step is a fixed function of (seed, S): a 2-rank run 
 the workers (and twice the accumulation) see identical batches, and a resumed run skips exactly the samples
 each stream already produced. Streams never end, so every rank runs the same number of steps; epochs are
 counted in steps from the manifest.
+
+Unusable samples are skipped and counted within an error budget (``DataErrors``): systematic failures stop
+the run with one error naming shard, sample key and cause, instead of a stream that never yields.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ written into a hidden temporary folder, renamed, and only then does the ``latest
 holds the trainable tensors' fp32 master weights and Adam moments gathered to full size (so a checkpoint
 from N ranks resumes on M), per-rank RNG states, and a JSON with the step, data position and config —
 megabytes, never the frozen LLM. Everything is safetensors or JSON: loading unpickles nothing.
+
+Each run's checkpoints carry its run id, and pruning touches only those (a fresh run in a folder with
+another run's checkpoints keeps its own). Resuming picks the checkpoint ``latest`` names, falls back to the
+previous complete one if it is broken, and checks before any model is built that it fits the config.
 """
 
 from __future__ import annotations
