@@ -148,7 +148,7 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
     return time.time() - start
 
 
-def evaluate_run(name: str, out: Path) -> Dict[str, float]:
+def evaluate_run(name: str, out: Path, test_shards: str) -> Dict[str, float]:
     import torch
 
     from memvp_ds.data.shard_format import shard_urls
@@ -159,7 +159,7 @@ def evaluate_run(name: str, out: Path) -> Dict[str, float]:
     model, cfg = load_exported(str(out / name / "export" / "trainable.safetensors"))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    records, metrics = evaluate_split(cfg, model, tokenizer, shard_urls(cfg.data.test_shards), 0, 1)
+    records, metrics = evaluate_split(cfg, model, tokenizer, shard_urls(test_shards), 0, 1)
     write_results(str(out / name / "eval"), "test", records, metrics)
     return metrics
 
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         seconds[name] = train_run(name, run, data, out, args.ranks, steps)
     print("[5/5] evaluating on the test split ...", flush=True)
     for name in args.methods:
-        results[name] = evaluate_run(name, out)
+        results[name] = evaluate_run(name, out, data["test"])
         add_question_types(out, name, results[name])
         tokens = scalar_series(out / name, "train/tokens_per_s")
         results[name]["tokens_per_s"] = sum(tokens.values()) / max(len(tokens), 1)

@@ -12,6 +12,7 @@ The docstring under each field is its reference documentation: ``memvp-train --h
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import os
@@ -135,12 +136,22 @@ class DataConfig:
     """DataLoader worker processes per rank (each a stream of its own shards)."""
     use_images: bool = True
     """False drops every image's features: the text-only control that shows what the images contribute."""
+    max_bad_in_row: int = 50
+    """Unusable samples in a row (unreadable, malformed for data.prompt_format, non-finite features) after which
+    a data stream stops the run with one error naming the shard, the sample key and the cause. Isolated bad
+    samples are skipped and counted (data/skipped_samples). 0: never stop (not recommended)."""
+    max_bad_fraction: float = 0.5
+    """A stream also stops when more than this share of the samples it read were unusable, checked once it has
+    read 10 x max_bad_in_row samples."""
 
     def __post_init__(self) -> None:
         check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
             check_at_least(f"data.{key}", getattr(self, key), 1)
         check_at_least("data.num_workers", self.num_workers, 0)
+        check_at_least("data.max_bad_in_row", self.max_bad_in_row, 0)
+        if not 0.0 < self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in (0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass
@@ -184,9 +195,14 @@ class TrainConfig:
     save_interval: int = 500
     """Optimizer steps between resumable checkpoints (one is also written at the end and on a stop signal)."""
     keep_last: int = 3
-    """Newest resumable checkpoints kept; older ones are deleted."""
+    """Newest resumable checkpoints of this run kept; its older ones are deleted (another run's never are)."""
     resume: str = "auto"
-    """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint directory."""
+    """auto (the checkpoint ``latest`` names in output_dir, falling back to the previous complete one if it is
+    broken; none: start fresh), never (start fresh), or a checkpoint directory. Checked before the model is
+    built, as is the checkpoint's compatibility with this config."""
+    max_nonfinite_steps: int = 10
+    """Optimizer steps in a row with a non-finite loss after which the run stops (status "diverged") instead
+    of training on; checkpoints are not written during such a streak, so ``latest`` stays a healthy one."""
     mode: str = "train"
     """train, dvp_search (find DVP's layer K) or das_search (find the layers to skip); a search run writes
     search.json to output_dir, which a training run reads through model.dvp / model.skip ``from_search``."""
@@ -194,7 +210,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("train.mode", self.mode, TRAIN_MODES)
         check_choice("train.precision", self.precision, PRECISIONS)
-        for name in ("micro_batch_size", "grad_accum_steps", "save_interval", "keep_last"):
+        for name in ("micro_batch_size", "grad_accum_steps", "save_interval", "keep_last", "max_nonfinite_steps"):
             check_at_least(f"train.{name}", getattr(self, name), 1)
         check_at_least("train.max_steps", self.max_steps, 1)
         if len(self.adam_betas) != 2:
@@ -294,6 +310,25 @@ def extend_schema(base: Type, groups: Dict[str, Type], defaults: Optional[Dict[s
     return dataclasses.make_dataclass(base.__name__, fields, bases=(base,))
 
 
+STORED_CONFIG_IGNORED = ("data.shards", "data.train_shards", "data.val_shards", "data.test_shards", "data.manifest",
+                         "train.output_dir", "train.resume", "model.llm.trust_remote_code")
+"""Keys never taken from a stored config (an export's or a checkpoint's): a stored config is data, so it
+chooses no command ('pipe:' shard URLs), no output location and no remote code. The user's own YAML or
+``key=value`` overrides set them; otherwise they keep their defaults (no shards, trust_remote_code off)."""
+
+
+def _without_ignored_keys(stored: Dict[str, Any]) -> Dict[str, Any]:
+    kept = copy.deepcopy(stored)
+    for key in STORED_CONFIG_IGNORED:
+        *parents, leaf = key.split(".")
+        node = kept
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return kept
+
+
 def _valid_keys(schema: Any, full_key: str) -> List[str]:
     """Keys allowed at the parent of ``full_key`` in the schema, for error messages."""
     node = schema
@@ -320,8 +355,9 @@ def _merge(schema: Any, layer: Any, source: str) -> Any:
 
 def merge_config(schema_cls: Type, path: Optional[str] = None, overrides: Optional[List[str]] = None,
                  stored: Optional[Dict[str, Any]] = None) -> Any:
-    """Fill the dataclass ``schema_cls`` from a ``stored`` plain-dict config (e.g. an export's), then a YAML
-    file, then ``key=value`` overrides, and build it (each dataclass's ``__post_init__`` checks its values).
+    """Fill the dataclass ``schema_cls`` from a ``stored`` plain-dict config (e.g. an export's, less the keys
+    of STORED_CONFIG_IGNORED), then a YAML file, then ``key=value`` overrides, and build it (each
+    dataclass's ``__post_init__`` checks its values).
 
     Raises ConfigError naming the file or override and the key for unknown keys, wrong types and invalid
     values. Nothing but the YAML file is read.
@@ -331,7 +367,7 @@ def merge_config(schema_cls: Type, path: Optional[str] = None, overrides: Option
     schema.model.llm.config = None
     merged = schema
     if stored is not None:
-        merged = _merge(merged, OmegaConf.create(stored), "stored config")
+        merged = _merge(merged, OmegaConf.create(_without_ignored_keys(stored)), "stored config")
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")

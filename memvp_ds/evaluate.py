@@ -5,7 +5,10 @@ JSON + TensorBoard.
     deepspeed --num_gpus 8 memvp_ds/evaluate.py --config configs/memvp_llama13b_sqa.yaml --weights ... \\
         --split test eval.batch_size=16
 
-Without --config, the config stored in the export is used. Each rank holds the whole model (inference
+Without --config, the config stored in the export is used for the model and prompts, but never for what
+to run or where to write: the shards come from --shards (or the user's --config), the output folder from
+--output (or the user's --config), and trust_remote_code stays off unless the user's own config or an
+override sets it. An export is data, like a checkpoint; a 'pipe:' URL in it must not run. Each rank holds the whole model (inference
 needs no optimizer state, and a frozen 13B model fits one 80 GB GPU in bf16) and answers every
 world_size-th sample; rank 0 gathers the predictions, so the metrics do not depend on the rank count.
 """
@@ -25,7 +28,10 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config (default: the one stored in the export)")
     parser.add_argument("--weights", required=True, help="export .safetensors or a checkpoint folder")
     parser.add_argument("--split", default=None, help="test or val (default eval.split)")
-    parser.add_argument("--output", help="where predictions and metrics go (default <train.output_dir>/eval)")
+    parser.add_argument("--shards", help="data_prep output folder (every shard of the split) or a shard list "
+                                         "(default: data.shards / data.<split>_shards of --config)")
+    parser.add_argument("--output", help="where predictions, metrics and TensorBoard go (default with --config: "
+                                         "<train.output_dir>/eval)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
@@ -37,6 +43,7 @@ def main(argv=None) -> int:
     from memvp_ds.distributed import destroy, init_distributed
     from memvp_ds.engine.checkpoint import load_trainable_weights, read_export_metadata
     from memvp_ds.engine.metrics import ScalarLogger
+    from memvp_ds.engine.preflight import check_vocab_fits, check_writable
     from memvp_ds.evaluation.run import evaluate_split, write_results
     from memvp_ds.model import build_model
     from memvp_ds.schema import load_config
@@ -48,22 +55,37 @@ def main(argv=None) -> int:
     else:
         raise ConfigError("--config is required unless --weights is an export file (which stores its config)")
     split = args.split or cfg.eval.split
+    if args.shards:  # a data_prep folder (every shard of the split) or an explicit shard list
+        folder = os.path.isdir(args.shards)
+        cfg.data.shards = args.shards if folder else None
+        setattr(cfg.data, f"{split}_shards", None if folder else args.shards)
     shards = resolve_split(cfg, split)
     if shards is None:
-        raise ConfigError(f"no shards for split '{split}': set data.shards (data_prep's output) or data.{split}_shards")
+        raise ConfigError(f"no shards for split '{split}': pass --shards (data_prep's output folder or a shard list) "
+                          f"or set data.shards in --config; shards stored in an export are never used")
+    if not args.output and not args.config:
+        raise ConfigError("--output is required without --config (an export's stored output_dir is never used)")
+    out_dir = args.output or os.path.join(cfg.train.output_dir, "eval")
+    tb_dir = os.path.join(cfg.train.output_dir if args.config else out_dir, "tb")
     urls = shards.urls
-    tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
+    tokenizer_dir = tokenizer_path(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.model.llm.trust_remote_code)
+    check_vocab_fits(len(tokenizer), tokenizer_dir, cfg.model.llm)
 
     dist_info = init_distributed()
+    if dist_info.is_main:
+        check_writable(out_dir, "--output" if args.output else "train.output_dir")
+        print(f"memvp-eval: split {split}: {len(urls)} shard(s) from {'--shards' if args.shards else '--config'} "
+              f"({urls[0]}{' ...' if len(urls) > 1 else ''}); tokenizer {tokenizer_dir}; "
+              f"trust_remote_code={cfg.model.llm.trust_remote_code}; writing to {out_dir}", flush=True)
     device = torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(cfg.model)
     load_trainable_weights(model, args.weights)
     model.to(device)
     records, metrics = evaluate_split(cfg, model, tokenizer, urls, dist_info.rank, dist_info.world_size, device=device)
     if dist_info.is_main:
-        out_dir = args.output or os.path.join(cfg.train.output_dir, "eval")
         write_results(out_dir, split, records, metrics)
-        logger = ScalarLogger(os.path.join(cfg.train.output_dir, "tb"), cfg.logging.tensorboard)
+        logger = ScalarLogger(tb_dir, cfg.logging.tensorboard)
         logger.log({f"eval_{split}/{k}": v for k, v in metrics.items() if k.startswith("acc/")}, 0)
         logger.close()
         for key in sorted(metrics):

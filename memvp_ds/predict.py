@@ -7,6 +7,9 @@ The image goes through the same CLIP feature code and recipe as data_prep (store
 model sees exactly the kind of features it was trained on. A model trained with an online vision tower
 (model.vision.online) instead gets the resized pixels and runs its own frozen CLIP with the trained
 adapters. The CLIP weights must be a local file: the recipe's own path, or --clip-pretrained.
+
+The config stored in the export is data: it picks the LLM and the prompt format, never remote code
+(trust_remote_code is always off here). The image is read before any model is loaded.
 """
 
 from __future__ import annotations
@@ -19,29 +22,36 @@ from typing import List, Optional
 import torch
 
 
-def extract_image_features(recipe_dict: dict, image_path: str, clip_pretrained: Optional[str] = None) -> torch.Tensor:
-    """(1, N, C) features of one image, made as data_prep makes them (and rounded to its storage dtype)."""
-    from memvp_ds.vision.clip_features import (
-        ClipFeatureExtractor,
-        FeatureRecipe,
-        image_transform,
-        load_clip_visual,
-        load_image,
-    )
+def read_image(image_path: str):
+    """The decoded RGB image, or ValueError naming the file (checked before any model is loaded)."""
+    from memvp_ds.vision.clip_features import load_image
+
+    try:
+        return load_image(image_path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # PIL raises several types for unreadable files
+        raise ValueError(f"--image {image_path}: cannot read the image: {err}") from None
+
+
+def extract_image_features(recipe_dict: dict, image, clip_pretrained: Optional[str] = None) -> torch.Tensor:
+    """(1, N, C) features of one image (a path or a decoded image), made as data_prep makes them (and rounded
+    to its storage dtype)."""
+    from memvp_ds.vision.clip_features import ClipFeatureExtractor, FeatureRecipe, image_transform, load_clip_visual
 
     fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
     recipe = FeatureRecipe(**{**fields, **({"pretrained": clip_pretrained} if clip_pretrained else {})})
     extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
-    pixels = image_transform(recipe)(load_image(image_path))[None]
+    pixels = image_transform(recipe)(read_image(image) if isinstance(image, str) else image)[None]
     return extractor(pixels).to(getattr(torch, recipe.dtype))
 
 
-def image_pixels_for(recipe_dict: dict, image_path: str) -> torch.Tensor:
+def image_pixels_for(recipe_dict: dict, image) -> torch.Tensor:
     """(1, 3, S, S) uint8 pixels of one image, resized as data_prep stores them for an online vision tower."""
-    from memvp_ds.vision.clip_features import FeatureRecipe, image_pixels, load_image
+    from memvp_ds.vision.clip_features import FeatureRecipe, image_pixels
 
     fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
-    return image_pixels(load_image(image_path), FeatureRecipe(**fields))[None]
+    return image_pixels(read_image(image) if isinstance(image, str) else image, FeatureRecipe(**fields))[None]
 
 
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
@@ -49,22 +59,28 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.engine.checkpoint import load_exported, read_export_metadata
+    from memvp_ds.engine.preflight import check_vocab_fits
 
+    picture = read_image(image) if image is not None else None
     online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)
     overrides = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
     model, cfg = load_exported(weights, overrides=overrides)
     model.eval()
-    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.llm.path, cfg.model.llm.trust_remote_code)
+    tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
+    print(f"memvp-predict: LLM {cfg.model.llm.path or 'inline config'}, tokenizer {tokenizer_path}, "
+          f"trust_remote_code={cfg.model.llm.trust_remote_code}", file=sys.stderr)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)
+    check_vocab_fits(len(tokenizer), tokenizer_path, cfg.model.llm)
     fields = {"question": question, "choices": choices or [], "hint": hint, "answer": 0}
     prompt_format = cfg.data.prompt_format if choices else "qa"
     segments = build_segments(fields, prompt_format, with_target=False)
     ids = torch.tensor([encode_segments(tokenizer, segments, cfg.data.max_seq_len).input_ids])
     visual = {}
-    if image is not None and model.vision is not None:  # the adapted CLIP inside the model makes the features
-        visual["images"] = image_pixels_for(dataclasses.asdict(cfg.model.vision.recipe), image)
-    elif image is not None:
+    if picture is not None and model.vision is not None:  # the adapted CLIP inside the model makes the features
+        visual["images"] = image_pixels_for(dataclasses.asdict(cfg.model.vision.recipe), picture)
+    elif picture is not None:
         recipe = read_export_metadata(weights, "feature_recipe")
-        visual["image_features"] = extract_image_features(recipe, image, clip_pretrained).float()
+        visual["image_features"] = extract_image_features(recipe, picture, clip_pretrained).float()
     tokens = model.generate(ids, **visual, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
 

@@ -75,9 +75,10 @@ def trained(dataset, tmp_path_factory):
     return out / "run" / "export" / "trainable.safetensors"
 
 
-def _evaluate(weights, out, *extra, ranks=1):
+def _evaluate(weights, out, *extra, ranks=1, shards):
     launcher = (["deepspeed", "--num_gpus", str(ranks), "--master_port", "29631"] if ranks > 1 else [sys.executable])
-    cmd = [*launcher, "memvp_ds/evaluate.py", "--weights", str(weights), "--split", "test", "--output", str(out), *extra]
+    cmd = [*launcher, "memvp_ds/evaluate.py", "--weights", str(weights), "--split", "test", "--shards", shards,
+           "--output", str(out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     predictions = [json.loads(line) for line in open(out / "predictions_test.jsonl")]
@@ -85,10 +86,11 @@ def _evaluate(weights, out, *extra, ranks=1):
 
 
 @pytest.mark.slow
-def test_predictions_do_not_depend_on_batch_size_or_ranks(trained, tmp_path):
-    by_one, metrics = _evaluate(trained, tmp_path / "b1", "eval.batch_size=1")
-    by_eight, metrics8 = _evaluate(trained, tmp_path / "b8", "eval.batch_size=8")
-    two_ranks, metrics2 = _evaluate(trained, tmp_path / "r2", "eval.batch_size=8", ranks=2)
+def test_predictions_do_not_depend_on_batch_size_or_ranks(dataset, trained, tmp_path):
+    test = dataset["test"]  # an export's stored shards are never used (tests/test_reliability.py)
+    by_one, metrics = _evaluate(trained, tmp_path / "b1", "eval.batch_size=1", shards=test)
+    by_eight, metrics8 = _evaluate(trained, tmp_path / "b8", "eval.batch_size=8", shards=test)
+    two_ranks, metrics2 = _evaluate(trained, tmp_path / "r2", "eval.batch_size=8", ranks=2, shards=test)
     assert len(by_one) == 32
     key = lambda rows: sorted((r["id"], r["output"]) for r in rows)
     assert key(by_one) == key(by_eight) == key(two_ranks)

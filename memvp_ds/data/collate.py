@@ -13,6 +13,11 @@ from memvp_ds.data.prompts import IGNORE_INDEX, build_segments, encode_segments
 from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image
 
 
+class FeatureShapeError(ValueError):
+    """Stored features whose shape is not the model's: the shard disagrees with its manifest or the model,
+    so every image sample of it would fail; never skipped sample by sample."""
+
+
 @dataclass
 class TokenizedSample:
     key: str
@@ -52,8 +57,9 @@ class SampleEncoder:
         if self.member in raw and self.use_images:
             features = self._decode(raw[self.member])
             if features.shape != self.feature_shape:
-                raise ValueError(f"sample {raw['__key__']}: .{self.member} {features.shape}, model expects "
-                                 f"{self.feature_shape}")
+                raise FeatureShapeError(f".{self.member} {features.shape}, model expects {self.feature_shape}")
+            if not np.isfinite(features).all():
+                raise ValueError("non-finite (NaN or inf) features")
         segments = build_segments(fields, self.prompt_format, self.with_target, self.use_caption)
         encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
         ids, labels = encoded.input_ids, encoded.labels

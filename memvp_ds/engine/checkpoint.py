@@ -5,11 +5,16 @@ written into a hidden temporary folder, renamed, and only then does the ``latest
 holds the trainable tensors' fp32 master weights and Adam moments gathered to full size (so a checkpoint
 from N ranks resumes on M), per-rank RNG states, and a JSON with the step, data position and config —
 megabytes, never the frozen LLM. Everything is safetensors or JSON: loading unpickles nothing.
+
+Each run's checkpoints carry its run id, and pruning touches only those (a fresh run in a folder with
+another run's checkpoints keeps its own). Resuming picks the checkpoint ``latest`` names, falls back to the
+previous complete one if it is broken, and checks before any model is built that it fits the config.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any, Dict, List, Optional
@@ -18,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memvp_ds.atomic_io import atomic_open
-from memvp_ds.config import Config, config_to_dict
+from memvp_ds.config import Config, ConfigError, config_to_dict
 from memvp_ds.distributed import DistInfo, barrier
 
+log = logging.getLogger("memvp_ds")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.json"
@@ -66,7 +72,9 @@ def _gather_trainable(model, optimizer) -> Dict[str, torch.Tensor]:
     """Full fp32 weights and Adam moments of every trainable tensor (collective: call on all ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    _link_optimizer_states(optimizer)
+    # Before the first successful update (the first steps, or every step skipped by an fp16 overflow) Adam
+    # has no state yet: the zeros it would start from are what a resume needs.
+    _ensure_adam_states(optimizer)
     tensors = {}
     for name, param in model.trainable_parameters().items():
         tensors[f"param/{name}"] = safe_get_full_fp32_param(param).detach().float().cpu().contiguous()
@@ -104,7 +112,7 @@ def save_checkpoint(model, optimizer, dist_info: DistInfo, output_dir: str, step
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_latest(root, name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, state.get("run_id"), name)
     barrier()
     return final
 
@@ -114,28 +122,145 @@ def _write_latest(root: str, name: str) -> None:
         f.write(name + "\n")
 
 
-def _prune(root: str, keep_last: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isfile(os.path.join(root, d, STATE)))
-    for old in steps[:-keep_last]:
+def _step_dirs(root: str) -> List[str]:
+    """``step-*`` checkpoint folder names in ``root``, oldest step first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit())
+
+
+def _prune(root: str, keep_last: int, run_id: Optional[str], newest: str) -> None:
+    """Delete this run's checkpoints beyond the newest ``keep_last``, never ``newest`` (the one just written).
+
+    Only folders whose state names ``run_id`` are this run's: a fresh run in a folder that still holds
+    another run's checkpoints (maybe with higher steps) must neither delete them nor be pruned by them.
+    """
+    ours = [d for d in _step_dirs(root) if d != newest and _run_id(os.path.join(root, d)) == run_id]
+    for old in (ours + [newest])[:-keep_last]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
+def _run_id(path: str) -> Optional[str]:
+    try:
+        return read_state(path).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def read_state(path: str) -> Dict[str, Any]:
+    """A checkpoint's JSON state (step, data position, config YAML, run id)."""
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """What makes the checkpoint folder ``path`` unusable (missing or unreadable state or tensors), or None."""
+    from safetensors import safe_open
+
+    try:
+        state = read_state(path)
+        if "step" not in state or "optimizer_steps" not in state:
+            return f"{STATE} lacks the step"
+    except FileNotFoundError:
+        return f"no {STATE}"
+    except (OSError, ValueError) as err:
+        return f"{STATE} is unreadable ({err})"
+    try:
+        with safe_open(os.path.join(path, TRAINABLE), framework="pt") as f:
+            if not list(f.keys()):
+                return f"{TRAINABLE} holds no tensors"
+    except FileNotFoundError:
+        return f"no {TRAINABLE}"
+    except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+        return f"{TRAINABLE} is unreadable ({err})"
+    return None
+
+
 def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
-    """``auto``: the checkpoint ``latest`` points to, if any; ``never``: None; otherwise a checkpoint folder."""
+    """The checkpoint to resume from, checked to be complete; None to start fresh.
+
+    ``auto``: the one ``latest`` names; if that one is broken (a truncated file, a missing state), the newest
+    complete one before it, with a warning naming what is broken. ``never``: None. Otherwise ``resume`` is a
+    checkpoint folder, which must be complete.
+    """
     if resume == "never":
         return None
     if resume != "auto":
-        if not os.path.isfile(os.path.join(resume, STATE)):
-            raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {STATE})")
+        if not os.path.isdir(resume):
+            raise ConfigError(f"train.resume: '{resume}' is not auto, never or an existing checkpoint directory")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ConfigError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
         return resume
-    pointer = os.path.join(output_dir, CHECKPOINTS, LATEST)
-    if not os.path.isfile(pointer):
+    root = os.path.join(output_dir, CHECKPOINTS)
+    pointer = os.path.join(root, LATEST)
+    steps = _step_dirs(root)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+    elif steps:  # a crash between the rename and the pointer update
+        named = steps[-1]
+    else:
         return None
-    with open(pointer) as f:
-        path = os.path.join(output_dir, CHECKPOINTS, f.read().strip())
-    if not os.path.isfile(os.path.join(path, STATE)):
-        raise FileNotFoundError(f"{pointer} points to {path}, which is not a complete checkpoint")
-    return path
+    candidates = [named] + [d for d in reversed(steps) if d < named]
+    for name in candidates:
+        path = os.path.join(root, name)
+        problem = checkpoint_problem(path) if os.path.isdir(path) else "the folder is missing"
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is broken (%s); falling back to the previous complete one", path, problem)
+    raise FileNotFoundError(f"{pointer} names {named}, and neither it nor an earlier checkpoint in {root} is "
+                            "complete; start fresh with train.resume=never (or another train.output_dir)")
+
+
+COMPATIBILITY_IGNORED = ("model.llm.dtype", "model.llm.attn_implementation", "model.llm.trust_remote_code")
+"""Model keys that may differ on resume: how the frozen LLM is stored and run does not change the trained
+tensors. Nor do dropout rates (regularisation only). ``model.llm.path`` is compared by folder name, since the
+folder may move between clusters, and ``from_search`` paths not at all: the choices they resolved to are."""
+
+
+def check_compatible(path: str, cfg: Config) -> None:
+    """Stop before any model is built if the checkpoint at ``path`` was trained with another model: strategy,
+    its options, visual dims, projector, layer skipping, the LLM (inline config or folder name) or train.mode
+    differ. Raises ConfigError naming the key and both values."""
+    stored_yaml = read_state(path).get("config")
+    if not stored_yaml:
+        return  # checkpoints from before the config was stored: tensor names and shapes are still checked
+    from omegaconf import OmegaConf
+
+    stored = _flatten(OmegaConf.to_container(OmegaConf.create(stored_yaml)))
+    current = _flatten(config_to_dict(cfg))
+    for key in sorted(set(stored) | set(current)):
+        if not _compared(key, cfg.model.strategy):
+            continue
+        old, new = stored.get(key), current.get(key)
+        if key == "model.llm.path":
+            old, new = (os.path.basename(os.path.normpath(p)) if p else p for p in (old, new))
+        if old != new:
+            raise ConfigError(f"train.resume: {path} was trained with {key}={old!r}, this run has {key}={new!r}; "
+                              "resume with the same model options, or start fresh (train.resume=never)")
+
+
+def _compared(key: str, strategy: str) -> bool:
+    """Keys that fix what the checkpoint's tensors mean: the model's (the active strategy's and layer
+    skipping's options, not other strategies') and train.mode."""
+    parts = key.split(".")
+    if key == "train.mode":
+        return True
+    if parts[0] != "model" or key in COMPATIBILITY_IGNORED or parts[-1] in ("from_search", "dropout"):
+        return False
+    return len(parts) == 2 or parts[1] in ("llm", "projector", strategy, "skip")
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Dotted keys -> values; an inline HF config (model.llm.config) stays one value, compared as a whole."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and f"{prefix}{key}" != "model.llm.config":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int) -> Dict[str, Any]:
@@ -143,14 +268,18 @@ def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int)
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    with open(os.path.join(path, STATE)) as f:
-        state = json.load(f)
+    state = read_state(path)
     tensors = load_file(os.path.join(path, TRAINABLE))
     _ensure_adam_states(optimizer)
     params = model.trainable_parameters()
     stored = {key.split("/", 1)[1] for key in tensors if key.startswith("param/")}
     if stored != set(params):
         raise KeyError(f"{path}: trainable tensors {sorted(stored)} do not match the model's {sorted(params)}")
+    for name, param in params.items():
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the full shape here
+        if tuple(tensors[f"param/{name}"].shape) != shape:
+            raise ValueError(f"{path}: tensor {name} has shape {tuple(tensors[f'param/{name}'].shape)}, the model's "
+                             f"is {shape}")
     for name, param in params.items():
         weight = tensors[f"param/{name}"]
         safe_set_full_fp32_param(param, weight)
@@ -196,12 +325,17 @@ def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str,
     if dist_info.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
-        metadata = {"memvp_ds_config": json.dumps(config_to_dict(cfg))}
-        if feature_recipe is not None:
-            metadata["feature_recipe"] = json.dumps(feature_recipe)
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=export_metadata(cfg, feature_recipe))
         os.replace(tmp, path)
     barrier()
+
+
+def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """An export's safetensors metadata: the resolved config and the training shards' feature recipe."""
+    metadata = {"memvp_ds_config": json.dumps(config_to_dict(cfg))}
+    if feature_recipe is not None:
+        metadata["feature_recipe"] = json.dumps(feature_recipe)
+    return metadata
 
 
 def read_export_metadata(path: str, key: str = "memvp_ds_config") -> Dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import itertools
+import logging
+import math
+import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -18,11 +20,12 @@ from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.data.plan import plan_data
-from memvp_ds.data.stream import build_train_loader, iterate_eval_batches
+from memvp_ds.data.stream import ErrorBudget, build_train_loader, close_loader, iterate_eval_batches
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
-from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier
+from memvp_ds.engine.preflight import check_vocab_fits, check_writable
+from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from memvp_ds.engine.metrics import (
     ScalarLogger,
     max_memory_gb,
@@ -77,27 +80,59 @@ class _Window:
         self.skipped += raw["skipped_samples"]
 
 
-class _StopFlag:
-    """SIGUSR1 (Slurm's pre-kill warning) or SIGTERM: save at the next step boundary and exit cleanly."""
+class _StopWhileWaiting(Exception):
+    """A stop signal arrived while the main process waited for a batch."""
 
-    def __init__(self):
+
+class _StopFlag:
+    """SIGUSR1 (Slurm's pre-kill warning) or SIGTERM: save at the next step boundary and exit cleanly.
+
+    Slurm signals the whole process group; loader workers ignore these signals (stream.ignore_stop_signals),
+    so the main process decides. A single process waiting for data is interrupted at once (it saves the last
+    completed step); with several ranks the signal waits for the step boundary, where every rank agrees on it
+    collectively: one rank leaving a wait alone would meet the others in mismatched collectives.
+    """
+
+    def __init__(self, interrupt_waits: bool):
         self.raised: Optional[str] = None
+        self._interrupt_waits = interrupt_waits
+        self._waiting = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.raised = signal.Signals(signum).name
+        if self._waiting and self._interrupt_waits:
+            raise _StopWhileWaiting(self.raised)
+
+    def next_batch(self, batches: Iterator[Dict[str, Any]]) -> Dict[str, Any]:
+        if self.raised and self._interrupt_waits:
+            raise _StopWhileWaiting(self.raised)
+        self._waiting = True
+        try:
+            return next(batches)
+        finally:
+            self._waiting = False
 
 
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.out = cfg.train.output_dir
-        # Validation first: configs, DeepSpeed JSON, shards, manifest, tokenizer. Then the heavy parts.
+        # Pre-flight first: configs, DeepSpeed JSON, shards, manifest, output folder, tokenizer, checkpoint.
+        # Then the heavy parts.
         self.ds_config = build_ds_config(cfg, dist_info.world_size)
         self.plan = plan_data(cfg, dist_info.world_size)
-        self.tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
+        check_writable(self.out, "train.output_dir")
+        tokenizer_dir = tokenizer_path(cfg)
+        self.tokenizer = load_tokenizer(tokenizer_dir, cfg.model.llm.trust_remote_code)
+        check_vocab_fits(len(self.tokenizer), tokenizer_dir, cfg.model.llm)
         self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
+        # A run id marks the checkpoints this run (and its resumptions) wrote: only those are ever pruned.
+        self.run_id = uuid.uuid4().hex
+        if self.resume_from:
+            ckpt.check_compatible(self.resume_from, cfg)
+            self.run_id = ckpt.read_state(self.resume_from).get("run_id", self.run_id)
         self.engine = self._build_engine()
         self.model = self.engine.module
         self.search = build_search(cfg, self.model)
@@ -138,8 +173,11 @@ class Trainer:
         return build_train_loader(
             self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
             data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
-            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples,
+            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, self._budget(),
         )
+
+    def _budget(self) -> ErrorBudget:
+        return ErrorBudget(self.cfg.data.max_bad_in_row, self.cfg.data.max_bad_fraction)
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         device = self.engine.device
@@ -186,8 +224,9 @@ class Trainer:
     def _loop(self, step: int, micro_batches: int, logger: ScalarLogger) -> Tuple[str, int, List[float]]:
         """Optimizer steps until the plan's last one ("complete") or a stop signal ("preempted")."""
         cfg, plan = self.cfg, self.plan
-        stop = _StopFlag()
+        stop = _StopFlag(interrupt_waits=self.dist.world_size == 1)
         batches = iter(self._train_loader(micro_batches))
+        nonfinite = 0  # optimizer steps in a row whose loss was not finite
         base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)
         window = _Window()
         losses: List[float] = []
@@ -200,13 +239,21 @@ class Trainer:
                     group["lr"] = lr
                 if self.search:
                     self.search.before_step(step)
-                for _ in range(cfg.train.grad_accum_steps):
-                    raw = next(batches)
-                    micro_batches += 1
-                    loss = self.engine(**self._to_device(raw)).loss
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    window.add_micro_batch(loss.item() / cfg.train.grad_accum_steps, raw)
+                step_start, finite = micro_batches, True
+                try:
+                    for _ in range(cfg.train.grad_accum_steps):
+                        raw = stop.next_batch(batches)
+                        micro_batches += 1
+                        loss = self.engine(**self._to_device(raw)).loss
+                        self.engine.backward(loss)
+                        self.engine.step()
+                        finite = finite and math.isfinite(loss.item())
+                        window.add_micro_batch(loss.item() / cfg.train.grad_accum_steps, raw)
+                except _StopWhileWaiting:  # only a single process gets here (see _StopFlag)
+                    self._save(step, {"micro_batches": step_start, "streams": self._streams()})
+                    log.warning("stop signal (%s) while waiting for data: step %d saved, exiting to resume later",
+                                stop.raised, step)
+                    return "preempted", step, losses
                 step += 1
                 window.steps += 1
                 grad_norm = self.engine.get_global_grad_norm()
@@ -217,9 +264,21 @@ class Trainer:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
                     window = _Window()
                 bar.update(1)
-                stopping = any_rank(stop.raised is not None)
+                # One collective for both: a stop signal on any rank, a non-finite loss on any rank.
+                flags = all_reduce_sum(torch.tensor([stop.raised is not None, not finite], dtype=torch.float64))
+                stopping, unhealthy = bool(flags[0] > 0), bool(flags[1] > 0)
+                nonfinite = nonfinite + 1 if unhealthy else 0
                 if step % cfg.train.save_interval == 0 or step == plan.total_steps or stopping:
-                    self._save(step, {"micro_batches": micro_batches, "streams": self._streams()})
+                    if unhealthy:  # weights that produced a non-finite loss must not become `latest`
+                        log.warning("step %d: non-finite loss; checkpoint not written, latest stays the last healthy one",
+                                    step)
+                    else:
+                        self._save(step, {"micro_batches": micro_batches, "streams": self._streams()})
+                if nonfinite >= cfg.train.max_nonfinite_steps:
+                    log.error("%d optimizer steps in a row (up to step %d) had a non-finite loss: stopping "
+                              "(train.max_nonfinite_steps). Lower the learning rate or check the data; the last "
+                              "healthy checkpoint is the one `latest` names", nonfinite, step)
+                    return "diverged", step, losses
                 if stopping:
                     log.warning("stop signal (%s) at step %d: checkpoint saved, exiting to resume later",
                                 stop.raised, step)
@@ -228,6 +287,7 @@ class Trainer:
                     logger.log(self.evaluate_loss(), step)
             return "complete", step, losses
         finally:
+            close_loader(batches)
             bar.close()
 
     def _finish(self, step: int, logger: ScalarLogger) -> None:
@@ -277,7 +337,7 @@ class Trainer:
         return loss
 
     def _save(self, step: int, data_state: Dict[str, int]) -> None:
-        state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg)}
+        state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg), "run_id": self.run_id}
         if self.search:
             state["search"] = self.search.state_dict()
         ckpt.save_checkpoint(self.model, self.engine.optimizer, self.dist, self.out, step, state, self.cfg.train.keep_last)
@@ -299,7 +359,7 @@ class Trainer:
         if not self._heldout:
             batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.train.micro_batch_size,
                                            self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                           None, left_pad=False)
+                                           None, left_pad=False, budget=self._budget())
             self._heldout = list(itertools.islice(_without_padding_labels(batches), self.cfg.search.heldout_batches))
         self.engine.eval()
         loss = self._token_weighted_loss([self._heldout[update % len(self._heldout)]])
@@ -331,7 +391,7 @@ class Trainer:
         self.engine.eval()
         batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
                                        self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                       self.cfg.eval.max_samples, left_pad=False)
+                                       self.cfg.eval.max_samples, left_pad=False, budget=self._budget())
         metrics = {"eval/loss": self._token_weighted_loss(_without_padding_labels(batches))}
         # Answer accuracy by greedy generation. Under ZeRO-3 every rank must make the same number of forward
         # calls (parameters are gathered collectively), so no rank may stop decoding early there.

@@ -63,6 +63,11 @@ def num_decoder_layers(cfg: LLMConfig) -> int:
     return _load_hf_config(cfg).num_hidden_layers
 
 
+def vocab_size(cfg: LLMConfig) -> int:
+    """The LLM's embedding rows, from its config alone (no weights are read)."""
+    return _load_hf_config(cfg).vocab_size
+
+
 def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
 
