@@ -37,25 +37,24 @@ class Run:
 # Searches run for half the training steps; their result is read through ``from_search``. The step sizes
 # are large because the rewards of this tiny task differ by fractions of a point.
 SEARCHES = {
-    "dvp_search": Run("tiny_dvp.yaml", ["train.mode=dvp_search", "model.dvp.layer=null", "search.dvp.arms=4",
+    "dvp_search": Run("tiny_dvp", ["train.mode=dvp_search", "model.dvp.layer=null", "search.dvp.arms=4",
                                         "search.dvp.interval=5", "search.dvp.eta=5.0"]),
-    "das_search": Run("tiny_memvp.yaml", ["train.mode=das_search", "search.das.turn=5", "search.das.warmup_steps=50",
+    "das_search": Run("tiny_memvp", ["train.mode=das_search", "search.das.turn=5", "search.das.warmup_steps=50",
                                           "search.das.eta=50.0"]),
 }
 RUNS = {
-    "memvp": Run("tiny_memvp.yaml"),
-    "input_prefix": Run("tiny_input_prefix.yaml"),
-    "apt": Run("tiny_apt.yaml"),
-    "dvp": Run("tiny_dvp.yaml", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
-    "memvp_das": Run("tiny_memvp.yaml", ["model.skip.from_search={out}/das_search"], "das_search"),
-    "text_only": Run("tiny_memvp.yaml", ["data.use_images=false"]),
+    "memvp": Run("tiny_memvp"),
+    "input_prefix": Run("tiny_input_prefix"),
+    "apt": Run("tiny_apt"),
+    "dvp": Run("tiny_dvp", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
+    "memvp_das": Run("tiny_memvp", ["model.skip.from_search={out}/das_search"], "das_search"),
+    "text_only": Run("tiny_memvp", ["data.use_images=false"]),
 }
 # Accuracy points MemVP must gain over the text-only control: with 200 test questions the standard error
 # of each accuracy is about 3.5 points, so 15 points is far beyond chance.
 MIN_MARGIN = 15.0
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "memvp_ds"
-CONFIGS = REPO / "configs"
 TINY_VIT = LIBRARY / "vision" / "model_configs" / "tiny-vit.json"
 
 
@@ -103,7 +102,7 @@ def pretrain_base_llm(conversations: List[list], tokenizer_dir: str, out_dir: st
     from memvp_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    inline = dict(load_config(str(CONFIGS / "tiny_memvp.yaml")).model.llm.config)
+    inline = dict(load_config("tiny_memvp").model.llm.config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline))
     samples = []
@@ -135,13 +134,13 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
         f"data.train_shards={data['train']}", f"data.val_shards={data['val']}", f"data.test_shards={data['test']}",
         f"data.tokenizer={data['tokenizer']}", f"train.output_dir={out / name}", f"train.max_steps={steps}",
         f"model.llm.path={data['llm']}", "model.llm.config=null",
-        f"train.save_interval={steps}", "train.ds_config=" + str(REPO / "ds_configs" / "zero2.json"),
+        f"train.save_interval={steps}", "train.ds_config=zero2",
         "logging.log_interval=10", *(o.format(out=out) for o in run.overrides),
     ]
     log_path = out / f"{name}.log"
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run([*launcher(ranks), "--config", str(CONFIGS / run.config), *overrides],
+        proc = subprocess.run([*launcher(ranks), "--config", run.config, *overrides],
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"training {name} failed (exit {proc.returncode}); see {log_path}")

@@ -169,8 +169,9 @@ class TrainConfig:
     """Gradient-norm clipping threshold (0: off, as in the official recipe)."""
     precision: str = "bf16"
     """bf16, fp16 or fp32 (frozen weights and compute; trainable master weights stay fp32)."""
-    ds_config: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON; its "auto" values are filled from this config."""
+    ds_config: str = "zero2"
+    """DeepSpeed JSON: a file, or a shipped name (zero2, zero3, zero3_offload); its "auto" values are
+    filled from this config."""
     gradient_checkpointing: bool = False
     """Recompute each decoder block in backward (non-reentrant): less activation memory, ~1/3 more compute."""
     save_interval: int = 500

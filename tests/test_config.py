@@ -95,7 +95,7 @@ def test_every_option_is_documented_and_listed_by_help_config():
     rows = list(describe_fields(RunConfig))
     assert len(rows) > 60
     assert [key for key, _, _, doc in rows if not doc] == []
-    proc = subprocess.run([sys.executable, "memvp_ds/train.py", "--help-config"], cwd=CONFIGS.parent,
+    proc = subprocess.run([sys.executable, "memvp_ds/train.py", "--help-config"], cwd=CONFIGS.parents[2],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for key, _, default, _ in rows:

@@ -1,12 +1,13 @@
-"""Deriving the DeepSpeed JSON from our config: ds_configs/*.json hold only ZeRO settings and "auto"s."""
+"""Deriving the DeepSpeed JSON from our config: the shipped ds_configs/*.json (memvp_ds/recipes) hold only
+ZeRO settings and "auto"s."""
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict
 
 from memvp_ds.config import Config, ConfigError
+from memvp_ds.recipes import resolve_ds_config
 
 
 def _fill(ds: Dict[str, Any], key_path: str, value: Any, ours: str, source: str) -> None:
@@ -22,9 +23,7 @@ def _fill(ds: Dict[str, Any], key_path: str, value: Any, ours: str, source: str)
 
 
 def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
-    path = cfg.train.ds_config
-    if not os.path.isfile(path):
-        raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path}")
+    path = resolve_ds_config(cfg.train.ds_config)
     with open(path) as f:
         try:
             ds = json.load(f)
