@@ -1,13 +1,15 @@
 """memvp-eval: score trained weights on a split: batched greedy generation, predictions JSONL, metrics
 JSON + TensorBoard.
 
-    python -m memvp_ds.evaluate --weights runs/x/export/trainable.safetensors --split test
-    deepspeed --num_gpus 8 memvp_ds/evaluate.py --config configs/memvp_llama13b_sqa.yaml --weights ... \\
+    memvp-eval --weights runs/x/export/trainable.safetensors --split test
+    memvp-eval --weights trainable.safetensors --llm-path /local/llama-13b-hf data.test_shards=... eval.batch_size=16
+    deepspeed --num_gpus 8 --module memvp_ds.evaluate --weights runs/x/export/trainable.safetensors \\
         --split test eval.batch_size=16
 
-Without --config, the config stored in the export is used. Each rank holds the whole model (inference
-needs no optimizer state, and a frozen 13B model fits one 80 GB GPU in bf16) and answers every
-world_size-th sample; rank 0 gathers the predictions, so the metrics do not depend on the rank count.
+Without --config, the config stored in the export is used, with the key=value overrides on top (an export
+made on a cluster runs elsewhere with --llm-path and data.*_shards overrides). Each rank holds the whole
+model (inference needs no optimizer state, and a frozen 13B model fits one 80 GB GPU in bf16) and answers
+every world_size-th sample; rank 0 gathers the predictions, so the metrics do not depend on the rank count.
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ import logging
 import os
 import sys
 
-import torch
+if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/evaluate.py): make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from memvp_ds.cli import command, llm_path_overrides, parser as cli_parser  # noqa: E402
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the one stored in the export)")
+@command
+def main(argv) -> int:
+    parser = cli_parser("memvp-eval", __doc__)
+    parser.add_argument("--config", help="YAML config, file or shipped name (default: the one stored in the export)")
     parser.add_argument("--weights", required=True, help="export .safetensors or a checkpoint folder")
-    parser.add_argument("--split", default=None, help="test or val (default eval.split)")
-    parser.add_argument("--output", help="where predictions and metrics go (default <train.output_dir>/eval)")
+    parser.add_argument("--split", choices=["test", "val", "train"], help="split to score (default: eval.split)")
+    parser.add_argument("--output", help="where predictions and metrics go (default: <train.output_dir>/eval)")
+    parser.add_argument("--llm-path", help="another local copy of the base LLM (also the tokenizer); default: "
+                        "the stored model.llm.path")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied last")
     args = parser.parse_args(argv)
+    overrides = llm_path_overrides(args.llm_path) + args.overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from memvp_ds.config import ConfigError
@@ -42,9 +53,9 @@ def main(argv=None) -> int:
     from memvp_ds.schema import load_config
 
     if args.config:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     elif os.path.isfile(args.weights):
-        cfg = load_config(None, args.overrides, stored=read_export_metadata(args.weights))
+        cfg = load_config(None, overrides, stored=read_export_metadata(args.weights))
     else:
         raise ConfigError("--config is required unless --weights is an export file (which stores its config)")
     split = args.split or cfg.eval.split
@@ -74,6 +85,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

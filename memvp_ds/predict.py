@@ -1,20 +1,28 @@
 """memvp-predict: answer one question about one image with trained weights.
 
-    memvp-predict --weights runs/x/export/trainable.safetensors --image photo.png \
+    memvp-predict --weights runs/x/export/trainable.safetensors --image photo.png \\
         --question "What colour is the circle?" --choices red green blue yellow
+    memvp-predict --weights trainable.safetensors --llm-path /local/llama-13b-hf \\
+        --clip-pretrained /local/vit_l14_openai.bin --image photo.png --question "What is shown?"
 
 The image goes through the same CLIP feature code and recipe as data_prep (stored in the export), so the
 model sees exactly the kind of features it was trained on. The CLIP weights must be a local file: the
-recipe's own path, or --clip-pretrained.
+recipe's own path, or --clip-pretrained. The model is the export's stored config with --llm-path and the
+key=value overrides on top.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from typing import List, Optional
 
-import torch
+if __package__ in (None, ""):  # run as a file: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from memvp_ds.cli import command, llm_path_overrides, parser as cli_parser  # noqa: E402
 
 
 def extract_image_features(recipe_dict: dict, image_path: str, clip_pretrained: Optional[str] = None) -> torch.Tensor:
@@ -35,12 +43,14 @@ def extract_image_features(recipe_dict: dict, image_path: str, clip_pretrained: 
 
 
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
-           hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16) -> str:
+           hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16,
+           overrides: Optional[List[str]] = None) -> str:
+    """The model's answer to one question (``overrides``: ``key=value`` on top of the export's config)."""
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.engine.checkpoint import load_exported, read_export_metadata
 
-    model, cfg = load_exported(weights)
+    model, cfg = load_exported(weights, overrides)
     model.eval()
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.llm.path, cfg.model.llm.trust_remote_code)
     fields = {"question": question, "choices": choices or [], "hint": hint, "answer": 0}
@@ -56,22 +66,24 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@command
+def main(argv) -> int:
+    parser = cli_parser("memvp-predict", __doc__)
     parser.add_argument("--weights", required=True, help="export .safetensors written by training")
-    parser.add_argument("--image", help="image file (omit for a text-only question)")
-    parser.add_argument("--question", required=True)
-    parser.add_argument("--choices", nargs="*", help="multiple-choice options, in order (A), (B), ...")
-    parser.add_argument("--hint", default="", help="text context (ScienceQA's hint)")
-    parser.add_argument("--clip-pretrained", help="local CLIP checkpoint, if not the one in the recipe")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--image", help="image file (default: none, a text-only question)")
+    parser.add_argument("--question", required=True, help="the question, as the dataset words it")
+    parser.add_argument("--choices", nargs="*", help="multiple-choice options, in order (A), (B), ... "
+                        "(default: none, a free-form answer)")
+    parser.add_argument("--hint", default="", help="text context (ScienceQA's hint); default: none")
+    parser.add_argument("--clip-pretrained", help="local CLIP checkpoint (default: the one in the stored recipe)")
+    parser.add_argument("--llm-path", help="another local copy of the base LLM (also the tokenizer); default: "
+                        "the stored model.llm.path")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding length")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the export's stored config "
+                        "(before --choices, which takes every word after it)")
     args = parser.parse_args(argv)
-    try:
-        output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
-                        args.max_new_tokens)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"memvp-predict: error: {err}", file=sys.stderr)
-        return 2
+    output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
+                    args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)
     if args.choices:
         from memvp_ds.evaluation.scienceqa import parse_answer
