@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from memvp_ds.cli import command, parser as cli_parser
+
 
 @dataclass
 class Run:
@@ -55,7 +57,6 @@ RUNS = {
 MIN_MARGIN = 15.0
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "memvp_ds"
-TINY_VIT = LIBRARY / "vision" / "model_configs" / "tiny-vit.json"
 
 
 def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
@@ -71,7 +72,7 @@ def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
     counts = make_synthetic_scienceqa(str(sqa), num_train=num_train, num_val=num_test // 2, num_test=num_test,
                                       max_shapes=1)
     print(f"[1/5] synthetic ScienceQA-format data in {sqa}: {counts}")
-    recipe = FeatureRecipe(model=str(TINY_VIT), pretrained="random", image_size=64)
+    recipe = FeatureRecipe(model="tiny-vit", pretrained="random", image_size=64)
     manifest = run_extract(ScienceQASource(str(sqa)), recipe,
                            ExtractOptions(out_dir=str(shards), samples_per_shard=250, num_workers=2, batch_size=64))
     print(f"[2/5] tiny-CLIP features ({manifest['recipe']['tokens']} x {manifest['recipe']['dim']}) in {shards}")
@@ -211,12 +212,13 @@ def add_question_types(out: Path, name: str, metrics: Dict[str, float]) -> None:
         metrics[f"acc/{category}"] = 100.0 * right / count
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@command
+def main(argv) -> int:
+    parser = cli_parser("memvp-demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where data, runs, figure and logs go")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (deepspeed launcher)")
     parser.add_argument("--fast", action="store_true", help="smaller data and fewer steps (the test suite's setting)")
-    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: 1500, or 600 with --fast)")
     parser.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS),
                         help="runs to train and compare (default: all); text_only is the control")
     args = parser.parse_args(argv)

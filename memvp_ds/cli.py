@@ -10,6 +10,7 @@ import argparse
 import functools
 import os
 import sys
+import textwrap
 from typing import Callable, List, Optional
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -48,10 +49,25 @@ def command(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]],
     return run
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and examples keep their lines (backslash continuations stay copy-pasteable), and each
-    option's default is shown once: appended as ``(default: X)`` unless its help already speaks of it.
-    Flags (off unless given), required options and positionals need no default."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Indented lines of a description (examples) are kept as written, so backslash continuations stay
+    copy-pasteable; other lines are filled as paragraphs. Each option's default is shown once: appended
+    as ``(default: X)`` unless its help already speaks of it. Flags (off unless given), required options
+    and positionals need no default."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks: List[str] = []
+        paragraph: List[str] = []
+        for line in text.splitlines() + [""]:
+            if line.strip() and not line[0].isspace():
+                paragraph.append(line)
+                continue
+            if paragraph:
+                blocks.append(textwrap.fill(" ".join(paragraph), width, initial_indent=indent,
+                                            subsequent_indent=indent))
+                paragraph = []
+            blocks.append(indent + line if line.strip() else "")
+        return "\n".join(blocks).rstrip("\n")
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
