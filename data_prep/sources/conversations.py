@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, Iterator
 
 from data_prep.sources.base import Example, safe_key
-from memvp_ds.data.prompts import strip_image_placeholder
+from memvp_ds.data.prompts import normalize_turn, strip_image_placeholder
 
 
 def read_records(path: str) -> Iterator[Dict[str, Any]]:
@@ -47,19 +47,23 @@ class _AnnotationFileSource:
 
 
 class LlavaSource(_AnnotationFileSource):
-    """``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}``; ``<image>`` is removed."""
+    """``{"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`` (LLaVA), or ShareGPT
+    style turns (roles user/assistant/system, keys ``from``/``value`` or ``role``/``content``, the list under
+    ``conversations`` or ``messages``). Turns are stored in LLaVA's form; ``<image>`` is removed."""
 
     name = "llava"
 
     def examples(self) -> Iterator[Example]:
         for index, record in enumerate(read_records(self.path)):
-            if "conversations" not in record:
-                raise ValueError(f"{self.path}: record {index} has no 'conversations'")
-            turns = [
-                {"from": t["from"], "value": strip_image_placeholder(t["value"])}
-                for t in record["conversations"]
-            ]
             source_id = str(record.get("id", index))
+            turns = record.get("conversations", record.get("messages"))
+            if not isinstance(turns, list):
+                raise ValueError(f"{self.path}: record {index} (id {source_id}) has no 'conversations' list")
+            try:
+                turns = [normalize_turn(t) for t in turns]
+            except (ValueError, AttributeError) as err:
+                raise ValueError(f"{self.path}: record {index} (id {source_id}): {err}") from None
+            turns = [{**t, "value": strip_image_placeholder(t["value"])} for t in turns]
             fields = {"conversations": turns, "source_id": source_id, "split": self.split}
             yield Example(safe_key(source_id), self.split, _image_path(self.image_root, record.get("image")), fields)
 
