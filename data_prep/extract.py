@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from memvp_ds.progress import progress
 
 from data_prep.shards import write_shard
 from data_prep.sources.base import Example, Source
@@ -167,7 +167,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     plan_iter = iter(todo)
     current, seen_in_current = next(plan_iter, None), 0
     start = time.time()
-    with tqdm(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
+    with progress(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
         for indices, images, valid, errors in loader:
             features = None
             if images is not None:
