@@ -212,8 +212,7 @@ def add_question_types(out: Path, name: str, metrics: Dict[str, float]) -> None:
         metrics[f"acc/{category}"] = 100.0 * right / count
 
 
-@command
-def main(argv) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli_parser("memvp-demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where data, runs, figure and logs go")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (deepspeed launcher)")
@@ -221,6 +220,12 @@ def main(argv) -> int:
     parser.add_argument("--steps", type=int, help="training steps per run (default: 1500, or 600 with --fast)")
     parser.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS),
                         help="runs to train and compare (default: all); text_only is the control")
+    return parser
+
+
+@command
+def main(argv) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if "memvp" not in args.methods or "text_only" not in args.methods:
         parser.error("--methods must include memvp and text_only (the demo's pass/fail check compares them)")

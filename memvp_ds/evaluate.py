@@ -27,8 +27,7 @@ import torch  # noqa: E402
 from memvp_ds.cli import command, llm_path_overrides, parser as cli_parser  # noqa: E402
 
 
-@command
-def main(argv) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli_parser("memvp-eval", __doc__)
     parser.add_argument("--config", help="YAML config, file or shipped name (default: the one stored in the export)")
     parser.add_argument("--weights", required=True, help="export .safetensors or a checkpoint folder")
@@ -38,7 +37,12 @@ def main(argv) -> int:
                         "the stored model.llm.path")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied last")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@command
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
     overrides = llm_path_overrides(args.llm_path) + args.overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -52,6 +56,8 @@ def main(argv) -> int:
     from memvp_ds.model import build_model
     from memvp_ds.schema import load_config
 
+    if not os.path.exists(args.weights):
+        raise FileNotFoundError(f"--weights: {args.weights} not found (an export .safetensors or a checkpoint folder)")
     if args.config:
         cfg = load_config(args.config, overrides)
     elif os.path.isfile(args.weights):

@@ -13,6 +13,7 @@ key=value overrides on top.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import List, Optional
@@ -66,8 +67,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
 
 
-@command
-def main(argv) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli_parser("memvp-predict", __doc__)
     parser.add_argument("--weights", required=True, help="export .safetensors written by training")
     parser.add_argument("--image", help="image file (default: none, a text-only question)")
@@ -81,7 +81,12 @@ def main(argv) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding length")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the export's stored config "
                         "(before --choices, which takes every word after it)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@command
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
     output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
                     args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)

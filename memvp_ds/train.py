@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/train.py): ma
 from memvp_ds.cli import command  # noqa: E402  (after the path fix above)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     from memvp_ds.cli import parser as cli_parser
     from memvp_ds.recipes import shipped
 
@@ -35,7 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="list every config key with its type, default and documentation, then exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def config_reference() -> str:
