@@ -195,13 +195,13 @@ def test_readme_tiny_path_runs_from_the_wheel_outside_the_repository(tmp_path):
                              "memvp-eval", "memvp-predict"]
     train_log = outputs["memvp-train"].stdout + outputs["memvp-train"].stderr
     assert "\r" not in train_log  # a log file gets whole lines, no progress-bar redraws
-    # start summary: the tiny config's 320 samples / micro batch 8 = 40 steps, max_steps 40; trainable
+    # start summary: 160 samples / the tiny config's micro batch 8 = 20 steps, max_steps 20; trainable
     # parameters counted from the config: projector 32*32+32 + 32*64+64, memory 2 x 24 rows x 64
-    assert "320 training samples, 40 steps/epoch, 40 steps in all" in train_log
+    assert "160 training samples, 20 steps/epoch, 20 steps in all" in train_log
     assert f"trainable parameters: {3168 + 3072:,} (strategy.projector 3,168, strategy.memory 3,072)" in train_log
     assert f"export: {work / 'tiny/run/export/trainable.safetensors'}" in train_log
-    assert "status: complete at step 40/40" in train_log and "tensorboard --logdir" in train_log
-    assert "data.train_shards=tiny/shards/train-{000000..000003}.tar" in outputs["memvp-prep extract"].stdout
+    assert "status: complete at step 20/20" in train_log and "tensorboard --logdir" in train_log
+    assert "data.train_shards=tiny/shards/train-{000000..000001}.tar" in outputs["memvp-prep extract"].stdout
     eval_log = outputs["memvp-eval"].stdout + outputs["memvp-eval"].stderr
     assert "generate: 16/" not in eval_log and re.search(r"generate: 16 samples", eval_log) and "\r" not in eval_log
     assert (work / "tiny/run/eval/metrics_test.json").is_file()

@@ -130,3 +130,31 @@ def test_conversation_predictions_are_scored_against_the_last_answer():
     metrics = task_metrics("conversation", records)
     assert metrics["caption/bleu4"] == pytest.approx(100.0, rel=1e-6) and metrics["count/overall"] == 2
     assert records[0]["gold"] == ["a red ball on the left"]
+
+
+def test_an_export_answers_the_same_with_another_local_copy_of_its_llm(dataset, trained, tmp_path, capsys):
+    """memvp-predict --llm-path: a saved copy of the frozen LLM (and tokenizer) replaces the stored one; the
+    answer is the same, and a key=value override lands on top of the stored config."""
+    from memvp_ds.cli import llm_path_overrides
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.predict import main as predict
+
+    model, cfg = load_exported(str(trained))
+    copy = tmp_path / "llm_copy"
+    model.llm.save_pretrained(copy)
+    load_tokenizer(cfg.data.tokenizer).save_pretrained(copy)
+    _, moved = load_exported(str(trained), [*llm_path_overrides(str(copy)), "eval.batch_size=3"])
+    assert (moved.model.llm.path, moved.model.llm.config, moved.data.tokenizer) == (str(copy), None, str(copy))
+    assert moved.eval.batch_size == 3 and moved.model.memvp == cfg.model.memvp
+
+    image = dataset["root"] / "sqa" / "images" / "test"
+    image = next(p for p in sorted(image.glob("*/image.png")))
+    question = ["--weights", str(trained), "--image", str(image), "--question", "Which shape is at the top?",
+                "--choices", "circle", "square", "triangle"]
+    assert predict(question) == 0
+    stored_answer = capsys.readouterr().out.splitlines()[-2:]  # the answer and its parsed choice
+    assert predict(["--llm-path", str(copy), *question]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == stored_answer and "parsed answer:" in stored_answer[1]
+    assert predict(["--llm-path", str(tmp_path / "absent"), *question]) == 2
+    assert "absent" in capsys.readouterr().err
