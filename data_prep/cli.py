@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from memvp_ds.cli import HelpFormatter, add_debug_option, command
+
 DESCRIPTION = """\
 Extract CLIP features once and write verified WebDataset shards for memvp_ds training.
 
@@ -14,6 +16,7 @@ Typical flow:
   memvp-prep extract --source scienceqa --root data/synth --out data/synth_shards \\
       --clip-model ViT-L-14 --clip-pretrained /ckpt/open_clip_vit_l14_openai.bin
   memvp-prep verify data/synth_shards
+  memvp-prep tokenizer --source scienceqa --root data/synth --out data/tokenizer   # tiny models only
 On a cluster: run extract with --part i/n in each array task, then merge + verify (slurm/extract.sh).
 """
 
@@ -26,18 +29,13 @@ def _add_extract(sub) -> None:
         "{split}-{index:06d}.tar shards plus manifest.json. Rerunning skips shards that are complete and "
         "intact. Missing or corrupt images are counted, listed in errors.jsonl and their samples kept "
         "text-only (or dropped).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--source", required=True, choices=["scienceqa", "llava", "jsonl"], help="dataset format")
-    p.add_argument("--root", help="scienceqa: folder with problems.json, pid_splits.json, images/")
-    p.add_argument("--annotations", help="llava/jsonl: the .json or .jsonl annotation file")
-    p.add_argument("--image-root", default=".", help="llava/jsonl: folder that image paths are relative to")
-    p.add_argument("--split", default="train", help="llava/jsonl: split name for records without one")
-    p.add_argument("--splits", nargs="*", help="scienceqa: splits to extract (default train val test)")
-    p.add_argument("--captions", help="scienceqa: captions.json (default: <root>/captions.json when present); "
-                   "stored per sample for the official evaluation context")
+    add_debug_option(p)
+    _add_source_options(p)
     p.add_argument("--out", required=True, help="output folder for shards and manifest")
-    p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name or model-config JSON path")
+    p.add_argument("--clip-model", default="ViT-L-14",
+                   help="open_clip model name, 'tiny-vit' (the shipped tiny tower: tests, demo) or a model-config JSON path")
     p.add_argument("--clip-pretrained", default="openai",
                    help="local checkpoint file, 'random' (tests/demo), or an open_clip tag with --allow-download")
     p.add_argument("--allow-download", action="store_true", help="let open_clip download pretrained weights")
@@ -46,16 +44,27 @@ def _add_extract(sub) -> None:
     p.add_argument("--layer", choices=["penultimate", "last"], default="penultimate", help="transformer block")
     p.add_argument("--keep-cls", action="store_true", help="keep the CLS token (not the official recipe)")
     p.add_argument("--no-quick-gelu", action="store_true", help="the weights use GELU rather than QuickGELU")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--shard-size-mb", type=float, help="target shard size (overrides --samples-per-shard)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file")
+    p.add_argument("--shard-size-mb", type=float, help="target shard size (default: unset, --samples-per-shard decides)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward")
     p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
     p.add_argument("--part", default="0/1", help="i/n: this task's share of the shards (array jobs)")
-    p.add_argument("--on-bad-image", choices=["text-only", "drop"], default="text-only")
+    p.add_argument("--on-bad-image", choices=["text-only", "drop"], default="text-only",
+                   help="what a sample with a missing or corrupt image becomes")
     p.add_argument("--store", choices=["features", "images", "both"], default="features",
                    help="per image: CLIP features, the resized image (for online CLIP with trainable adapters, "
                    "model.vision.online=true), or both")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
+def _add_source_options(p) -> None:
+    """The options that name a dataset: shared by extract and tokenizer."""
+    p.add_argument("--source", required=True, choices=["scienceqa", "llava", "jsonl"], help="dataset format")
+    p.add_argument("--root", help="scienceqa: folder with problems.json, pid_splits.json, images/ (default: none)")
+    p.add_argument("--annotations", help="llava/jsonl: the .json or .jsonl annotation file (default: none)")
+    p.add_argument("--image-root", default=".", help="llava/jsonl: folder that image paths are relative to")
+    p.add_argument("--split", default="train", help="llava/jsonl: split name for records without one")
+    p.add_argument("--splits", nargs="*", help="scienceqa: splits to read (default: train val test)")
 
 
 def _build_source(args):
@@ -63,10 +72,10 @@ def _build_source(args):
 
     if args.source == "scienceqa":
         if not args.root:
-            sys.exit("extract: --root is required for --source scienceqa")
+            raise ValueError("--root is required for --source scienceqa")
         return ScienceQASource(args.root, args.splits, args.captions)
     if not args.annotations:
-        sys.exit(f"extract: --annotations is required for --source {args.source}")
+        raise ValueError(f"--annotations is required for --source {args.source}")
     cls = LlavaSource if args.source == "llava" else JsonlQASource
     return cls(args.annotations, args.image_root, args.split)
 
@@ -75,7 +84,7 @@ def _parse_part(text: str):
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
-        sys.exit(f"--part must look like i/n (e.g. 0/4), got '{text}'")
+        raise ValueError(f"--part must look like i/n (e.g. 0/4), got '{text}'") from None
     return index, count
 
 
@@ -98,9 +107,33 @@ def cmd_extract(args) -> int:
     manifest = run_extract(_build_source(args), recipe, opts)
     errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
     for split, counts in manifest["splits"].items():
-        print(f"{split}: {counts['samples']} samples ({counts['with_image']} with image) in {counts['shards']} shards")
+        print(f"{split}: {counts['samples']} samples ({counts['with_image']} with image) in {counts['shards']} shards: "
+              f"data.{split}_shards={shard_spec(args.out, manifest, split)}")
     print(f"bad images: {errors} ({'kept text-only' if opts.on_bad_image == 'text-only' else 'dropped'}); see errors.jsonl"
           if errors else "bad images: 0")
+    return 0
+
+
+def shard_spec(out_dir: str, manifest: dict, split: str) -> str:
+    """The shard pattern of ``split`` to give to memvp-train (a brace range over the shard indices)."""
+    names = sorted(s["name"] for s in manifest["shards"] if s["split"] == split)
+    first, last = names[0].rsplit("-", 1)[1][:-4], names[-1].rsplit("-", 1)[1][:-4]
+    index = first if first == last else "{" + f"{first}..{last}" + "}"
+    return f"{out_dir.rstrip('/')}/{split}-{index}.tar"
+
+
+def cmd_tokenizer(args) -> int:
+    from memvp_ds.data.prompts import build_segments
+    from memvp_ds.data.tokenizer import train_tokenizer
+
+    prompt_format = args.prompt_format or PROMPT_FORMAT_OF_SOURCE[args.source]
+    texts = ["".join(text for text, _ in build_segments(example.fields, prompt_format))
+             for example in _build_source(args).examples()]
+    if not texts:
+        raise ValueError("tokenizer: the source has no records")
+    tokenizer = train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
+    print(f"byte-level BPE tokenizer with {len(tokenizer)} tokens, trained on {len(texts)} {prompt_format} texts: "
+          f"data.tokenizer={args.out}")
     return 0
 
 
@@ -138,9 +171,9 @@ def cmd_synthetic(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memvp-prep", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="memvp-prep", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
+    add_debug_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_extract(sub)
     for name, help_text in (
@@ -149,33 +182,45 @@ def build_parser() -> argparse.ArgumentParser:
         ("inspect", "print counts per split, the feature recipe and one sample"),
         ("merge", "combine manifest.part-i-of-n.json of all parts into manifest.json"),
     ):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        add_debug_option(p)
         p.add_argument("dir", help="shard folder (holds the manifest)")
     p = sub.add_parser("synthetic", help="write a small ScienceQA-format dataset of coloured shapes",
                        description="Coloured shapes at positions with multiple-choice questions that need the "
-                       "image (plus ~10%% text-only questions), in ScienceQA's file layout.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("out")
-    p.add_argument("--num-train", type=int, default=2000)
-    p.add_argument("--num-val", type=int, default=200)
-    p.add_argument("--num-test", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+                       "image (plus ~10% text-only questions), in ScienceQA's file layout.",
+                       formatter_class=HelpFormatter)
+    add_debug_option(p)
+    p.add_argument("out", help="output folder (problems.json, pid_splits.json, images/)")
+    p.add_argument("--num-train", type=int, default=2000, help="training problems")
+    p.add_argument("--num-val", type=int, default=200, help="validation problems")
+    p.add_argument("--num-test", type=int, default=500, help="test problems")
+    p.add_argument("--image-size", type=int, default=64, help="image width and height in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the dataset is a function of it)")
+    p = sub.add_parser("tokenizer", help="train a small byte-level BPE tokenizer on a dataset's text (tiny models)",
+                       description="Train a byte-level BPE tokenizer on the prompts and answers of a dataset, as the "
+                       "training prompts format them, and save it as a Hugging Face tokenizer folder (give it to "
+                       "memvp-train as data.tokenizer). For the tiny random LLMs of tests and demos; a real LLM "
+                       "brings its own tokenizer.", formatter_class=HelpFormatter)
+    add_debug_option(p)
+    _add_source_options(p)
+    p.add_argument("--out", required=True, help="output folder of the tokenizer")
+    p.add_argument("--vocab-size", type=int, default=512,
+                   help="largest vocabulary; the tiny configs' LLM embeds 512 tokens, so at most that for them")
+    p.add_argument("--prompt-format", choices=sorted(PROMPT_FORMAT_OF_SOURCE.values()),
+                   help="text layout (default: qcm_a for scienceqa, conversation for llava, qa for jsonl)")
     return parser
 
 
+PROMPT_FORMAT_OF_SOURCE = {"scienceqa": "qcm_a", "llava": "conversation", "jsonl": "qa"}
 COMMANDS = {"extract": cmd_extract, "verify": cmd_verify, "inspect": cmd_inspect, "merge": cmd_merge,
-            "synthetic": cmd_synthetic}
+            "synthetic": cmd_synthetic, "tokenizer": cmd_tokenizer}
 
 
-def main(argv=None) -> int:
+@command
+def main(argv) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"memvp-prep {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

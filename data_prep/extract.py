@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from memvp_ds.progress import progress
 
 from data_prep.checks import check_sample_keys, check_split_names
 from data_prep.clip_model import check_weights_available, load_visual
@@ -207,7 +207,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     plan_iter = iter(todo)
     current, seen_in_current = next(plan_iter, None), 0
     start = time.time()
-    with tqdm(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
+    with progress(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
         for indices, images, valid, errors in loader:
             features = pixels = None
             if images is not None and FEATURES_MEMBER in members:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from memvp_ds.cli import command, parser as cli_parser
+
 
 @dataclass
 class Run:
@@ -37,26 +39,24 @@ class Run:
 # Searches run for half the training steps; their result is read through ``from_search``. The step sizes
 # are large because the rewards of this tiny task differ by fractions of a point.
 SEARCHES = {
-    "dvp_search": Run("tiny_dvp.yaml", ["train.mode=dvp_search", "model.dvp.layer=null", "search.dvp.arms=4",
+    "dvp_search": Run("tiny_dvp", ["train.mode=dvp_search", "model.dvp.layer=null", "search.dvp.arms=4",
                                         "search.dvp.interval=5", "search.dvp.eta=5.0"]),
-    "das_search": Run("tiny_memvp.yaml", ["train.mode=das_search", "search.das.turn=5", "search.das.warmup_steps=50",
+    "das_search": Run("tiny_memvp", ["train.mode=das_search", "search.das.turn=5", "search.das.warmup_steps=50",
                                           "search.das.eta=50.0"]),
 }
 RUNS = {
-    "memvp": Run("tiny_memvp.yaml"),
-    "input_prefix": Run("tiny_input_prefix.yaml"),
-    "apt": Run("tiny_apt.yaml"),
-    "dvp": Run("tiny_dvp.yaml", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
-    "memvp_das": Run("tiny_memvp.yaml", ["model.skip.from_search={out}/das_search"], "das_search"),
-    "text_only": Run("tiny_memvp.yaml", ["data.use_images=false"]),
+    "memvp": Run("tiny_memvp"),
+    "input_prefix": Run("tiny_input_prefix"),
+    "apt": Run("tiny_apt"),
+    "dvp": Run("tiny_dvp", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
+    "memvp_das": Run("tiny_memvp", ["model.skip.from_search={out}/das_search"], "das_search"),
+    "text_only": Run("tiny_memvp", ["data.use_images=false"]),
 }
 # Accuracy points MemVP must gain over the text-only control: with 200 test questions the standard error
 # of each accuracy is about 3.5 points, so 15 points is far beyond chance.
 MIN_MARGIN = 15.0
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "memvp_ds"
-CONFIGS = REPO / "configs"
-TINY_VIT = LIBRARY / "vision" / "model_configs" / "tiny-vit.json"
 
 
 def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
@@ -72,7 +72,7 @@ def prepare_data(out: Path, num_train: int, num_test: int) -> Dict[str, str]:
     counts = make_synthetic_scienceqa(str(sqa), num_train=num_train, num_val=num_test // 2, num_test=num_test,
                                       max_shapes=1)
     print(f"[1/5] synthetic ScienceQA-format data in {sqa}: {counts}")
-    recipe = FeatureRecipe(model=str(TINY_VIT), pretrained="random", image_size=64)
+    recipe = FeatureRecipe(model="tiny-vit", pretrained="random", image_size=64)
     manifest = run_extract(ScienceQASource(str(sqa)), recipe,
                            ExtractOptions(out_dir=str(shards), samples_per_shard=250, num_workers=2, batch_size=64))
     print(f"[2/5] tiny-CLIP features ({manifest['recipe']['tokens']} x {manifest['recipe']['dim']}) in {shards}")
@@ -103,7 +103,7 @@ def pretrain_base_llm(conversations: List[list], tokenizer_dir: str, out_dir: st
     from memvp_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    inline = dict(load_config(str(CONFIGS / "tiny_memvp.yaml")).model.llm.config)
+    inline = dict(load_config("tiny_memvp").model.llm.config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline))
     samples = []
@@ -135,13 +135,13 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
         f"data.train_shards={data['train']}", f"data.val_shards={data['val']}", f"data.test_shards={data['test']}",
         f"data.tokenizer={data['tokenizer']}", f"train.output_dir={out / name}", f"train.max_steps={steps}",
         f"model.llm.path={data['llm']}", "model.llm.config=null",
-        f"train.save_interval={steps}", "train.ds_config=" + str(REPO / "ds_configs" / "zero2.json"),
+        f"train.save_interval={steps}", "train.ds_config=zero2",
         "logging.log_interval=10", *(o.format(out=out) for o in run.overrides),
     ]
     log_path = out / f"{name}.log"
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run([*launcher(ranks), "--config", str(CONFIGS / run.config), *overrides],
+        proc = subprocess.run([*launcher(ranks), "--config", run.config, *overrides],
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"training {name} failed (exit {proc.returncode}); see {log_path}")
@@ -212,14 +212,20 @@ def add_question_types(out: Path, name: str, metrics: Dict[str, float]) -> None:
         metrics[f"acc/{category}"] = 100.0 * right / count
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli_parser("memvp-demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where data, runs, figure and logs go")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (deepspeed launcher)")
     parser.add_argument("--fast", action="store_true", help="smaller data and fewer steps (the test suite's setting)")
-    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: 1500, or 600 with --fast)")
     parser.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS),
                         help="runs to train and compare (default: all); text_only is the control")
+    return parser
+
+
+@command
+def main(argv) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if "memvp" not in args.methods or "text_only" not in args.methods:
         parser.error("--methods must include memvp and text_only (the demo's pass/fail check compares them)")

@@ -187,9 +187,9 @@ class TrainConfig:
     paper's precision (with model.llm.dtype=float16): DeepSpeed fp16 with dynamic loss scaling set like the
     official GradScaler (start 2**16, halve on overflow, double after 2000 clean steps) unless the
     DeepSpeed JSON's fp16 section says otherwise."""
-    ds_config: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON; its "auto" values are filled from this config. A relative path not found from the
-    working directory is looked up in the project's shipped ds_configs/."""
+    ds_config: str = "zero2"
+    """DeepSpeed JSON: a file, or a shipped name (zero2, zero3, zero3_offload); its "auto" values are
+    filled from this config."""
     gradient_checkpointing: bool = False
     """Recompute each decoder block in backward (non-reentrant): less activation memory, ~1/3 more compute."""
     save_interval: int = 500

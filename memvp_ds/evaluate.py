@@ -1,15 +1,17 @@
 """memvp-eval: score trained weights on a split: batched greedy generation, predictions JSONL, metrics
 JSON + TensorBoard.
 
-    python -m memvp_ds.evaluate --weights runs/x/export/trainable.safetensors --split test
-    deepspeed --num_gpus 8 memvp_ds/evaluate.py --config configs/memvp_llama13b_sqa.yaml --weights ... \\
+    memvp-eval --weights runs/x/export/trainable.safetensors --split test
+    memvp-eval --weights trainable.safetensors --llm-path /local/llama-13b-hf data.test_shards=... eval.batch_size=16
+    deepspeed --num_gpus 8 --module memvp_ds.evaluate --weights runs/x/export/trainable.safetensors \\
         --split test eval.batch_size=16
 
-Without --config, the config stored in the export is used for the model and prompts, but never for what
-to run or where to write: the shards come from --shards (or the user's --config), the output folder from
---output (or the user's --config), and trust_remote_code stays off unless the user's own config or an
-override sets it. An export is data, like a checkpoint; a 'pipe:' URL in it must not run. Each rank holds the whole model (inference
-needs no optimizer state, and a frozen 13B model fits one 80 GB GPU in bf16) and answers every
+Without --config, the config stored in the export is used for the model and prompts (with --llm-path and
+the key=value overrides on top: an export made on a cluster runs elsewhere), but never for what to run or
+where to write: the shards come from --shards (or the user's --config), the output folder from --output (or
+the user's --config), and trust_remote_code stays off unless the user's own config or an override sets it.
+An export is data, like a checkpoint; a 'pipe:' URL in it must not run. Each rank holds the whole model
+(inference needs no optimizer state, and a frozen 13B model fits one 80 GB GPU in bf16) and answers every
 world_size-th sample; rank 0 gathers the predictions, so the metrics do not depend on the rank count.
 """
 
@@ -20,21 +22,34 @@ import logging
 import os
 import sys
 
-import torch
+if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/evaluate.py): make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from memvp_ds.cli import command, llm_path_overrides, parser as cli_parser  # noqa: E402
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the one stored in the export)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli_parser("memvp-eval", __doc__)
+    parser.add_argument("--config", help="YAML config, file or shipped name (default: the one stored in the export)")
     parser.add_argument("--weights", required=True, help="export .safetensors or a checkpoint folder")
-    parser.add_argument("--split", default=None, help="test or val (default eval.split)")
+    parser.add_argument("--split", choices=["test", "val", "train"], help="split to score (default: eval.split)")
     parser.add_argument("--shards", help="data_prep output folder (every shard of the split) or a shard list "
                                          "(default: data.shards / data.<split>_shards of --config)")
     parser.add_argument("--output", help="where predictions, metrics and TensorBoard go (default with --config: "
                                          "<train.output_dir>/eval)")
+    parser.add_argument("--llm-path", help="another local copy of the base LLM (also the tokenizer); default: "
+                        "the stored model.llm.path")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied last")
+    return parser
+
+
+@command
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = llm_path_overrides(args.llm_path) + args.overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from memvp_ds.config import ConfigError
@@ -48,10 +63,12 @@ def main(argv=None) -> int:
     from memvp_ds.model import build_model
     from memvp_ds.schema import load_config
 
+    if not os.path.exists(args.weights):
+        raise FileNotFoundError(f"--weights: {args.weights} not found (an export .safetensors or a checkpoint folder)")
     if args.config:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     elif os.path.isfile(args.weights):
-        cfg = load_config(None, args.overrides, stored=read_export_metadata(args.weights))
+        cfg = load_config(None, overrides, stored=read_export_metadata(args.weights))
     else:
         raise ConfigError("--config is required unless --weights is an export file (which stores its config)")
     split = args.split or cfg.eval.split
@@ -96,6 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

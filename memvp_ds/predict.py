@@ -1,12 +1,15 @@
 """memvp-predict: answer one question about one image with trained weights.
 
-    memvp-predict --weights runs/x/export/trainable.safetensors --image photo.png \
+    memvp-predict --weights runs/x/export/trainable.safetensors --image photo.png \\
         --question "What colour is the circle?" --choices red green blue yellow
+    memvp-predict --weights trainable.safetensors --llm-path /local/llama-13b-hf \\
+        --clip-pretrained /local/vit_l14_openai.bin --image photo.png --question "What is shown?"
 
 The image goes through the same CLIP feature code and recipe as data_prep (stored in the export), so the
 model sees exactly the kind of features it was trained on. A model trained with an online vision tower
 (model.vision.online) instead gets the resized pixels and runs its own frozen CLIP with the trained
-adapters. The CLIP weights must be a local file: the recipe's own path, or --clip-pretrained.
+adapters. The CLIP weights must be a local file: the recipe's own path, or --clip-pretrained. The model is the
+export's stored config with --llm-path and the key=value overrides on top.
 
 The config stored in the export is data: it picks the LLM and the prompt format, never remote code
 (trust_remote_code is always off here). The image is read before any model is loaded.
@@ -16,10 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import List, Optional
 
-import torch
+if __package__ in (None, ""):  # run as a file: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from memvp_ds.cli import command, llm_path_overrides, parser as cli_parser  # noqa: E402
 
 
 def read_image(image_path: str):
@@ -55,7 +64,9 @@ def image_pixels_for(recipe_dict: dict, image) -> torch.Tensor:
 
 
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
-           hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16) -> str:
+           hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16,
+           overrides: Optional[List[str]] = None) -> str:
+    """The model's answer to one question (``overrides``: ``key=value`` on top of the export's config)."""
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.engine.checkpoint import load_exported, read_export_metadata
@@ -63,8 +74,8 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
 
     picture = read_image(image) if image is not None else None
     online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)
-    overrides = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
-    model, cfg = load_exported(weights, overrides=overrides)
+    clip_override = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
+    model, cfg = load_exported(weights, clip_override + list(overrides or []))
     model.eval()
     tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
     print(f"memvp-predict: LLM {cfg.model.llm.path or 'inline config'}, tokenizer {tokenizer_path}, "
@@ -85,22 +96,28 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli_parser("memvp-predict", __doc__)
     parser.add_argument("--weights", required=True, help="export .safetensors written by training")
-    parser.add_argument("--image", help="image file (omit for a text-only question)")
-    parser.add_argument("--question", required=True)
-    parser.add_argument("--choices", nargs="*", help="multiple-choice options, in order (A), (B), ...")
-    parser.add_argument("--hint", default="", help="text context (ScienceQA's hint)")
-    parser.add_argument("--clip-pretrained", help="local CLIP checkpoint, if not the one in the recipe")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    args = parser.parse_args(argv)
-    try:
-        output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
-                        args.max_new_tokens)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"memvp-predict: error: {err}", file=sys.stderr)
-        return 2
+    parser.add_argument("--image", help="image file (default: none, a text-only question)")
+    parser.add_argument("--question", required=True, help="the question, as the dataset words it")
+    parser.add_argument("--choices", nargs="*", help="multiple-choice options, in order (A), (B), ... "
+                        "(default: none, a free-form answer)")
+    parser.add_argument("--hint", default="", help="text context (ScienceQA's hint); default: none")
+    parser.add_argument("--clip-pretrained", help="local CLIP checkpoint (default: the one in the stored recipe)")
+    parser.add_argument("--llm-path", help="another local copy of the base LLM (also the tokenizer); default: "
+                        "the stored model.llm.path")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding length")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the export's stored config "
+                        "(before --choices, which takes every word after it)")
+    return parser
+
+
+@command
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
+                    args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)
     if args.choices:
         from memvp_ds.evaluation.scienceqa import parse_answer

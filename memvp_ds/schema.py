@@ -21,6 +21,7 @@ from memvp_ds.config import (
     merge_config,
 )
 from memvp_ds.model.layer_skip import SkipOptions
+from memvp_ds.recipes import resolve_config_path
 from memvp_ds.model.strategies import STRATEGIES
 from memvp_ds.search.das import DASSearchOptions
 from memvp_ds.search.dvp import DVPSearchOptions
@@ -42,12 +43,14 @@ RunConfig = extend_schema(Config, {"model": RunModelConfig, "search": RunSearchC
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 stored: Optional[Dict[str, Any]] = None) -> Any:
-    """Read a YAML config (on top of a ``stored`` plain-dict config, e.g. an export's) and ``key=value``
-    overrides onto the run schema, fill ``from_search`` choices and check every rule.
+    """Read a YAML config (a file or a shipped recipe name such as ``tiny_memvp``; on top of a ``stored``
+    plain-dict config, e.g. an export's) and ``key=value`` overrides onto the run schema, fill
+    ``from_search`` choices and check every rule.
 
-    Raises ConfigError naming the file or override and the key. No model or data is touched.
+    Raises ConfigError naming the file or override and the key (FileNotFoundError for a missing config
+    file). No model or data is touched.
     """
-    cfg = merge_config(RunConfig, path, overrides, stored)
+    cfg = merge_config(RunConfig, resolve_config_path(path) if path else None, overrides, stored)
     check_choice("model.strategy", cfg.model.strategy, sorted(STRATEGIES))
     apply_search_results(cfg)
     for groups, parent in ((MODEL_GROUPS, cfg.model), (SEARCH_GROUPS, cfg.search)):

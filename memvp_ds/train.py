@@ -1,12 +1,13 @@
-"""Train a visual-prompting strategy on a frozen LLM.
+"""memvp-train: train a visual-prompting strategy on a frozen LLM.
 
-    deepspeed memvp_ds/train.py --config configs/memvp_llama13b_sqa.yaml train.micro_batch_size=2
-    python memvp_ds/train.py --config configs/tiny_memvp.yaml data.shards=...   # one process
-    memvp-train --config configs/memvp_llama13b_sqa.yaml --dry-run --world-size 8    # the plan, as JSON
-    torchrun --nproc_per_node 8 memvp_ds/train.py --config ...                        # or srun, see slurm/
+    memvp-train --config tiny_memvp data.shards=... data.tokenizer=...              # one process
+    memvp-train --config memvp_llama13b_sqa --dry-run --world-size 8                # the plan, as JSON
+    deepspeed --num_gpus 8 --module memvp_ds.train --config memvp_llama13b_sqa \\
+        model.llm.path=/ckpt/llama-13b-hf train.micro_batch_size=2
+    torchrun --nproc_per_node 8 -m memvp_ds.train --config ...                     # or srun: slurm/train.sh
 
-Config: the YAML file, then ``key=value`` overrides (dotted keys of memvp_ds.config). Resumes from the
-newest complete checkpoint in train.output_dir unless train.resume=never.
+Config: a YAML file or a shipped recipe name, then ``key=value`` overrides (every key: --help-config).
+Resumes from the newest complete checkpoint in train.output_dir unless train.resume=never.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ import os
 import socket
 import sys
 
+if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/train.py): make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/)")
+from memvp_ds.cli import command  # noqa: E402  (after the path fix above)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memvp_ds.cli import parser as cli_parser
+    from memvp_ds.recipes import shipped
+
+    parser = cli_parser("memvp-train", __doc__)
+    parser.add_argument("--config", help="YAML config: a file or a shipped recipe name "
+                        f"({', '.join(shipped('configs'))}); default: none, the overrides alone")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--help-config", action="store_true",
                         help="list every config key with its type, default and documentation, then exit")
@@ -29,8 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "as JSON and exit (no model, no process group)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks the dry run plans for (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def config_reference() -> str:
@@ -60,17 +75,24 @@ def print_plan(cfg, world_size=None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+@command
+def main(argv) -> int:
     args = parse_args(argv)
     if args.help_config:
         print(config_reference())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from memvp_ds.config import to_yaml
+    from memvp_ds.recipes import resolve_ds_config
     from memvp_ds.schema import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     if args.dry_run:
         return print_plan(cfg, args.world_size)
+    resolve_ds_config(cfg.train.ds_config)
 
     from memvp_ds.distributed import destroy, init_distributed
     from memvp_ds.engine.trainer import Trainer
@@ -86,6 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/train.py): make the package importable
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

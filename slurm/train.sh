@@ -2,6 +2,7 @@
 # Multi-node MemVP training on Slurm that survives preemption and time limits.
 #
 #   sbatch [--nodes N] [--ntasks-per-node G] [--gpus-per-node G] [--time T] slurm/train.sh CONFIG [key=value ...]
+#   (CONFIG: a YAML file or a shipped recipe name, e.g. memvp_llama13b_sqa)
 #
 # One srun task per rank (G per node, one per GPU): srun starts every rank itself, so no passwordless ssh
 # between nodes is needed, and Slurm's signals reach the ranks directly with no launcher in between.

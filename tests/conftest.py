@@ -11,7 +11,7 @@ import torch
 from memvp_ds import build_model, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "memvp_ds" / "recipes" / "configs"
 
 
 def tiny_config(strategy: str = "memvp", *overrides: str):

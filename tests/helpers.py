@@ -19,7 +19,7 @@ def train_overrides(dataset: dict, out_dir, *extra: str) -> List[str]:
     ]
 
 
-def run_train(overrides: List[str], ranks: int = 1, config: str = "configs/tiny_memvp.yaml", timeout: int = 300,
+def run_train(overrides: List[str], ranks: int = 1, config: str = "tiny_memvp", timeout: int = 300,
               check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N memvp_ds/train.py`` (N > 1) or ``python memvp_ds/train.py`` (N = 1)."""
     if ranks > 1:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from memvp_ds import ConfigError, build_model, load_config
@@ -53,13 +55,14 @@ def test_fp16_gives_deepspeed_dynamic_loss_scaling_like_the_official_gradscaler(
 
 
 def test_a_relative_ds_config_is_found_from_any_directory(tmp_path, monkeypatch):
-    from memvp_ds.engine.deepspeed_config import locate_ds_config
+    from memvp_ds.recipes import RECIPES_DIR, resolve_ds_config
 
     monkeypatch.chdir(tmp_path)
-    assert locate_ds_config("ds_configs/zero3.json") == str(CONFIGS.parent / "ds_configs" / "zero3.json")
+    shipped = os.path.join(RECIPES_DIR, "ds_configs", "zero3.json")
+    assert resolve_ds_config("ds_configs/zero3.json") == resolve_ds_config("zero3") == shipped
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero3.json").write_text("{}")
-    assert locate_ds_config("ds_configs/zero3.json") == "ds_configs/zero3.json"  # the working directory first
+    assert resolve_ds_config("ds_configs/zero3.json") == "ds_configs/zero3.json"  # the working directory first
 
 
 def test_overrides_apply_last():
@@ -138,7 +141,7 @@ def test_every_option_is_documented_and_listed_by_help_config():
     rows = list(describe_fields(RunConfig))
     assert len(rows) > 60
     assert [key for key, _, _, doc in rows if not doc] == []
-    proc = subprocess.run([sys.executable, "memvp_ds/train.py", "--help-config"], cwd=CONFIGS.parent,
+    proc = subprocess.run([sys.executable, "memvp_ds/train.py", "--help-config"], cwd=CONFIGS.parents[2],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for key, _, default, _ in rows:

@@ -208,6 +208,35 @@ def test_llava_json_and_generic_jsonl_sources(tmp_path):
             assert {s["answer"] for s in samples} == {"red", "square"}
 
 
+def test_sharegpt_conversations_are_stored_in_llava_form_and_an_unknown_role_names_file_and_record(tmp_path, capsys):
+    image = Image.new("RGB", (40, 30), (10, 10, 200))
+    image.save(tmp_path / "a.png")
+    records = [
+        {"id": "s1", "image": "a.png", "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nColour?"},
+            {"role": "assistant", "content": "Blue."}]},
+        {"id": "s2", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello."}]},
+    ]
+    (tmp_path / "sharegpt.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    manifest = run_extract(LlavaSource(str(tmp_path / "sharegpt.jsonl"), str(tmp_path)), RECIPE,
+                           ExtractOptions(out_dir=str(tmp_path / "out"), num_workers=0))
+    stored = [json.loads(s["json"]) for shard in manifest["shards"]
+              for s in wds.WebDataset(str(tmp_path / "out" / shard["name"]), shardshuffle=False)]
+    assert stored[0]["conversations"] == [{"from": "system", "value": "Be brief."},
+                                          {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Blue."}]
+    assert stored[1]["conversations"] == [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    records[1]["conversations"][1]["from"] = "bot"
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    args = ["extract", "--source", "llava", "--annotations", str(tmp_path / "bad.jsonl"), "--image-root",
+            str(tmp_path), "--out", str(tmp_path / "bad_out"), "--clip-model", "tiny-vit", "--clip-pretrained",
+            "random", "--image-size", "64", "--workers", "0"]
+    assert prep_main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl: record 1 (id s2)" in errors[0] and "'bot'" in errors[0], err
+    assert "Traceback" not in err
+
+
 def test_cli_help_explains_subcommands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         prep_main(["--help"])

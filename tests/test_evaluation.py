@@ -220,3 +220,31 @@ def test_a_tokenizer_without_bos_trains_and_evaluates(dataset, tmp_path):
     records, metrics = evaluate_split(cfg, model, tok, dataset["test"].split("::"), 0, 1)
     assert metrics["count/overall"] == 32 and len(records) == 32
     assert all(r["prompt"].startswith("Question: ") for r in records)
+
+
+def test_an_export_answers_the_same_with_another_local_copy_of_its_llm(dataset, trained, tmp_path, capsys):
+    """memvp-predict --llm-path: a saved copy of the frozen LLM (and tokenizer) replaces the stored one; the
+    answer is the same, and a key=value override lands on top of the stored config."""
+    from memvp_ds.cli import llm_path_overrides
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.predict import main as predict
+
+    model, cfg = load_exported(str(trained))
+    copy = tmp_path / "llm_copy"
+    model.llm.save_pretrained(copy)
+    load_tokenizer(cfg.data.tokenizer).save_pretrained(copy)
+    _, moved = load_exported(str(trained), [*llm_path_overrides(str(copy)), "eval.batch_size=3"])
+    assert (moved.model.llm.path, moved.model.llm.config, moved.data.tokenizer) == (str(copy), None, str(copy))
+    assert moved.eval.batch_size == 3 and moved.model.memvp == cfg.model.memvp
+
+    image = dataset["root"] / "sqa" / "images" / "test"
+    image = next(p for p in sorted(image.glob("*/image.png")))
+    question = ["--weights", str(trained), "--image", str(image), "--question", "Which shape is at the top?",
+                "--choices", "circle", "square", "triangle"]
+    assert predict(question) == 0
+    stored_answer = capsys.readouterr().out.splitlines()[-2:]  # the answer and its parsed choice
+    assert predict(["--llm-path", str(copy), *question]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == stored_answer and "parsed answer:" in stored_answer[1]
+    assert predict(["--llm-path", str(tmp_path / "absent"), *question]) == 2
+    assert "absent" in capsys.readouterr().err

@@ -173,8 +173,24 @@ def test_conversation_segments_strip_image_and_mask_human_turns(tokenizer_dir):
     enc = encode_segments(tok, segments, 512)
     answer_ids = [t for t, l in zip(enc.input_ids, enc.labels) if l != -100]
     assert tok.decode(answer_ids[:-1]) == " A red circle.\n A square.\n"
-    with pytest.raises(ValueError, match="'from'"):
-        conversation_segments([{"from": "system", "value": "x"}])
+    with pytest.raises(ValueError, match="role 'bot' is not one of"):
+        conversation_segments([{"from": "bot", "value": "x"}])
+
+
+def test_sharegpt_roles_and_keys_give_the_llava_segments_and_a_system_turn_has_no_loss(tokenizer_dir):
+    llava = [{"from": "human", "value": "<image>\nWhat is on the left?"}, {"from": "gpt", "value": "A red circle."}]
+    sharegpt = [{"role": "user", "content": "<image>\nWhat is on the left?"},
+                {"role": "assistant", "content": "A red circle."}]
+    mixed = [{"from": "user", "value": "What is on the left?"}, {"from": "assistant", "value": "A red circle."}]
+    assert conversation_segments(sharegpt) == conversation_segments(mixed) == conversation_segments(llava)
+    with_system = conversation_segments([{"role": "system", "content": "Answer briefly."}, *sharegpt])
+    assert with_system[0] == ("Answer briefly.\n", False) and with_system[1:] == conversation_segments(llava)
+    tok = load_tokenizer(tokenizer_dir)
+    enc = encode_segments(tok, with_system, 512)
+    answer_ids = [t for t, l in zip(enc.input_ids, enc.labels) if l != -100]
+    assert tok.decode(answer_ids[:-1]) == " A red circle.\n"  # the system text carries no loss
+    with pytest.raises(ValueError, match="needs a 'from' or 'role'"):
+        conversation_segments([{"speaker": "user", "value": "x"}])
 
 
 def test_missing_tokenizer_dir_is_named(tmp_path):

@@ -37,7 +37,7 @@ def test_skip_sets_are_distinct_repeatable_and_follow_p():
     assert counts[0] > counts[2] > counts[1] and abs(counts[2] - counts[3]) < 150
 
 
-def _search(dataset, out, mode, *extra, ranks=2, config="configs/tiny_memvp.yaml"):
+def _search(dataset, out, mode, *extra, ranks=2, config="tiny_memvp"):
     overrides = train_overrides(dataset, out, f"train.mode={mode}", "train.max_steps=12", "train.save_interval=6",
                                 *extra)
     run_train(overrides, ranks=ranks, config=config)
@@ -53,7 +53,7 @@ def _assert_same_search(a, b, keys):
 @pytest.mark.slow
 def test_das_search_on_two_zero3_ranks_agrees_resumes_exactly_and_feeds_the_final_run(dataset, tmp_path):
     common = ("search.das.turn=2", "search.das.warmup_steps=2", "search.das.subsets=2",
-              "train.ds_config=ds_configs/zero3.json")
+              "train.ds_config=zero3")
     result = _search(dataset, tmp_path / "search", "das_search", *common)
     assert len(set(result["choice_digest_per_rank"])) == 1, "both ranks skipped the same layers at every step"
     assert [h["step"] for h in result["history"]] == [4, 6, 8, 10, 12]
@@ -84,7 +84,7 @@ def test_das_search_on_two_zero3_ranks_agrees_resumes_exactly_and_feeds_the_fina
 @pytest.mark.slow
 def test_dvp_search_on_two_ranks_resumes_exactly_and_logs_the_policy(dataset, tmp_path):
     common = ("model.dvp.layer=null", "search.dvp.arms=3", "search.dvp.interval=3", "search.dvp.eta=1.0")
-    result = _search(dataset, tmp_path / "search", "dvp_search", *common, config="configs/tiny_dvp.yaml")
+    result = _search(dataset, tmp_path / "search", "dvp_search", *common, config="tiny_dvp")
     assert len(set(result["choice_digest_per_rank"])) == 1
     assert [h["step"] for h in result["history"]] == [3, 6, 9, 12]
     assert result["dvp_layer"] == result["candidates"][max(range(2), key=lambda i: result["policy"][i])]
@@ -95,7 +95,7 @@ def test_dvp_search_on_two_ranks_resumes_exactly_and_logs_the_policy(dataset, tm
     assert sorted(scalars(tmp_path / "search", "search/pi_layer1")) == [3, 6, 9, 12]
 
     resume = f"train.resume={tmp_path / 'search' / 'checkpoints' / 'step-00000006'}"
-    resumed = _search(dataset, tmp_path / "resumed", "dvp_search", *common, resume, config="configs/tiny_dvp.yaml")
+    resumed = _search(dataset, tmp_path / "resumed", "dvp_search", *common, resume, config="tiny_dvp")
     _assert_same_search(resumed, result, ("dvp_layer", "logits", "policy"))
 
 

@@ -33,7 +33,7 @@ def _submit_train(slurm, dataset, tmp_path, name, steps, *extra_sbatch):
     overrides = train_overrides(dataset, out, f"train.max_steps={steps}", "train.save_interval=4")
     overrides = [o for o in overrides if not o.startswith("train.output_dir=")]  # the script sets it
     args = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--job-name={name}", f"--output={log}",
-            *extra_sbatch, "slurm/train.sh", "configs/tiny_memvp.yaml", *overrides]
+            *extra_sbatch, "slurm/train.sh", "tiny_memvp", *overrides]
     return slurm.sbatch(args, env=_job_env(out)), out, log
 
 

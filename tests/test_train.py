@@ -27,11 +27,11 @@ def runs(dataset, tmp_path_factory):
     common = (f"train.max_steps={STEPS}", "train.save_interval=4", NO_DROPOUT, "logging.peak_tflops=1.0")
     # Same global batch and the same data streams: 2 ranks x 1 worker x accum 1 == 1 rank x 2 workers x accum 2.
     out["zero2_2ranks"] = base / "zero2_2ranks"
-    run_train(train_overrides(dataset, out["zero2_2ranks"], *common, "train.ds_config=ds_configs/zero2.json"), ranks=2)
+    run_train(train_overrides(dataset, out["zero2_2ranks"], *common, "train.ds_config=zero2"), ranks=2)
     out["single"] = base / "single"
     run_train(train_overrides(dataset, out["single"], *common, "data.num_workers=2", "train.grad_accum_steps=2"))
     out["zero3_2ranks_ckpt"] = base / "zero3_2ranks_ckpt"
-    run_train(train_overrides(dataset, out["zero3_2ranks_ckpt"], *common, "train.ds_config=ds_configs/zero3.json",
+    run_train(train_overrides(dataset, out["zero3_2ranks_ckpt"], *common, "train.ds_config=zero3",
                               "train.gradient_checkpointing=true"), ranks=2)
     return out
 
@@ -103,11 +103,11 @@ def test_kill_and_resume_on_two_ranks_is_exact(dataset, tmp_path):
     equal those of an uninterrupted run (same data order, same dropout masks, same optimizer state)."""
     out = tmp_path / "killed"
     common = (f"train.max_steps={STEPS}", "train.save_interval=4", "model.memvp.dropout=0.1",
-              "train.ds_config=ds_configs/zero2.json")
+              "train.ds_config=zero2")
     run_train(train_overrides(dataset, tmp_path / "uninterrupted", *common), ranks=2)
     overrides = train_overrides(dataset, out, *common)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 100), "memvp_ds/train.py",
-           "--config", "configs/tiny_memvp.yaml", *overrides]
+           "--config", "tiny_memvp", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while not (out / "checkpoints" / "step-00000004" / "state.json").exists():
@@ -139,7 +139,7 @@ from memvp_ds.engine.trainer import Trainer
 from memvp_ds.engine import checkpoint as ckpt
 from safetensors.torch import load_file
 import torch
-cfg = load_config("configs/tiny_memvp.yaml", {train_overrides(dataset, out, 'train.max_steps=12', NO_DROPOUT)!r})
+cfg = load_config("tiny_memvp", {train_overrides(dataset, out, 'train.max_steps=12', NO_DROPOUT)!r})
 trainer = Trainer(cfg, init_distributed())
 state = ckpt.load_checkpoint(trainer.model, trainer.engine.optimizer, trainer.dist, trainer.resume_from, 0)
 stored = load_file(trainer.resume_from + "/trainable.safetensors")
@@ -173,7 +173,7 @@ def test_text_only_and_image_batches_on_different_ranks_do_not_hang(tmp_path):
     write_shard(names[0], text[:24])
     write_shard(names[1], (images * 2)[:24])
     out = tmp_path / "run"
-    run_train(train_overrides(data, out, "train.max_steps=6", "train.ds_config=ds_configs/zero3.json",
+    run_train(train_overrides(data, out, "train.max_steps=6", "train.ds_config=zero3",
                               "data.shuffle_buffer=1"), ranks=2, timeout=240)
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
 
@@ -216,7 +216,7 @@ def test_zero3_loads_a_checkpoint_partitioned_with_less_host_memory(dataset, tmp
     held, model_gb = {}, 151e6 * 4 / 2**30
     for stage in (2, 3):
         out = tmp_path / f"zero{stage}"
-        run_train(train_overrides(dataset, out, "train.max_steps=1", f"train.ds_config=ds_configs/zero{stage}.json",
+        run_train(train_overrides(dataset, out, "train.max_steps=1", f"train.ds_config=zero{stage}",
                                   f"model.llm.path={tmp_path / 'llm'}", "model.llm.config=null",
                                   "data.max_seq_len=64", "train.micro_batch_size=2"), ranks=2, timeout=300)
         held[stage] = [scalars(out, f"mem/rank{rank}_after_load_gb")[0] for rank in (0, 1)]

@@ -7,6 +7,7 @@ from typing import Iterator
 
 from data_prep.sources.base import Example, safe_key
 from data_prep.sources.records import (
+    AnnotationError,
     Field,
     check_fields,
     describe_record,
@@ -14,15 +15,13 @@ from data_prep.sources.records import (
     is_text,
     is_text_list,
     is_text_or_number,
-    is_turn_list,
     read_records,
 )
-from memvp_ds.data.prompts import strip_image_placeholder
+from memvp_ds.data.prompts import normalize_turn, strip_image_placeholder
 
 _LLAVA_FIELDS = (
     Field("id", is_id, "a string or integer", required=False),
     Field("image", is_text, "a string (image path)", required=False),
-    Field("conversations", is_turn_list, 'a list of {"from": string, "value": string} turns'),
 )
 _QA_FIELDS = (
     Field("id", is_id, "a string or integer", required=False),
@@ -58,17 +57,25 @@ class _AnnotationFileSource:
 
 
 class LlavaSource(_AnnotationFileSource):
-    """``{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}``; ``<image>`` is removed."""
+    """``{"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`` (LLaVA), or ShareGPT
+    style turns (roles user/assistant/system, keys ``from``/``value`` or ``role``/``content``, the list under
+    ``conversations`` or ``messages``). Turns are stored in LLaVA's form; ``<image>`` is removed."""
 
     name = "llava"
 
     def examples(self) -> Iterator[Example]:
         for index, (where, record) in enumerate(read_records(self.path)):
-            check_fields(record, _LLAVA_FIELDS, describe_record(where, record))
-            turns = [
-                {"from": t["from"], "value": strip_image_placeholder(t["value"])}
-                for t in record["conversations"]
-            ]
+            where = describe_record(where, record)
+            check_fields(record, _LLAVA_FIELDS, where)
+            turns = record.get("conversations", record.get("messages"))
+            if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+                raise AnnotationError(f"{where}: 'conversations' (or 'messages') must be a list of turns "
+                                      '({"from"|"role": ..., "value"|"content": ...})')
+            try:
+                turns = [normalize_turn(t) for t in turns]
+            except ValueError as err:
+                raise AnnotationError(f"{where}: {err}") from None
+            turns = [{**t, "value": strip_image_placeholder(t["value"])} for t in turns]
             source_id = _source_id(record, index)
             fields = {"conversations": turns, "source_id": source_id, "split": self.split}
             yield Example(safe_key(source_id), self.split, _image_path(self.image_root, record.get("image")), fields)

@@ -58,13 +58,6 @@ def is_text_list(value: Any) -> bool:
     return isinstance(value, list) and all(is_text(item) for item in value)
 
 
-def is_turn_list(value: Any) -> bool:
-    """LLaVA conversation turns: a list of {"from": str, "value": str}."""
-    return isinstance(value, list) and all(
-        isinstance(turn, dict) and is_text(turn.get("from")) and is_text(turn.get("value")) for turn in value
-    )
-
-
 def load_json(path: str) -> Any:
     """Parse a whole JSON file; malformed JSON or bytes that are not UTF-8 raise AnnotationError."""
     try:

@@ -1,5 +1,5 @@
 """Prompt builders and the label mask: ScienceQA QCM-A (the official MemVP strings), generic QA and
-LLaVA-style conversations.
+LLaVA/ShareGPT-style conversations.
 
 Every format is a list of segments (text, is_target). ``encode_segments`` tokenizes the concatenated text
 as ONE string, as the official code does (a byte-level BPE would otherwise split a word at a segment
@@ -58,22 +58,41 @@ def strip_image_placeholder(text: str) -> str:
     return _IMAGE_PLACEHOLDER.sub(" ", text).strip()
 
 
+CONVERSATION_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
+"""Accepted turn roles, LLaVA's and ShareGPT/OpenAI's names, mapped to the LLaVA name that is stored."""
+
+
+def normalize_turn(turn: dict) -> dict:
+    """One turn as ``{"from": "human"|"gpt"|"system", "value": text}``, from LLaVA's ``from``/``value`` keys
+    or ``role``/``content``, with any role name of CONVERSATION_ROLES. Raises ValueError naming the role."""
+    role = turn.get("from", turn.get("role"))
+    text = turn.get("value", turn.get("content"))
+    if role is None:
+        raise ValueError(f"a conversation turn needs a 'from' or 'role' key, got keys {sorted(turn)}")
+    if role not in CONVERSATION_ROLES:
+        raise ValueError(f"conversation turn role {role!r} is not one of {', '.join(CONVERSATION_ROLES)}")
+    if not isinstance(text, str):
+        raise ValueError(f"conversation turn of role {role!r} has no text ('value' or 'content')")
+    return {"from": CONVERSATION_ROLES[role], "value": text}
+
+
 def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
-    """LLaVA turns [{"from": "human"|"gpt", "value": ...}] as 'USER: ...\\nASSISTANT: ...' segments.
+    """Conversation turns (see ``normalize_turn``) as 'USER: ...\\nASSISTANT: ...' segments: the loss is on
+    the assistant's answers only; a system turn is plain context before them (no loss).
 
     The space after 'ASSISTANT:' starts the answer segment, so that the prompt tokenized alone is a token
     prefix of the whole text (a prompt ending in a space would tokenize to a lone space token). The
     ``<image>`` placeholder is removed: the image enters through the strategy, not the text.
     """
     segments: List[Segment] = []
-    for turn in turns:
+    for turn in map(normalize_turn, turns):
         text = strip_image_placeholder(turn["value"])
-        if turn["from"] == "human":
+        if turn["from"] == "system":
+            segments.append((f"{text}\n", False))
+        elif turn["from"] == "human":
             segments.append((f"USER: {text}\nASSISTANT:", False))
-        elif turn["from"] == "gpt":
-            segments.append((f" {text}\n", True))
         else:
-            raise ValueError(f"conversation turn 'from' must be 'human' or 'gpt', got {turn['from']!r}")
+            segments.append((f" {text}\n", True))
     return segments
 
 

@@ -48,6 +48,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512, w
         vocab_size=vocab_size,
         special_tokens=list(special.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its redraws would print blank lines into logs
     )
     backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special)

@@ -351,15 +351,13 @@ def read_export_metadata(path: str, key: str = "memvp_ds_config") -> Dict[str, A
     return json.loads(metadata[key])
 
 
-def load_exported(path: str, llm_path: Optional[str] = None, overrides: Optional[List[str]] = None):
-    """Rebuild a model from an export without DeepSpeed: base LLM from the stored config (or ``llm_path``),
-    ``key=value`` ``overrides`` on top (e.g. where the frozen CLIP of an online vision tower lives here)."""
+def load_exported(path: str, overrides: Optional[List[str]] = None):
+    """Rebuild a model from an export without DeepSpeed: the stored config with ``key=value`` overrides on
+    top (e.g. ``model.llm.path`` of another local copy of the base LLM)."""
     from memvp_ds.model import build_model
     from memvp_ds.schema import load_config
 
     cfg = load_config(overrides=overrides, stored=read_export_metadata(path))
-    if llm_path is not None:
-        cfg.model.llm.path, cfg.model.llm.config = llm_path, None
     model = build_model(cfg.model)
     model.load_trainable(load_file(path))
     return model, cfg

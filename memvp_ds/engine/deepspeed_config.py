@@ -1,12 +1,13 @@
-"""Deriving the DeepSpeed JSON from our config: ds_configs/*.json hold only ZeRO settings and "auto"s."""
+"""Deriving the DeepSpeed JSON from our config: the shipped ds_configs/*.json (memvp_ds/recipes) hold only
+ZeRO settings and "auto"s."""
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict
 
 from memvp_ds.config import Config, ConfigError
+from memvp_ds.recipes import resolve_ds_config
 
 
 def _fill(ds: Dict[str, Any], key_path: str, value: Any, ours: str, source: str) -> None:
@@ -21,30 +22,15 @@ def _fill(ds: Dict[str, Any], key_path: str, value: Any, ours: str, source: str)
     node[leaf] = value
 
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-"""Where the shipped ds_configs/ are found for a relative train.ds_config that is not in the working directory."""
 FP16_DYNAMIC_LOSS_SCALE = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000,
                            "hysteresis": 1, "min_loss_scale": 1}
 """DeepSpeed fp16 settings equal to the official recipe's torch.cuda.amp.GradScaler defaults: dynamic
 (loss_scale 0), start at 2**16, halve on every overflow (hysteresis 1), double after 2000 clean steps."""
 
 
-def locate_ds_config(path: str) -> str:
-    """``path`` if it exists (absolute, or relative to the working directory); else a relative path looked
-    up in the project's shipped ds_configs, so that a run works from any directory."""
-    if os.path.isfile(path) or os.path.isabs(path):
-        return path
-    for candidate in (os.path.join(PROJECT_ROOT, path), os.path.join(PROJECT_ROOT, "ds_configs", os.path.basename(path))):
-        if os.path.isfile(candidate):
-            return candidate
-    return path
-
-
 def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     """The DeepSpeed JSON of train.ds_config with its "auto" values filled from the config."""
-    path = locate_ds_config(cfg.train.ds_config)
-    if not os.path.isfile(path):
-        raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path} (nor in {PROJECT_ROOT}/ds_configs)")
+    path = resolve_ds_config(cfg.train.ds_config)
     with open(path) as f:
         try:
             ds = json.load(f)

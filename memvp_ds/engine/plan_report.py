@@ -12,7 +12,8 @@ from memvp_ds.data.plan import plan_data
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.data.shard_format import read_raw_samples
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
-from memvp_ds.engine.deepspeed_config import build_ds_config, locate_ds_config, zero_stage
+from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
+from memvp_ds.recipes import resolve_ds_config
 from memvp_ds.evaluation.run import answer_tokens, eval_encoder
 
 
@@ -75,7 +76,7 @@ def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
         "lr": cfg.train.lr(world_size),
         "min_lr": cfg.train.min_lr,
         "precision": cfg.train.precision,
-        "ds_config": {"path": os.path.abspath(locate_ds_config(cfg.train.ds_config)), "zero_stage": zero_stage(ds),
+        "ds_config": {"path": os.path.abspath(resolve_ds_config(cfg.train.ds_config)), "zero_stage": zero_stage(ds),
                       "bf16": ds.get("bf16"), "fp16": ds.get("fp16")},
         "shards": {split: shards.coverage() for split, shards in plan.splits.items()},
         "feature_recipe": {k: plan.feature_recipe.get(k) for k in ("model", "tokens", "dim", "dtype")},

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.config import Config, to_yaml
@@ -34,7 +33,9 @@ from memvp_ds.engine.metrics import (
     training_flops_per_position,
 )
 from memvp_ds.engine.schedule import lr_at
+from memvp_ds.engine.summary import end_summary, start_summary
 from memvp_ds.evaluation.run import evaluate_split
+from memvp_ds.progress import progress
 from memvp_ds.model import build_model
 from memvp_ds.search import build_search, skippable_layers
 from memvp_ds.search.result import write_search_result
@@ -200,15 +201,21 @@ class Trainer:
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
         logger = ScalarLogger(os.path.join(self.out, "tb"), self.cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
+        if self.dist.is_main:
+            log.info("\n%s", start_summary(self.cfg, self.plan, self.dist.world_size, self.model, self.resume_from))
+        metrics: Dict[str, float] = {}
         try:
             per_rank = all_gather_objects(self.load_memory_gb)
             logger.log({f"mem/rank{r}_{key}": gb for r, row in enumerate(per_rank) for key, gb in row.items()}, step)
             status, step, losses = self._loop(step, micro_batches, logger)
             if status == "complete":
-                self._finish(step, logger)
+                metrics = self._finish(step, logger)
             self._write_status(status, step)
         finally:
             logger.close()
+        if self.dist.is_main:
+            exported = status == "complete" and not self.search
+            log.info("\n%s", end_summary(self.cfg, status, step, self.plan.total_steps, losses, metrics, exported))
         return {"status": status, "step": step, "losses": losses}
 
     def _resume(self) -> Tuple[int, int]:
@@ -230,7 +237,7 @@ class Trainer:
         base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)
         window = _Window()
         losses: List[float] = []
-        bar = tqdm(total=plan.total_steps, initial=step, disable=not self.dist.is_main, desc="train", unit="step")
+        bar = progress(total=plan.total_steps, initial=step, enabled=self.dist.is_main, desc="train", unit="steps")
         self.engine.train()
         try:
             while step < plan.total_steps:
@@ -290,15 +297,17 @@ class Trainer:
             close_loader(batches)
             bar.close()
 
-    def _finish(self, step: int, logger: ScalarLogger) -> None:
-        """After the last step: a search writes search.json; a training run evaluates and exports."""
+    def _finish(self, step: int, logger: ScalarLogger) -> Dict[str, float]:
+        """After the last step: a search writes search.json; a training run evaluates and exports. Returns
+        the final evaluation metrics (none for a search or without val shards)."""
         if self.search:
             self._finish_search(step)
-            return
-        if self.plan.val_urls:
-            logger.log(self.evaluate_loss(), step)
+            return {}
+        metrics = self.evaluate_loss() if self.plan.val_urls else {}
+        logger.log(metrics, step)
         ckpt.export_trainable(self.model, self.dist, self.cfg, os.path.join(self.out, "export", "trainable.safetensors"),
                               feature_recipe=self.plan.feature_recipe)
+        return metrics
 
     def _resumed_position(self, data_state: Dict[str, int]) -> int:
         """Micro-batches per rank to skip. Same stream layout: exact. Another layout (world size x workers)

@@ -6,15 +6,18 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from memvp_ds.progress import progress
+
 
 @torch.no_grad()
 def generate_records(model, batches: Iterable[Dict[str, Any]], tokenizer, max_new_tokens: int,
                      stop_when_done: bool = True, dtype: torch.dtype = torch.float32,
-                     device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
-    """Greedy answers for every valid row of left-padded eval batches."""
+                     device: Optional[torch.device] = None, show_progress: bool = True) -> List[Dict[str, Any]]:
+    """Greedy answers for every valid row of left-padded eval batches (a progress bar if ``show_progress``)."""
     model.eval()
     device = device or next(model.parameters()).device
     records = []
+    bar = progress(desc="generate", unit="samples", enabled=show_progress)
     for batch in batches:
         # Features, or uint8 pixels for an online vision tower (which normalises them itself).
         visual = ({"images": batch["images"].to(device)} if "images" in batch
@@ -34,4 +37,6 @@ def generate_records(model, batches: Iterable[Dict[str, Any]], tokenizer, max_ne
                 "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
                 "output": tokenizer.decode(new, skip_special_tokens=True),
             })
+        bar.update(int(batch["valid"].sum()))
+    bar.close()
     return records

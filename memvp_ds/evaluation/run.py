@@ -74,7 +74,8 @@ def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size
     batches = iterate_eval_batches(urls, eval_encoder(cfg, tokenizer), cfg.eval.batch_size, tokenizer.pad_token_id,
                                    rank, world_size, cfg.eval.max_samples, left_pad=True)
     dtype = next(p for p in model.parameters()).dtype
-    records = generate_records(model, batches, tokenizer, answer_tokens(cfg), stop_when_done, dtype, device)
+    records = generate_records(model, batches, tokenizer, answer_tokens(cfg), stop_when_done, dtype, device,
+                               show_progress=rank == 0)
     gathered = [r for part in all_gather_objects(records) for r in part]
     if rank != 0:
         return gathered, {}

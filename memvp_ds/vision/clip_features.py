@@ -26,7 +26,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 @dataclass
 class FeatureRecipe:
     model: str = "ViT-L-14"
-    """open_clip model name, or a path to an open_clip model-config JSON (custom or tiny models)."""
+    """open_clip model name, a shipped model config (``tiny-vit``: memvp_ds/vision/model_configs/), or a path
+    to an open_clip model-config JSON (custom or tiny models)."""
     pretrained: str = "openai"
     """open_clip pretrained tag, a local checkpoint file, or 'random' (random weights: tests and demos)."""
     image_size: int = 224
@@ -91,19 +92,27 @@ def load_image(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
+SHIPPED_MODEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+
 def _model_name(recipe: FeatureRecipe) -> str:
-    """Register a model-config JSON with open_clip and return the name it is known by."""
+    """Register a model-config JSON (a path, or the name of a shipped one) with open_clip and return the
+    name it is known by. A shipped name keeps the recipe portable: it names no install location."""
     import open_clip
 
-    if not recipe.model.endswith(".json"):
-        return recipe.model
-    if not os.path.isfile(recipe.model):
-        raise FileNotFoundError(f"open_clip model config not found: {recipe.model}")
-    with open(recipe.model) as f:
+    path = recipe.model
+    shipped = os.path.join(SHIPPED_MODEL_CONFIGS, path + ".json")
+    if os.path.isfile(shipped):
+        path = shipped
+    elif not path.endswith(".json"):
+        return path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"open_clip model config not found: {path}")
+    with open(path) as f:
         if "vision_cfg" not in json.load(f):
-            raise ValueError(f"{recipe.model}: not an open_clip model config (no 'vision_cfg')")
-    open_clip.add_model_config(recipe.model)
-    return os.path.splitext(os.path.basename(recipe.model))[0]
+            raise ValueError(f"{path}: not an open_clip model config (no 'vision_cfg')")
+    open_clip.add_model_config(path)
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def load_clip_visual(recipe: FeatureRecipe, allow_download: bool = False) -> nn.Module:
