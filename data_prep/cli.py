@@ -65,6 +65,8 @@ def _add_source_options(p) -> None:
     p.add_argument("--image-root", default=".", help="llava/jsonl: folder that image paths are relative to")
     p.add_argument("--split", default="train", help="llava/jsonl: split name for records without one")
     p.add_argument("--splits", nargs="*", help="scienceqa: splits to read (default: train val test)")
+    p.add_argument("--captions", help="scienceqa: captions.json (default: <root>/captions.json when present); "
+                   "stored per sample for the official evaluation context")
 
 
 def _build_source(args):
