@@ -60,12 +60,15 @@ def _greedy_by_full_forwards(model, ids, feats, has_image, steps):
 
 
 @pytest.mark.parametrize("strategy,overrides", [
-    ("memvp", []), ("input_prefix", []), ("apt", []), ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.adapters=true"]),
-    ("memvp", ["model.skip.layers=[0]"]), ("apt", ["model.skip.layers=[1]"]),
+    ("memvp", []), ("input_prefix", []), ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
+    ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.layer=1"]), ("dvp", ["model.llm.attn_implementation=eager"]),
+    ("dvp", ["model.dvp.insert=residual"]), ("memvp", ["model.skip.layers=[0]"]), ("apt", ["model.skip.layers=[1]"]),
+    ("dvp", ["model.skip.layers=[0]"]),
 ])
 def test_generate_matches_repeated_full_forwards(strategy, overrides):
     """The KV-cache decode of every strategy (and of skipped layers, whose cache slots are renumbered)
-    reproduces greedy decoding by full forwards over the growing sequence."""
+    reproduces greedy decoding by full forwards over the growing sequence. DVP's token: the slot's cache
+    entries below K hold the masked placeholder, from K on the prompt; decoded tokens see it from K on."""
     model = tiny_model(strategy, *overrides).eval()
     _randomise_trainable(model)
     g = torch.Generator().manual_seed(3)
