@@ -89,6 +89,32 @@ def test_generate_matches_repeated_full_forwards(strategy, overrides):
             assert generated[row].tolist() == expected.tolist(), f"row {row}"
 
 
+@pytest.mark.parametrize("overrides", [["model.dvp.layer=1"], ["model.dvp.layer=1", "model.llm.attn_implementation=eager"],
+                                       ["model.dvp.layer=0"]])
+def test_dvp_token_decode_logits_equal_one_full_forward(overrides):
+    """Stricter than equal tokens: every decoded step's logits equal those of one full forward over the
+    left-padded prompts plus the generated tokens. A decoded token that saw the slot below K (its cache
+    entry there holds the placeholder's K/V) would differ."""
+    model = tiny_model("dvp", *overrides).eval()
+    _randomise_trainable(model)
+    g = torch.Generator().manual_seed(4)
+    batch, feats = torch.randint(4, 512, (3, 8), generator=g), torch.randn(3, N, C, generator=g)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :5], mask[2, :2] = 0, 0
+    has_image = torch.tensor([True, True, False])
+    step_logits = []
+    handle = model.llm.get_output_embeddings().register_forward_hook(lambda m, a, out: step_logits.append(out))
+    with torch.no_grad():
+        generated = model.generate(batch, mask, image_features=feats, has_image=has_image, max_new_tokens=4)
+        handle.remove()
+        ids = torch.cat([batch, generated], dim=1)
+        labels = torch.cat([torch.full_like(batch, -100), generated], dim=1)
+        full = model(ids, torch.cat([mask, torch.ones_like(generated)], dim=1), labels=labels,
+                     image_features=feats, has_image=has_image).logits
+    for step, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, full[:, 7 + step], atol=1e-5, rtol=1e-5)
+
+
 def test_generate_stops_at_eos_and_pads_finished_rows():
     model = tiny_model("memvp").eval()
     ids = torch.randint(4, 512, (2, 5))
