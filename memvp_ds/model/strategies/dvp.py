@@ -164,7 +164,8 @@ class DVPStrategy(VisualStrategy):
         if self.as_token:
             # A plain list keeps the frozen embedding out of this module's parameters (it belongs to the LLM).
             self._embed_tokens = [llm.get_input_embeddings()]
-            self._float_mask = None if llm.config._attn_implementation != "eager" else llm.dtype
+            # eager takes additive float masks; when HF passes none (plain causal sdpa), the hook builds a boolean one.
+            self._eager_mask_dtype = llm.dtype if llm.config._attn_implementation == "eager" else None
             self._has_slot = False  # does the running forward / generate call carry the slot?
             self._memo: Optional[tuple] = None  # (HF mask, queries, past, slot-hidden mask) of the last call
             for i, layer in enumerate(layers):
@@ -254,7 +255,7 @@ class DVPStrategy(VisualStrategy):
             past = cache.get_seq_length(layer.self_attn.layer_idx)
         if self._memo is not None and self._memo[0] is mask and self._memo[1:3] == (queries, past):
             return self._memo[3]
-        hidden_mask = hide_first_key(mask, queries, past, hidden.shape[0], self._float_mask, hidden.device)
+        hidden_mask = hide_first_key(mask, queries, past, hidden.shape[0], self._eager_mask_dtype, hidden.device)
         self._memo = (mask, queries, past, hidden_mask)
         return hidden_mask
 
