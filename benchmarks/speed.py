@@ -4,11 +4,13 @@
     python benchmarks/speed.py --preset llama13b       # 13B layer shapes, bf16, on a GPU (--layers to fit)
     python benchmarks/speed.py --json out.json
 
-Variants: memvp, input_prefix (the baseline), apt, dvp (prompt at the middle layer), memvp_skip (MemVP
-with DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters
-run inside the model on pixels: model.vision.online; a ViT whose output has the preset's visual shape,
-ViT-L/14 for llama13b). Prints a table and writes JSON with, per variant: train step time, model FLOPs per
-step (memvp_online adds the CLIP's), tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each
+Variants: memvp, input_prefix (the baseline), apt (official setup: visual tokens in the sequence plus
+approximated prompts), apt_rows (the visual features as APT prompt rows instead), dvp (the prompt as a token
+at the middle layer, with adapters), dvp_residual (added to the residual stream), memvp_skip (MemVP with
+DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters run
+inside the model on pixels: model.vision.online; a ViT whose output has the preset's visual shape, ViT-L/14
+for llama13b). Prints a table and writes JSON with, per variant: train step time, model FLOPs per step
+(memvp_online adds the CLIP's), tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each
 variant's ratio to input_prefix, and memvp_skip's and memvp_online's ratios to memvp. Weights are random
 (speed only).
 """
@@ -65,7 +67,9 @@ PRESETS = {
     "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512,
                        "ViT-L-14", 24, 224),
 }
-VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "memvp_skip", "memvp_online")
+VARIANTS = ("memvp", "input_prefix", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", "memvp_online")
+EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp_residual": ("dvp", ["model.dvp.insert=residual"])}
+"""Variants that are another option of a strategy: (strategy, overrides)."""
 
 
 def clip_model(p: Preset) -> str:
@@ -98,10 +102,11 @@ def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
     if variant == "memvp_online":
         return ["model.strategy=memvp", "model.vision.online=true", f"model.vision.recipe.model={clip_model(p)}",
                 "model.vision.recipe.pretrained=random", f"model.vision.recipe.image_size={p.clip_image_size}"]
-    overrides = [f"model.strategy={variant}"]
-    if variant == "apt":
+    strategy, overrides = EXTRA.get(variant, (variant, []))
+    overrides = [f"model.strategy={strategy}", *overrides]
+    if strategy == "apt":
         overrides.append(f"model.apt.prompts={p.apt_prompts}")
-    if variant == "dvp":
+    if strategy == "dvp":
         overrides += [f"model.dvp.layer={p.layers // 2}", f"model.dvp.heads={p.dvp_heads}",
                       f"model.dvp.inner_dim={p.dvp_inner}"]
     return overrides
@@ -160,7 +165,7 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
     prefill = _timed(lambda: model.generate(ids, **visual, max_new_tokens=1), p.repeats, device)
     full = _timed(lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens, stop_when_done=False),
                   p.repeats, device)
-    positions = p.text_tokens + (p.visual_tokens if variant == "input_prefix" else 0)
+    positions = p.text_tokens + model.strategy.prefix_positions()  # visual tokens / DVP's slot in the sequence
     flops = training_flops_per_position(model, positions) * positions * p.batch
     if model.vision is not None:
         flops += clip_train_flops(model, p)

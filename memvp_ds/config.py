@@ -269,8 +269,15 @@ class SearchConfig:
     """Architecture searches (train.mode=dvp_search | das_search). Each search's own options
     (``search.dvp``, ``search.das``) are declared in its module and added by ``memvp_ds.schema``."""
 
-    heldout_batches: int = 4
-    """Held-out micro-batches per rank, cycled through by the updates (loaded once, so resumes are exact)."""
+    heldout_batches: Optional[int] = None
+    """Held-out micro-batches per rank that the policy updates rotate over: each update scores all its
+    candidates on one batch, the next update on another (every pass in a new order drawn from the seed), as
+    the official searches draw a fresh validation batch per update. Unset: the rank's whole share of
+    data.val_shards (held in memory for the run); n: its first n micro-batches."""
+
+    def __post_init__(self) -> None:
+        if self.heldout_batches is not None:
+            check_at_least("search.heldout_batches", self.heldout_batches, 1)
 
 
 def default_model(model_cls: Type) -> Any:

@@ -17,7 +17,7 @@ def test_speed_benchmark_cpu_small_writes_all_fields(tmp_path):
     result = json.loads(out.read_text())
     fields = {"train_step_s", "train_gflops_per_step", "train_tokens_per_s", "prefill_s", "decode_ms_per_token",
               "peak_memory_gb", "mfu"}
-    for name in ("memvp", "input_prefix", "apt", "dvp", "memvp_skip", *result["ratios"]):
+    for name in ("memvp", "input_prefix", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", *result["ratios"]):
         row = result.get(name) or result["ratios"][name]
         assert set(row) == fields, name
         assert all(math.isfinite(v) and v > 0 for v in row.values()), (name, row)
@@ -26,6 +26,10 @@ def test_speed_benchmark_cpu_small_writes_all_fields(tmp_path):
     # 64 visual tokens double the input-space sequence; MemVP's per-layer memory costs far less. (Times are
     # reported, not asserted: this machine is shared.)
     assert ratios["memvp_over_input_prefix"]["train_gflops_per_step"] < 0.6
+    # APT as its authors run it processes the input-space sequence and adds its prompt term; as prompt rows
+    # the image stays out of the sequence.
+    assert ratios["apt_over_input_prefix"]["train_gflops_per_step"] > 1.0
+    assert ratios["apt_rows_over_input_prefix"]["train_gflops_per_step"] < 0.6
     # Skipping 1 of 4 layers removes about a quarter of the model FLOPs (the adapter adds a little back).
     assert 0.7 < ratios["memvp_skip_over_memvp"]["train_gflops_per_step"] < 0.8
 

@@ -60,12 +60,15 @@ def _greedy_by_full_forwards(model, ids, feats, has_image, steps):
 
 
 @pytest.mark.parametrize("strategy,overrides", [
-    ("memvp", []), ("input_prefix", []), ("apt", []), ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.adapters=true"]),
-    ("memvp", ["model.skip.layers=[0]"]), ("apt", ["model.skip.layers=[1]"]),
+    ("memvp", []), ("input_prefix", []), ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
+    ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.layer=1"]), ("dvp", ["model.llm.attn_implementation=eager"]),
+    ("dvp", ["model.dvp.insert=residual"]), ("memvp", ["model.skip.layers=[0]"]), ("apt", ["model.skip.layers=[1]"]),
+    ("dvp", ["model.skip.layers=[0]"]),
 ])
 def test_generate_matches_repeated_full_forwards(strategy, overrides):
     """The KV-cache decode of every strategy (and of skipped layers, whose cache slots are renumbered)
-    reproduces greedy decoding by full forwards over the growing sequence."""
+    reproduces greedy decoding by full forwards over the growing sequence. DVP's token: the slot's cache
+    entries below K hold the masked placeholder, from K on the prompt; decoded tokens see it from K on."""
     model = tiny_model(strategy, *overrides).eval()
     _randomise_trainable(model)
     g = torch.Generator().manual_seed(3)
@@ -84,6 +87,32 @@ def test_generate_matches_repeated_full_forwards(strategy, overrides):
         for row, prompt in enumerate(prompts):
             expected = _greedy_by_full_forwards(model, prompt, feats[row], has_image[row], steps)
             assert generated[row].tolist() == expected.tolist(), f"row {row}"
+
+
+@pytest.mark.parametrize("overrides", [["model.dvp.layer=1"], ["model.dvp.layer=1", "model.llm.attn_implementation=eager"],
+                                       ["model.dvp.layer=0"]])
+def test_dvp_token_decode_logits_equal_one_full_forward(overrides):
+    """Stricter than equal tokens: every decoded step's logits equal those of one full forward over the
+    left-padded prompts plus the generated tokens. A decoded token that saw the slot below K (its cache
+    entry there holds the placeholder's K/V) would differ."""
+    model = tiny_model("dvp", *overrides).eval()
+    _randomise_trainable(model)
+    g = torch.Generator().manual_seed(4)
+    batch, feats = torch.randint(4, 512, (3, 8), generator=g), torch.randn(3, N, C, generator=g)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :5], mask[2, :2] = 0, 0
+    has_image = torch.tensor([True, True, False])
+    step_logits = []
+    handle = model.llm.get_output_embeddings().register_forward_hook(lambda m, a, out: step_logits.append(out))
+    with torch.no_grad():
+        generated = model.generate(batch, mask, image_features=feats, has_image=has_image, max_new_tokens=4)
+        handle.remove()
+        ids = torch.cat([batch, generated], dim=1)
+        labels = torch.cat([torch.full_like(batch, -100), generated], dim=1)
+        full = model(ids, torch.cat([mask, torch.ones_like(generated)], dim=1), labels=labels,
+                     image_features=feats, has_image=has_image).logits
+    for step, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits, full[:, 7 + step], atol=1e-5, rtol=1e-5)
 
 
 def test_generate_stops_at_eos_and_pads_finished_rows():

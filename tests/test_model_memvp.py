@@ -127,12 +127,14 @@ def _grads(model, ids, feats, labels):
 
 
 @pytest.mark.parametrize("strategy,overrides", [
-    ("memvp", []), ("input_prefix", []), ("apt", []), ("dvp", ["model.dvp.layer=0", "model.dvp.adapters=true"]),
+    ("memvp", []), ("input_prefix", []), ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
+    ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.layer=1"]), ("dvp", ["model.dvp.insert=residual", "model.dvp.layer=0"]),
     ("memvp", ["model.skip.layers=[1]"]),
 ])
 def test_gradients_reach_trainable_only_and_match_with_checkpointing(strategy, overrides):
     """Every strategy's hooks (and skipped layers' adapters) get the same gradients when blocks are
-    recomputed in backward. DVP's prompt enters at layer 0, whose block is the checkpointed one."""
+    recomputed in backward. DVP's prompt enters at layer 0 (token and residual) or, as a token at layer 1,
+    reaches layer 0's checkpointed block through the mask that hides it there."""
     model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", *overrides).train()
     if strategy != "input_prefix":
         _randomise_trainable(model)  # zero-initialised output maps would leave their inputs without gradient

@@ -37,6 +37,40 @@ def test_skip_sets_are_distinct_repeatable_and_follow_p():
     assert counts[0] > counts[2] > counts[1] and abs(counts[2] - counts[3]) < 150
 
 
+def test_heldout_batches_rotate_over_the_whole_share_in_a_new_order_each_pass():
+    from memvp_ds.search.base import heldout_batch_index
+
+    picks = [heldout_batch_index(update, 5, seed=3) for update in range(20)]
+    passes = [picks[i : i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(p) == [0, 1, 2, 3, 4] for p in passes), "every pass visits every batch once"
+    assert len({tuple(p) for p in passes}) > 1, "passes are drawn in different orders"
+    assert picks == [heldout_batch_index(update, 5, seed=3) for update in range(20)], "a function of the update alone"
+    assert picks != [heldout_batch_index(update, 5, seed=4) for update in range(20)]
+    assert {heldout_batch_index(u, 1, seed=0) for u in range(4)} == {0}
+
+
+def test_das_warmup_defaults_to_half_of_the_run():
+    from memvp_ds.search.das import LayerSkipSearch
+
+    class Skipping:
+        layers, wrapped, skipped = [0, 1, 2], [0, 1, 2], []
+
+        def set_skipped(self, layers):
+            self.skipped = list(layers)
+
+    def updates(options, total_steps):
+        search = LayerSkipSearch(Skipping(), options, seed=0, total_steps=total_steps)
+        scored = []
+        for step in range(1, total_steps + 1):
+            search.after_step(step, lambda update: scored.append((step, update)) or 1.0)
+        return sorted({step for step, _ in scored}), search
+
+    steps, search = updates(DASSearchOptions(skip=1, turn=2), total_steps=20)
+    assert search.warmup_steps == 10 and steps == [12, 14, 16, 18, 20]
+    steps, _ = updates(DASSearchOptions(skip=1, turn=2, warmup_steps=0), total_steps=20)
+    assert steps == list(range(2, 21, 2))
+
+
 def _search(dataset, out, mode, *extra, ranks=2, config="tiny_memvp"):
     overrides = train_overrides(dataset, out, f"train.mode={mode}", "train.max_steps=12", "train.save_interval=6",
                                 *extra)
@@ -83,6 +117,7 @@ def test_das_search_on_two_zero3_ranks_agrees_resumes_exactly_and_feeds_the_fina
 
 @pytest.mark.slow
 def test_dvp_search_on_two_ranks_resumes_exactly_and_logs_the_policy(dataset, tmp_path):
+    """DVP as a token (per-layer masks, adapters)."""
     common = ("model.dvp.layer=null", "search.dvp.arms=3", "search.dvp.interval=3", "search.dvp.eta=1.0")
     result = _search(dataset, tmp_path / "search", "dvp_search", *common, config="tiny_dvp")
     assert len(set(result["choice_digest_per_rank"])) == 1
@@ -106,14 +141,14 @@ def test_ranks_that_disagree_stop_with_an_error_naming_the_step(monkeypatch):
     class Skipping:  # the search needs only the layer count and the candidates from it
         layers, wrapped, skipped = [0, 1, 2], [0, 1, 2], []
 
-    search = LayerSkipSearch(Skipping(), DASSearchOptions(skip=1), seed=0)
+    search = LayerSkipSearch(Skipping(), DASSearchOptions(skip=1), seed=0, total_steps=10)
     monkeypatch.setattr(base, "all_gather_objects", lambda choice: [choice, [2]])
     with pytest.raises(RuntimeError, match="ranks chose different sub-networks at step 7"):
         search.check_agreement(7, [0])
     monkeypatch.setattr(base, "all_gather_objects", lambda choice: [choice, choice])
     search.check_agreement(8, [0])
     # The digest records the agreed choices: equal for the same sequence, different for another one.
-    twin, other = (LayerSkipSearch(Skipping(), DASSearchOptions(skip=1), seed=0) for _ in range(2))
+    twin, other = (LayerSkipSearch(Skipping(), DASSearchOptions(skip=1), seed=0, total_steps=10) for _ in range(2))
     twin.check_agreement(8, [0])
     other.check_agreement(8, [1])
     assert twin.choice_digest() == search.choice_digest() != other.choice_digest()

@@ -37,7 +37,7 @@ from memvp_ds.engine.summary import end_summary, start_summary
 from memvp_ds.evaluation.run import evaluate_split
 from memvp_ds.progress import progress
 from memvp_ds.model import build_model
-from memvp_ds.search import build_search, skippable_layers
+from memvp_ds.search import build_search, heldout_batch_index, skippable_layers
 from memvp_ds.search.result import write_search_result
 
 log = logging.getLogger("memvp_ds")
@@ -136,7 +136,7 @@ class Trainer:
             self.run_id = ckpt.read_state(self.resume_from).get("run_id", self.run_id)
         self.engine = self._build_engine()
         self.model = self.engine.module
-        self.search = build_search(cfg, self.model)
+        self.search = build_search(cfg, self.model, self.plan.total_steps)
         self._heldout: List[Dict[str, Any]] = []
         # What loading cost each rank: ZeRO-3 should hold a fraction of the frozen model, ZeRO-2 all of it.
         self.load_memory_gb = {"load_peak_gb": max_memory_gb(), "after_load_gb": resident_memory_gb()}
@@ -360,10 +360,13 @@ class Trainer:
     # -- architecture search -----------------------------------------------------------------------------
     @torch.no_grad()
     def _heldout_loss(self, update: int) -> float:
-        """Mean loss over ranks on held-out batch ``update`` (cycled), dropout off: a search's reward input.
+        """Mean loss over ranks on the held-out batch of policy update ``update``, dropout off: a search's
+        reward input.
 
-        The batches are the first ``search.heldout_batches`` micro-batches of each rank's share of the val
-        split, read once: a resumed search scores on exactly the batches the uninterrupted one would have.
+        The rank's share of the val split (or its first ``search.heldout_batches`` micro-batches) is read
+        once; updates rotate over it in the order ``heldout_batch_index`` draws, which depends on the update
+        count alone, so a resumed search scores on exactly the batches the uninterrupted one would have.
+        Every rank holds the same number of batches, so all ranks pick the same index.
         """
         if not self._heldout:
             batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.train.micro_batch_size,
@@ -371,7 +374,8 @@ class Trainer:
                                            None, left_pad=False, budget=self._budget())
             self._heldout = list(itertools.islice(_without_padding_labels(batches), self.cfg.search.heldout_batches))
         self.engine.eval()
-        loss = self._token_weighted_loss([self._heldout[update % len(self._heldout)]])
+        batch = self._heldout[heldout_batch_index(update, len(self._heldout), self.cfg.train.seed)]
+        loss = self._token_weighted_loss([batch])
         self.engine.train()
         return loss
 

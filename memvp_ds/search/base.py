@@ -11,13 +11,28 @@ import torch
 from memvp_ds.distributed import all_gather_objects
 
 HeldOutLoss = Callable[[int], float]
-"""``heldout_loss(update_index)``: mean loss over all ranks on a held-out batch, without gradient."""
+"""``heldout_loss(update_index)``: mean loss over all ranks on held-out batch ``heldout_batch_index(update_index,
+...)``, without gradient."""
+
+_HELDOUT_STREAM = 15
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A generator that depends only on (seed, step, stream): every rank draws the same numbers without any
     communication, and a resumed run draws exactly what the uninterrupted one would have."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+def heldout_batch_index(update: int, batches: int, seed: int) -> int:
+    """Which of a rank's ``batches`` held-out batches scores policy update ``update``.
+
+    The updates rotate over all of them, each pass in its own order drawn from (seed, pass): a fresh batch
+    per update as in the official searches, identical on every rank, and a function of the update count
+    alone, so a resumed search scores on exactly the batches the uninterrupted one would have.
+    """
+    rotation, position = divmod(update, batches)
+    order = torch.randperm(batches, generator=step_generator(seed, rotation, _HELDOUT_STREAM))
+    return int(order[position])
 
 
 class ArchitectureSearch:

@@ -2,7 +2,7 @@
 
 Each candidate layer i has a score s_i (init 0) and skip probability p_i = sigmoid(s_i). Every training
 step skips k layers drawn without replacement in proportion to p, and the adapters standing in for them
-train. Every ``turn`` steps after the warm-up, several distinct skip sets S_j are scored on a held-out batch
+train. Every ``turn`` steps after the warm-up (default half of the run, as in the official LaVIN-DAS), several distinct skip sets S_j are scored on a held-out batch
 without gradient, r_j = exp(-loss_j), and ``s_i += eta * (r_j - mean r) * p_i (1 - p_i)`` for i in S_j (p
 before the update). The result is the top-k layers by p.
 """
@@ -35,8 +35,9 @@ class DASSearchOptions:
     """Step size of ``s_i += eta * (r_j - mean r) * p_i (1 - p_i)`` with rewards r = exp(-loss)."""
     turn: int = 5
     """Optimizer steps between score updates."""
-    warmup_steps: int = 0
-    """Steps before the first score update (the adapters learn first)."""
+    warmup_steps: Optional[int] = None
+    """Steps before the first score update, while the sampled sub-networks and their adapters train.
+    Unset: half of the run's steps (official LaVIN-DAS: 5 of its 10 search epochs)."""
     ramp: bool = False
     """Grow the number of skipped layers from 1 to ``skip`` over the warm-up."""
     candidates: Optional[List[int]] = None
@@ -45,7 +46,8 @@ class DASSearchOptions:
     def validate(self, cfg) -> None:
         for key in ("skip", "subsets", "turn"):
             check_at_least(f"search.das.{key}", getattr(self, key), 1)
-        check_at_least("search.das.warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps is not None:
+            check_at_least("search.das.warmup_steps", self.warmup_steps, 0)
         if cfg.train.mode != "das_search":
             return
         if cfg.model.skip.layers:
@@ -74,10 +76,11 @@ def sample_skip_set(probabilities: torch.Tensor, k: int, generator: torch.Genera
 class LayerSkipSearch(ArchitectureSearch):
     name = "das"
 
-    def __init__(self, skipping: LayerSkipping, cfg: DASSearchOptions, seed: int):
+    def __init__(self, skipping: LayerSkipping, cfg: DASSearchOptions, seed: int, total_steps: int):
         self.candidates: List[int] = list(skipping.wrapped)
         super().__init__(seed, arms=len(self.candidates))
         self.skipping, self.cfg = skipping, cfg
+        self.warmup_steps = total_steps // 2 if cfg.warmup_steps is None else cfg.warmup_steps
         if not 1 <= cfg.skip < len(skipping.layers) or cfg.skip > len(self.candidates):
             raise ValueError(f"search.das.skip = {cfg.skip}: needs 1 <= k <= {len(self.candidates)} candidates "
                              f"and fewer than the {len(skipping.layers)} layers")
@@ -88,9 +91,9 @@ class LayerSkipSearch(ArchitectureSearch):
 
     def skip_count(self, step: int) -> int:
         """k, or with ``ramp`` 1 rising linearly to k over the warm-up."""
-        if not self.cfg.ramp or step >= self.cfg.warmup_steps:
+        if not self.cfg.ramp or step >= self.warmup_steps:
             return self.cfg.skip
-        return 1 + (self.cfg.skip - 1) * step // max(self.cfg.warmup_steps, 1)
+        return 1 + (self.cfg.skip - 1) * step // max(self.warmup_steps, 1)
 
     def _layers(self, indices: Sequence[int]) -> List[int]:
         return [self.candidates[i] for i in indices]
@@ -102,7 +105,7 @@ class LayerSkipSearch(ArchitectureSearch):
         self.check_agreement(step, self.skipping.skipped)
 
     def after_step(self, step: int, heldout_loss: HeldOutLoss) -> Dict[str, float]:
-        if step <= self.cfg.warmup_steps or step % self.cfg.turn:
+        if step <= self.warmup_steps or step % self.cfg.turn:
             return {}
         generator = step_generator(self.seed, step, _SUBSET_DRAW)
         subsets: List[List[int]] = []

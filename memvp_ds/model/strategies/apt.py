@@ -1,16 +1,23 @@
-"""APT: approximated prompt tuning (Wu et al. 2023) with image-conditioned prompts, ported to a decoder LLM.
+"""APT: approximated prompt tuning (Wu et al. 2023), ported to a decoder LLM.
 
 Deep prompt tuning lets every token attend to p extra prompt tokens in every layer. APT replaces that
-attention path by a per-token term added to the attention output, so the sequence does not grow:
+attention path by a per-token term added to the attention output, so the prompts never enter the sequence:
 
     A = ReLU(X (P + P W1 W2)^T)      (T x n)   X: the attention block's normalised input
     E = A P                          (T x d)
     w = stop_grad(max_k A[:, k])     (T x 1)
     out = (O + w * E) * exp(s)                 O: the attention output (after o_proj); then the residual add
 
-Here the prompt rows P of each layer are the N projected visual features (zero for rows without an image)
-followed by p learnable prompts, so image tokens never enter the sequence. Each position's term depends on
-that position's X alone: causal by construction and nothing to keep in the KV cache.
+``model.apt.visual`` says where the image is:
+
+* ``sequence`` (default, the authors' setup): APT tunes a model that already sees the image. The N
+  projected visual tokens go in front of the text as in ``input_prefix``, and P holds the p learnable
+  prompts of each layer.
+* ``prompt_rows`` (this project's extension): the image never enters the sequence; P is the N projected
+  visual features (zero for rows without an image) followed by the p learnable prompts.
+
+Either way each position's term depends on that position's X alone: causal by construction and nothing
+extra to keep in the KV cache.
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from memvp_ds.config import ModelConfig, check_at_least
+from memvp_ds.config import ConfigError, ModelConfig, check_at_least, check_choice
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
+from memvp_ds.model.strategies.input_prefix import prepend_visual_tokens
+
+APT_VISUAL = ("sequence", "prompt_rows")
 
 
 @dataclass
@@ -35,14 +45,23 @@ class APTOptions:
     """Options of the ``apt`` strategy (``model.apt``; approximated prompt tuning, Wu et al. 2023); see
     docs/strategies/apt.md."""
 
+    visual: str = "sequence"
+    """Where the image is. ``sequence`` (official setup): the N visual tokens precede the text, as in
+    input_prefix, and APT tunes p learnable prompts per layer. ``prompt_rows`` (this project's extension):
+    no visual tokens in the sequence; each layer's prompt rows are the N visual features plus p prompts."""
     prompts: int = 200
-    """p: learnable prompt rows per layer, beside the N projected visual tokens (0: the visual tokens alone)."""
+    """p: learnable prompt rows per layer (official: 200 on METER, 50 on ViLT). With ``visual=prompt_rows``,
+    0 leaves the visual rows alone."""
     rank: int = 4
-    """r of the low-rank map W1 W2 that approximates the prompts' key projection."""
+    """r of the low-rank map W1 W2 that approximates the prompts' key projection (official: 4)."""
 
     def validate(self, cfg) -> None:
+        check_choice("model.apt.visual", self.visual, APT_VISUAL)
         check_at_least("model.apt.prompts", self.prompts, 0)
         check_at_least("model.apt.rank", self.rank, 1)
+        if cfg.model.strategy == "apt" and self.visual == "sequence" and self.prompts == 0:
+            raise ConfigError("model.apt.prompts: 0 with model.apt.visual=sequence would tune nothing but the "
+                              "projector (that is input_prefix); set p >= 1")
 
 
 class ApproximatedPrompts(nn.Module):
@@ -59,16 +78,20 @@ class ApproximatedPrompts(nn.Module):
         self.up = nn.Parameter(torch.zeros(layers, rank, width))
         self.log_scale = nn.Parameter(torch.zeros(layers))
 
-    def forward(self, visual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``visual`` (B, N, d) -> visual keys (L, B, N, d), prompt keys (L, p, d), prompts (L, p, d), exp(s) (L,).
+    def forward(self, visual: Optional[torch.Tensor]
+                ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``visual`` (B, N, d) or None -> visual keys (L, B, N, d) or None, prompt keys (L, p, d),
+        prompts (L, p, d), exp(s) (L,).
 
         Keys are ``P + P W1 W2`` for the visual rows and the learnable rows alike; the values are the rows
         themselves. The visual values are ``visual`` as given (shared by every layer), so only the keys
         are materialised per layer.
         """
         # W1 W2 stays factored: (L, d, d) would cost more than the (.., r) intermediates for large d.
-        visual_keys = visual + torch.matmul(torch.matmul(visual.unsqueeze(0), self.down.unsqueeze(1)),
-                                            self.up.unsqueeze(1))
+        visual_keys = None
+        if visual is not None:
+            visual_keys = visual + torch.matmul(torch.matmul(visual.unsqueeze(0), self.down.unsqueeze(1)),
+                                                self.up.unsqueeze(1))
         prompt_keys = self.prompts + torch.matmul(torch.matmul(self.prompts, self.down), self.up)
         # The prompts come back as a new tensor: under ZeRO-3 the parameter itself is released after forward.
         return visual_keys, prompt_keys, self.prompts.clone(), self.log_scale.exp()
@@ -82,14 +105,21 @@ class APTStrategy(VisualStrategy):
         super().__init__(cfg, llm)
         width = llm.config.hidden_size
         layers = decoder_layers(llm)
+        self.in_sequence = cfg.apt.visual == "sequence"
         self.projector = VisualProjector(cfg.visual_dim, width, cfg.projector)
         self.prompts = ApproximatedPrompts(len(layers), cfg.apt.prompts, width, cfg.apt.rank)
+        # A plain list keeps the frozen embedding out of this module's parameters (it belongs to the LLM).
+        self._embed_tokens = [llm.get_input_embeddings()]
         # Tensors of the current forward, kept for the backward recomputation of checkpointed blocks (as MemVP).
-        self._terms: Optional[Tuple[torch.Tensor, ...]] = None
+        self._terms: Optional[Tuple[Optional[torch.Tensor], ...]] = None
         for index, layer in enumerate(layers):
             layer.self_attn.register_forward_hook(partial(self._add_prompt_term, index), with_kwargs=True)
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+        if self.in_sequence:
+            self._terms = (None, *self.prompts(None))
+            return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,
+                                         image_features, has_image)
         visual = project_visual(self.projector, image_features, has_image, input_ids.shape[0], self.cfg.visual_tokens)
         self._terms = (visual, *self.prompts(visual))
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
@@ -99,15 +129,20 @@ class APTStrategy(VisualStrategy):
             raise RuntimeError("APT prompts used before the strategy's forward computed them")
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         attn_out = output[0] if isinstance(output, tuple) else output
-        visual, visual_keys, prompt_keys, prompts, scales = (t.to(x.dtype) for t in self._terms)
-        scores = F.relu(torch.cat([torch.matmul(x, visual_keys[index].transpose(1, 2)),
-                                   torch.matmul(x, prompt_keys[index].transpose(0, 1))], dim=-1))
-        visual_scores, prompt_scores = scores.split([visual.shape[1], prompts.shape[1]], dim=-1)
-        prompt_out = torch.matmul(visual_scores, visual) + torch.matmul(prompt_scores, prompts[index])
+        visual, visual_keys, prompt_keys, prompts, scales = (None if t is None else t.to(x.dtype) for t in self._terms)
+        scores = F.relu(torch.matmul(x, prompt_keys[index].transpose(0, 1)))
+        prompt_out = torch.matmul(scores, prompts[index])
+        if visual is not None:
+            visual_scores = F.relu(torch.matmul(x, visual_keys[index].transpose(1, 2)))
+            prompt_out = prompt_out + torch.matmul(visual_scores, visual)
+            scores = torch.cat([visual_scores, scores], dim=-1)
         weight = scores.amax(dim=-1, keepdim=True).detach()
         out = (attn_out + weight * prompt_out) * scales[index]
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
+    def prefix_positions(self) -> int:
+        return self.cfg.visual_tokens if self.in_sequence else 0
+
     def forward_flops_per_position_and_layer(self) -> float:
-        rows = self.cfg.visual_tokens + self.cfg.apt.prompts
-        return 4.0 * self.prompts.prompts.shape[-1] * rows  # X K^T and A V over n = N + p prompt rows
+        rows = self.cfg.apt.prompts + (0 if self.in_sequence else self.cfg.visual_tokens)
+        return 4.0 * self.prompts.prompts.shape[-1] * rows  # X K^T and A V over n prompt rows

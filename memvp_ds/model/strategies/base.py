@@ -76,6 +76,11 @@ class VisualStrategy(nn.Module):
         """``generate`` calls this after the prompt pass, before decoding from the KV cache. Strategies whose
         term applies to prompt positions only (DVP) stop applying it; the others keep theirs."""
 
+    def prefix_positions(self) -> int:
+        """Positions the strategy puts in front of the text of a batch with image features (speed and FLOPs
+        accounting: they are computed in every layer like text tokens)."""
+        return 0
+
     def forward_flops_per_position_and_layer(self) -> float:
         """Forward FLOPs the strategy adds per position in each computed decoder layer (MFU accounting)."""
         return 0.0

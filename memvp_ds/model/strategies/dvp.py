@@ -1,14 +1,19 @@
-"""DVP: dynamic visual prompting (Huang et al. 2023), ported to a decoder-only LLM.
+"""DVP: dynamic visual prompting (Huang et al. 2023) on a decoder-only LLM.
 
-A cross-attention reads the CLIP patch features with a query built from the text, and produces ONE compact,
-text-related visual prompt vector per sample. The original inserts it as an extra token at layer K of an
-encoder, where every token attends to it. A decoder-only LLM with a KV cache cannot grow the sequence in
-the middle of the stack (the layers below K would have one cache entry fewer than the ones above), so this
-port adds the prompt to the residual stream at the input of layer K instead: at the query position (the
-last prompt token, whose hidden state there has seen the whole prompt and is the query) and at every
-position after it, i.e. the answer and, in generation, each decoded token. Adding it at the query
-position alone was tried first and learnt nothing on the quickstart task: later tokens then reach the
-prompt only through frozen attention to one position (docs/strategies/dvp.md has the figures).
+A cross-attention reads the CLIP patch features with a query built from the text and produces ONE compact,
+text-related visual prompt vector per sample, which enters the LLM at layer K. Two ways of entering
+(``model.dvp.insert``):
+
+* ``token`` (default, the method as its authors built it for LLaMA): one slot in front of the text is
+  reserved from the input on. Below K it holds a placeholder (a zero vector) and is hidden from every other
+  token by the attention mask; at the input of layer K it is overwritten with the prompt, and from K on
+  every later token (prompt and answer alike) attends to it. The query is the mean hidden state of the
+  prompt tokens entering layer K. With a KV cache the slot's entries of layers < K hold the placeholder's
+  K/V (masked, as in the full forward) and those of layers >= K the prompt's, so decoding needs nothing
+  else. The per-layer mask is a pre-hook on every decoder layer that swaps its ``attention_mask``; it needs
+  a backend that takes a 4D mask (sdpa, eager).
+* ``residual`` (this project's earlier port, kept for comparison): the prompt is added to the residual
+  stream at the input of layer K at the last prompt token and every position after it.
 
 K comes from the KAB-APP search (memvp_ds.search.dvp); during the search every layer has its own prompt
 generator and the search sets which one is active for each step.
@@ -25,10 +30,14 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from memvp_ds.config import ConfigError, ModelConfig
+from memvp_ds.config import ConfigError, ModelConfig, check_at_least, check_choice
 from memvp_ds.model.adapters import BottleneckAdapter
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy
+
+DVP_INSERT = ("token", "residual")
+MASKABLE_BACKENDS = ("sdpa", "eager")
+"""Attention backends that accept the 4D per-layer mask the token slot needs."""
 
 
 @dataclass
@@ -36,27 +45,39 @@ class DVPOptions:
     """Options of the ``dvp`` strategy (``model.dvp``; dynamic visual prompting, Huang et al. 2023); see
     docs/strategies/dvp.md."""
 
+    insert: str = "token"
+    """How the prompt enters layer K. ``token`` (official): a slot in front of the text, hidden below K and
+    overwritten with the prompt at K, visible to every later token from K on (needs attn_implementation
+    sdpa or eager). ``residual``: added to the residual stream of the last prompt token and the answer."""
     layer: Optional[int] = None
     """K: the decoder layer whose input receives the visual prompt. Unset: taken from ``from_search``, or,
     under ``train.mode=dvp_search``, every layer is a candidate."""
     from_search: Optional[str] = None
     """Output directory of a ``train.mode=dvp_search`` run: fills ``layer`` from its search.json when unset."""
     heads: int = 16
-    """Attention heads of the prompt generator's cross-attention."""
+    """Attention heads of the prompt generator's cross-attention (official: 16)."""
     inner_dim: int = 512
-    """Width of the cross-attention (queries from the text state, keys/values from the CLIP features)."""
+    """Width of the cross-attention (queries from the text state, keys/values from the CLIP features;
+    official: 512)."""
     dropout: float = 0.1
-    """Attention dropout of the cross-attention (training only)."""
-    adapters: bool = False
-    """DVP + adapter: bottleneck adapters after every attention and MLP output."""
+    """Attention dropout of the cross-attention (training only; official: 0.1)."""
+    adapters: bool = True
+    """DVP + adapter (official LLaMA configs: on): bottleneck adapters after every attention and MLP output."""
     adapter_reduction: int = 64
-    """Adapter hidden width = hidden_size / adapter_reduction."""
+    """Adapter hidden width = hidden_size / adapter_reduction (official: 64)."""
 
     def validate(self, cfg) -> None:
+        check_choice("model.dvp.insert", self.insert, DVP_INSERT)
+        check_at_least("model.dvp.adapter_reduction", self.adapter_reduction, 1)
         if cfg.model.strategy != "dvp":
             return
         if self.inner_dim % self.heads:
             raise ConfigError(f"model.dvp.inner_dim ({self.inner_dim}) must be divisible by model.dvp.heads ({self.heads})")
+        backend = cfg.model.llm.attn_implementation
+        if self.insert == "token" and backend not in MASKABLE_BACKENDS:
+            raise ConfigError(f"model.llm.attn_implementation: {backend} cannot take the per-layer attention mask "
+                              f"that hides DVP's token below layer K; use {' or '.join(MASKABLE_BACKENDS)}, or "
+                              "model.dvp.insert=residual")
         if cfg.train.mode == "train" and self.layer is None:
             raise ConfigError("model.dvp.layer: set it or model.dvp.from_search (a train.mode=dvp_search output), "
                               "or run train.mode=dvp_search to find it")
@@ -67,10 +88,12 @@ class DVPOptions:
 class VisualPromptGenerator(nn.Module):
     """Multi-head cross-attention: query LayerNorm(h) (d), keys/values the CLIP features (N x C), output d.
 
-    The output projection starts at zero, so a fresh generator leaves the frozen LLM's output unchanged.
+    ``zero_output``: the output projection starts at zero, so a fresh generator adds nothing (the residual
+    variant). The token variant keeps PyTorch's default init as the official code does: a zero token would
+    sit at RMSNorm's singular point, 0 / sqrt(eps).
     """
 
-    def __init__(self, width: int, visual_dim: int, heads: int, inner_dim: int, dropout: float):
+    def __init__(self, width: int, visual_dim: int, heads: int, inner_dim: int, dropout: float, zero_output: bool):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.query_norm = nn.LayerNorm(width)
@@ -78,8 +101,9 @@ class VisualPromptGenerator(nn.Module):
         self.key = nn.Linear(visual_dim, inner_dim)
         self.value = nn.Linear(visual_dim, inner_dim)
         self.out = nn.Linear(inner_dim, width)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if zero_output:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, text_state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """``text_state`` (B, d), ``features`` (B, N, C) -> the prompt vector (B, d)."""
@@ -90,6 +114,29 @@ class VisualPromptGenerator(nn.Module):
         value = self.value(features.to(dtype)).view(batch, tokens, self.heads, -1).transpose(1, 2)
         attended = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout if self.training else 0.0)
         return self.out(attended.reshape(batch, -1))
+
+
+def hide_first_key(mask: Optional[torch.Tensor], queries: int, past: int, batch: int, float_dtype: Optional[torch.dtype],
+                   device: torch.device) -> torch.Tensor:
+    """The layer mask with key 0 (the DVP slot) hidden from every query but the slot itself.
+
+    ``mask`` is what HF built for this forward: 4D bool (True = attend, sdpa), 4D additive float (eager), or
+    None for plain causal attention without padding (sdpa); ``past`` cached positions precede the
+    ``queries`` new ones. A None mask becomes bool, or additive in ``float_dtype`` when that is given.
+    Returns a new tensor: the HF mask is shared by all layers and must stay as it is for layers >= K.
+    """
+    if mask is None:
+        keys = past + queries
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
+        mask = mask.expand(batch, 1, queries, keys)
+        if float_dtype is not None:
+            mask = torch.full(mask.shape, torch.finfo(float_dtype).min, dtype=float_dtype, device=device).masked_fill(mask, 0)
+    keys = mask.shape[-1]
+    query_index = torch.arange(keys - queries, keys, device=device)
+    hidden = (query_index != 0)[:, None] & (torch.arange(keys, device=device) == 0)[None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~hidden
+    return mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
 
 
 class DVPStrategy(VisualStrategy):
@@ -103,17 +150,30 @@ class DVPStrategy(VisualStrategy):
         candidates = list(range(len(layers))) if dvp.layer is None else [dvp.layer]
         if not 0 <= candidates[0] <= candidates[-1] < len(layers):
             raise ConfigError(f"model.dvp.layer: {dvp.layer} is out of range for a {len(layers)}-layer model")
+        self.as_token = dvp.insert == "token"
         self.generators = nn.ModuleDict({
-            str(i): VisualPromptGenerator(width, cfg.visual_dim, dvp.heads, dvp.inner_dim, dvp.dropout)
+            str(i): VisualPromptGenerator(width, cfg.visual_dim, dvp.heads, dvp.inner_dim, dvp.dropout,
+                                          zero_output=not self.as_token)
             for i in candidates
         })
         self.active_layer = candidates[0]
-        # (features, has_image, prompt_end) of the current forward, kept for the backward recomputation of
-        # checkpointed blocks; and the prompt vectors of a generate call, added to every decoded token.
+        # Per-sample inputs of the prompt, kept from ``forward`` for the layer-K hook (and for the backward
+        # recomputation of checkpointed blocks). Token: (features, has_image, prompt-span weights);
+        # residual: (features, has_image, prompt_end). Cleared when decoding from the cache starts.
         self._state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        self._decoding_prompt: Optional[torch.Tensor] = None
-        for i in candidates:
-            layers[i].register_forward_pre_hook(partial(self._insert_prompt, i), with_kwargs=True)
+        if self.as_token:
+            # A plain list keeps the frozen embedding out of this module's parameters (it belongs to the LLM).
+            self._embed_tokens = [llm.get_input_embeddings()]
+            # eager takes additive float masks; when HF passes none (plain causal sdpa), the hook builds a boolean one.
+            self._eager_mask_dtype = llm.dtype if llm.config._attn_implementation == "eager" else None
+            self._has_slot = False  # does the running forward / generate call carry the slot?
+            self._memo: Optional[tuple] = None  # (HF mask, queries, past, slot-hidden mask) of the last call
+            for i, layer in enumerate(layers):
+                layer.register_forward_pre_hook(partial(self._token_hook, i), with_kwargs=True)
+        else:
+            self._decoding_prompt: Optional[torch.Tensor] = None
+            for i in candidates:
+                layers[i].register_forward_pre_hook(partial(self._residual_hook, i), with_kwargs=True)
         if dvp.adapters:
             hidden = max(1, width // dvp.adapter_reduction)
             self.adapters = nn.ModuleList(
@@ -135,20 +195,71 @@ class DVPStrategy(VisualStrategy):
         self.active_layer = layer
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
-        self._decoding_prompt = None
+        self._state = None
+        if image_features is not None and has_image is None:
+            has_image = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+        if not self.as_token:
+            self._decoding_prompt = None
+            if image_features is not None:
+                self._state = (image_features, has_image, prompt_end)
+            return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+        self._has_slot, self._memo = image_features is not None, None
         if image_features is None:
-            self._state = None
-        else:
-            if has_image is None:
-                has_image = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
-            self._state = (image_features, has_image, prompt_end)
-        return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+            return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+        # The query pools the prompt tokens: attended text positions up to each row's last prompt token.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        in_prompt = (positions[None] <= prompt_end[:, None]) & attention_mask.bool()
+        span = in_prompt.float() / in_prompt.sum(1, keepdim=True).clamp(min=1)
+        self._state = (image_features, has_image, span)
+        text = self._embed_tokens[0](input_ids)
+        placeholder = text.new_zeros(text.shape[0], 1, text.shape[2])
+        # Rows without an image keep the slot with attention mask 0: their text is the frozen LLM's alone.
+        slot_mask = has_image.to(attention_mask.dtype)[:, None]
+        return DecoderInputs(attention_mask=torch.cat([slot_mask, attention_mask], dim=1),
+                             inputs_embeds=torch.cat([placeholder, text], dim=1), prefix_len=1)
 
     def prefill_finished(self) -> None:
-        """From now on each call of layer K is one decoded token: it gets the prompt made in the prefill."""
+        """From now on each call of layer K is one decoded token: the prompt is already in place (the token
+        slot's cached K/V) or is the one made in the prefill (residual)."""
         self._state = None
 
-    def _insert_prompt(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+    def prefix_positions(self) -> int:
+        return 1 if self.as_token else 0
+
+    def _token_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
+        if not self._has_slot or index > self.active_layer:
+            return None
+        if index < self.active_layer:
+            return args, {**kwargs, "attention_mask": self._slot_hidden_mask(layer, args, kwargs)}
+        if self._state is None:  # a decoded token at layer K: it reads the prompt from the cache
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        features, has_image, span = self._state
+        query = torch.bmm(span.to(hidden.dtype)[:, None], hidden[:, 1:]).squeeze(1)
+        prompt = self.generators[str(index)](query, features).to(hidden.dtype)
+        slot = torch.where(has_image[:, None], prompt, hidden[:, 0])
+        hidden = torch.cat([slot[:, None], hidden[:, 1:]], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _slot_hidden_mask(self, layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        if "attention_mask" not in kwargs:
+            raise RuntimeError(f"DVP token: {type(layer).__name__} was called without an attention_mask keyword; "
+                               "this decoder cannot be given a per-layer mask (use model.dvp.insert=residual)")
+        mask = kwargs["attention_mask"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        queries, past = hidden.shape[1], 0
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if mask is None and cache is not None:
+            past = cache.get_seq_length(layer.self_attn.layer_idx)
+        if self._memo is not None and self._memo[0] is mask and self._memo[1:3] == (queries, past):
+            return self._memo[3]
+        hidden_mask = hide_first_key(mask, queries, past, hidden.shape[0], self._eager_mask_dtype, hidden.device)
+        self._memo = (mask, queries, past, hidden_mask)
+        return hidden_mask
+
+    def _residual_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
         if index != self.active_layer:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]

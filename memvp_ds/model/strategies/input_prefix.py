@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from memvp_ds.config import ModelConfig
@@ -10,13 +13,31 @@ from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator
 
 
-class InputPrefixStrategy(VisualStrategy):
-    """The N projected visual tokens go in front of the text, so the sequence grows by N.
+def prepend_visual_tokens(embed_tokens: nn.Module, projector: VisualProjector, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, image_features: Optional[torch.Tensor],
+                          has_image: Optional[torch.Tensor]) -> DecoderInputs:
+    """The N projected visual tokens in front of the text (the sequence grows by N).
 
     Rows without an image keep the N prefix slots (the batch must stay rectangular) but with attention mask
     0, so their text sees exactly what the frozen LLM alone would see; positions are counted over unmasked
-    tokens, so text positions start after the visual tokens only where there is an image.
+    tokens, so text positions start after the visual tokens only where there is an image. A batch without
+    features is the text alone.
     """
+    if image_features is None:
+        return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
+    text_embeds = embed_tokens(input_ids)
+    visual = projector(image_features).to(text_embeds.dtype)
+    visual_mask = image_indicator(image_features, has_image).view(-1, 1).to(attention_mask.dtype)
+    visual_mask = visual_mask.expand(-1, visual.shape[1])
+    return DecoderInputs(
+        attention_mask=torch.cat([visual_mask, attention_mask], dim=1),
+        inputs_embeds=torch.cat([visual, text_embeds], dim=1),
+        prefix_len=visual.shape[1],
+    )
+
+
+class InputPrefixStrategy(VisualStrategy):
+    """The N projected visual tokens go in front of the text (``prepend_visual_tokens``)."""
 
     name = "input_prefix"
 
@@ -27,14 +48,8 @@ class InputPrefixStrategy(VisualStrategy):
         self._embed_tokens = [llm.get_input_embeddings()]
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
-        if image_features is None:
-            return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
-        text_embeds = self._embed_tokens[0](input_ids)
-        visual = self.projector(image_features).to(text_embeds.dtype)
-        visual_mask = image_indicator(image_features, has_image).view(-1, 1).to(attention_mask.dtype)
-        visual_mask = visual_mask.expand(-1, visual.shape[1])
-        return DecoderInputs(
-            attention_mask=torch.cat([visual_mask, attention_mask], dim=1),
-            inputs_embeds=torch.cat([visual, text_embeds], dim=1),
-            prefix_len=visual.shape[1],
-        )
+        return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,
+                                     image_features, has_image)
+
+    def prefix_positions(self) -> int:
+        return self.cfg.visual_tokens
