@@ -142,6 +142,33 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _decode_seconds(model, generate, repeats: int, device: torch.device) -> float:
+    """Median time of the cached decoding steps alone: from the end of the prefill (the strategy's
+    ``prefill_finished`` call) to the end of ``generate``. Timing prefill and the whole call separately and
+    subtracting would let the prefill's noise (an online CLIP tower runs there) swamp the decode time."""
+    strategy, marks = model.strategy, []
+    original = strategy.prefill_finished
+
+    def mark_prefill_end():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        original()
+
+    strategy.prefill_finished = mark_prefill_end
+    try:
+        times = []
+        for repeat in range(repeats + 1):  # the first is a warm-up
+            generate()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if repeat:
+                times.append(time.perf_counter() - marks[-1])
+    finally:
+        strategy.prefill_finished = original
+    return statistics.median(times)
+
+
 def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: int) -> Dict[str, float]:
     model = build(variant, p, device, skip)
     dtype = getattr(torch, p.dtype)
@@ -163,8 +190,8 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
     train_memory = max_memory_gb()
     model.eval()
     prefill = _timed(lambda: model.generate(ids, **visual, max_new_tokens=1), p.repeats, device)
-    full = _timed(lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens, stop_when_done=False),
-                  p.repeats, device)
+    decode = _decode_seconds(model, lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens,
+                                                           stop_when_done=False), p.repeats, device)
     positions = p.text_tokens + model.strategy.prefix_positions()  # visual tokens / DVP's slot in the sequence
     flops = training_flops_per_position(model, positions) * positions * p.batch
     if model.vision is not None:
@@ -174,7 +201,7 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
         "train_gflops_per_step": flops / 1e9,
         "train_tokens_per_s": p.batch * p.text_tokens / step,
         "prefill_s": prefill,
-        "decode_ms_per_token": 1000 * (full - prefill) / (p.new_tokens - 1),
+        "decode_ms_per_token": 1000 * decode / (p.new_tokens - 1),
         "peak_memory_gb": train_memory,
         "mfu": flops / step / peak if peak else float("nan"),
     }
