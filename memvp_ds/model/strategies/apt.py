@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ModelConfig, check_at_least
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
+from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy, project_visual
 
 
 @dataclass
@@ -75,8 +75,12 @@ class ApproximatedPrompts(nn.Module):
 
 
 class APTStrategy(VisualStrategy):
+    """In a packed batch each token's prompt rows are its own sample's: the attention block's inputs are
+    moved to a per-sample layout for the prompt term and back (``PackedLayout``)."""
+
     name = "apt"
     options = APTOptions
+    packs_exactly = True
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
@@ -86,12 +90,15 @@ class APTStrategy(VisualStrategy):
         self.prompts = ApproximatedPrompts(len(layers), cfg.apt.prompts, width, cfg.apt.rank)
         # Tensors of the current forward, kept for the backward recomputation of checkpointed blocks (as MemVP).
         self._terms: Optional[Tuple[torch.Tensor, ...]] = None
+        self._layout: Optional[PackedLayout] = None
         for index, layer in enumerate(layers):
             layer.self_attn.register_forward_hook(partial(self._add_prompt_term, index), with_kwargs=True)
 
-    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
-        visual = project_visual(self.projector, image_features, has_image, input_ids.shape[0], self.cfg.visual_tokens)
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
+        samples = layout.num_samples if layout is not None else input_ids.shape[0]
+        visual = project_visual(self.projector, image_features, has_image, samples, self.cfg.visual_tokens)
         self._terms = (visual, *self.prompts(visual))
+        self._layout = layout
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 
     def _add_prompt_term(self, index: int, attention: nn.Module, args: tuple, kwargs: dict, output):
@@ -99,13 +106,17 @@ class APTStrategy(VisualStrategy):
             raise RuntimeError("APT prompts used before the strategy's forward computed them")
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         attn_out = output[0] if isinstance(output, tuple) else output
+        if self._layout is not None:
+            x = self._layout.to_samples(x)
         visual, visual_keys, prompt_keys, prompts, scales = (t.to(x.dtype) for t in self._terms)
         scores = F.relu(torch.cat([torch.matmul(x, visual_keys[index].transpose(1, 2)),
                                    torch.matmul(x, prompt_keys[index].transpose(0, 1))], dim=-1))
         visual_scores, prompt_scores = scores.split([visual.shape[1], prompts.shape[1]], dim=-1)
         prompt_out = torch.matmul(visual_scores, visual) + torch.matmul(prompt_scores, prompts[index])
-        weight = scores.amax(dim=-1, keepdim=True).detach()
-        out = (attn_out + weight * prompt_out) * scales[index]
+        prompt_out = scores.amax(dim=-1, keepdim=True).detach() * prompt_out
+        if self._layout is not None:
+            prompt_out = self._layout.to_packed(prompt_out, like=attn_out)
+        out = (attn_out + prompt_out) * scales[index]
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     def forward_flops_per_position_and_layer(self) -> float:

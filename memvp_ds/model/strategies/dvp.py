@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ConfigError, ModelConfig
 from memvp_ds.model.adapters import BottleneckAdapter
 from memvp_ds.model.llm import decoder_layers
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy
+from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy
 
 
 @dataclass
@@ -93,8 +93,12 @@ class VisualPromptGenerator(nn.Module):
 
 
 class DVPStrategy(VisualStrategy):
+    """In a packed batch each sample's query is its own last prompt token and its prompt is added to its own
+    positions only (``PackedLayout.packed_index`` / ``per_position``)."""
+
     name = "dvp"
     options = DVPOptions
+    packs_exactly = True
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
@@ -111,6 +115,7 @@ class DVPStrategy(VisualStrategy):
         # (features, has_image, prompt_end) of the current forward, kept for the backward recomputation of
         # checkpointed blocks; and the prompt vectors of a generate call, added to every decoded token.
         self._state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._layout: Optional[PackedLayout] = None
         self._decoding_prompt: Optional[torch.Tensor] = None
         for i in candidates:
             layers[i].register_forward_pre_hook(partial(self._insert_prompt, i), with_kwargs=True)
@@ -134,8 +139,9 @@ class DVPStrategy(VisualStrategy):
             raise ValueError(f"layer {layer} has no DVP prompt generator; candidates: {self.candidate_layers}")
         self.active_layer = layer
 
-    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         self._decoding_prompt = None
+        self._layout = layout
         if image_features is None:
             self._state = None
         else:
@@ -154,13 +160,22 @@ class DVPStrategy(VisualStrategy):
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._state is not None:
             features, has_image, prompt_end = self._state
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            prompt = self.generators[str(index)](hidden[rows, prompt_end], features)
+            layout = self._layout
+            if layout is None:
+                query = hidden[torch.arange(hidden.shape[0], device=hidden.device), prompt_end]
+            else:
+                query = hidden.reshape(-1, hidden.shape[-1])[layout.packed_index(prompt_end)]
+            prompt = self.generators[str(index)](query, features)
             prompt = (prompt * has_image.to(prompt.dtype)[:, None]).to(hidden.dtype)
             self._decoding_prompt = prompt.detach()
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
-            from_query = (positions[None] >= prompt_end[:, None]).to(hidden.dtype)[..., None]
-            hidden = hidden + from_query * prompt[:, None]
+            if layout is None:
+                positions = torch.arange(hidden.shape[1], device=hidden.device)
+                from_query = (positions[None] >= prompt_end[:, None]).to(hidden.dtype)[..., None]
+                hidden = hidden + from_query * prompt[:, None]
+            else:
+                from_query = layout.valid & (layout.positions >= layout.per_position(prompt_end))
+                term = from_query.to(hidden.dtype)[..., None] * layout.per_position(prompt)
+                hidden = hidden + term.view(hidden.shape)
         elif self._decoding_prompt is not None:
             hidden = hidden + self._decoding_prompt[:, None]
         else:
