@@ -131,6 +131,14 @@ class DataConfig:
     """DataLoader worker processes per rank (each a stream of its own shards)."""
     use_images: bool = True
     """False drops every image's features: the text-only control that shows what the images contribute."""
+    packing: Optional[bool] = None
+    """Sequence packing of training batches: each micro-batch's ``train.micro_batch_size`` samples are
+    concatenated into as few rows of ``max_seq_len`` positions as fit (plus N reserved visual positions per
+    image sample for input_prefix), with attention, positions and visual terms kept per sample, so every
+    sample's loss equals the padded batch's and steps, epochs and the schedule still count samples.
+    Unset: on for every strategy with an exact packed form (memvp, input_prefix, apt, dvp, with or without
+    DAS skipping), off otherwise; true with a strategy that has none is an error. Evaluation, the searches'
+    held-out batches and generation (KV-cache decoding of left-padded prompts) always use padded batches."""
 
     def __post_init__(self) -> None:
         check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)

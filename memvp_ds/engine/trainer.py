@@ -37,7 +37,7 @@ from memvp_ds.search import build_search, skippable_layers
 from memvp_ds.search.result import write_search_result
 
 log = logging.getLogger("memvp_ds")
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "has_image")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "has_image", "segment_ids")
 STATUS = "status.json"
 
 
@@ -72,7 +72,7 @@ class _Window:
         self.loss += loss
         self.tokens += int(raw["attention_mask"].sum())
         self.positions += raw["input_ids"].numel()
-        self.samples += raw["input_ids"].shape[0]
+        self.samples += len(raw["keys"])  # a packed batch has fewer rows than samples
         self.skipped += raw["skipped_samples"]
 
 
@@ -142,12 +142,13 @@ class Trainer:
         return build_train_loader(
             self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
             data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
-            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples,
+            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, data.packing,
+            self.model.strategy.visual_positions_per_image(),
         )
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         device = self.engine.device
-        moved = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+        moved = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
         moved["image_features"] = moved["image_features"].to(self._compute_dtype())
         return moved
 
@@ -272,8 +273,9 @@ class Trainer:
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         if peak:
-            rows = max(window.samples, 1)
-            flops = training_flops_per_position(self.model, int(window.positions / rows)) * totals[3].item()
+            # Attention context per position: the row length when padded, about a sample's length when packed.
+            context = int(window.positions / max(window.samples, 1))
+            flops = training_flops_per_position(self.model, context) * totals[3].item()
             scalars["train/mfu"] = flops / elapsed / (peak * self.dist.world_size)
         logger.log(scalars, step)
         log.info("step %d: %s", step, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
