@@ -3,6 +3,7 @@
     python benchmarks/packing.py                                   # cpu-small preset, ScienceQA-like lengths
     python benchmarks/packing.py --preset llama13b --layers 4      # 13B layer shapes on a GPU
     python benchmarks/packing.py --lengths synthetic               # lengths of data_prep/synthetic.py prompts
+    python benchmarks/packing.py --preset llama13b --attn flash_attention_2   # varlen packed rows on a GPU
 
 Three ways to run the same micro-batches of ``--micro-batch`` samples (forward + backward, random weights):
 ``padded_full_head`` (before: one row per sample, right padding, LM head on every position), ``padded`` (LM
@@ -108,10 +109,13 @@ def padding_fraction(batches: List[Dict], samples: List[List[TokenizedSample]], 
 
 
 def measure(variant: str, p: Preset, device, groups: List[List[TokenizedSample]], max_seq_len: int, skip: int,
-            repeats: int) -> Dict[str, Dict[str, float]]:
+            repeats: int, attn: str) -> Dict[str, Dict[str, float]]:
     model = build(variant, p, device, skip).train()
+    if attn != "sdpa":
+        model.llm.set_attn_implementation(attn)
     dtype = getattr(torch, p.dtype)
     visual = model.strategy.visual_positions_per_image()
+    prefix = p.visual_tokens if variant == "input_prefix" else 0  # positions a padded row gains in the model
     text_tokens = sum(len(s.input_ids) for g in groups for s in g)
     padded = [collate(g, PAD, (p.visual_tokens, p.visual_dim)) for g in groups]
     packed = [pack(g, PAD, (p.visual_tokens, p.visual_dim), max_seq_len, 8, visual) for g in groups]
@@ -136,9 +140,9 @@ def measure(variant: str, p: Preset, device, groups: List[List[TokenizedSample]]
         seconds = statistics.median(times)
         results[mode] = {
             "rows": sum(b["input_ids"].shape[0] for b in batches),
-            "positions": sum(b["input_ids"].numel() for b in batches),
-            "padding_fraction": padding_fraction(batches, groups, p.visual_tokens if variant == "input_prefix" else 0,
-                                                 mode),
+            "positions": sum(b["input_ids"].numel() for b in batches) + (
+                0 if mode == "packed" else prefix * sum(b["input_ids"].shape[0] for b in batches)),
+            "padding_fraction": padding_fraction(batches, groups, prefix, mode),
             "step_s": seconds,
             "tokens_per_s": text_tokens / seconds,
         }
@@ -159,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", type=int, default=1, help="layers memvp_skip skips (layers 1..skip)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--attn", default="sdpa", help="attention backend, e.g. flash_attention_2 (varlen packed rows)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU time is measured)")
     parser.add_argument("--json", default="benchmarks/results/packing.json")
     args = parser.parse_args(argv)
@@ -172,9 +177,9 @@ def main(argv=None) -> int:
                else synthetic_lengths(count, args.max_seq_len))
     samples = make_samples(lengths, rng, preset)
     groups = [samples[i : i + args.micro_batch] for i in range(0, count, args.micro_batch)]
-    results = {name: measure(name, preset, device, groups, args.max_seq_len, args.skip, args.repeats)
+    results = {name: measure(name, preset, device, groups, args.max_seq_len, args.skip, args.repeats, args.attn)
                for name in args.variants}
-    print(f"preset {args.preset} on {device} ({preset.layers} layers, width {preset.hidden}, vocab {preset.vocab}, "
+    print(f"preset {args.preset} on {device}, {args.attn} ({preset.layers} layers, width {preset.hidden}, vocab {preset.vocab}, "
           f"{preset.visual_tokens} visual tokens); {args.lengths} lengths: {count} samples, mean "
           f"{statistics.mean(lengths):.0f}, min {min(lengths)}, max {max(lengths)}; {args.micro_batches} x "
           f"{args.micro_batch} samples per step, rows of {args.max_seq_len}")
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
                   f"{row['step_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['speedup']:>9.2f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": args.preset, "device": str(device), "config": asdict(preset),
+    out.write_text(json.dumps({"preset": args.preset, "device": str(device), "attn": args.attn, "config": asdict(preset),
                                "lengths": {"distribution": args.lengths, "values": lengths},
                                "micro_batch": args.micro_batch, "micro_batches": args.micro_batches,
                                "max_seq_len": args.max_seq_len, **results}, indent=2))

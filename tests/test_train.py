@@ -130,7 +130,8 @@ def test_kill_and_resume_on_two_ranks_is_exact(dataset, tmp_path):
            "--config", "configs/tiny_memvp.yaml", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / "step-00000004" / "state.json").exists():
+    # The pointer moves after the checkpoint folder is renamed into place: wait for both.
+    while not (out / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
