@@ -43,3 +43,20 @@ def test_extract_benchmark_reports_each_stage(tmp_path):
     result = json.loads(out.read_text())
     assert result["images"] == 40
     assert all(result[k] > 0 for k in ("decode_images_per_s", "model_images_per_s", "end_to_end_images_per_s"))
+
+
+def test_packing_benchmark_reports_less_padding_when_packed(tmp_path):
+    out = tmp_path / "packing.json"
+    proc = subprocess.run([sys.executable, "benchmarks/packing.py", "--micro-batches", "1", "--repeats", "1",
+                           "--variants", "memvp", "input_prefix", "--json", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["lengths"]["values"]) == 8 and all(68 <= n <= 508 for n in result["lengths"]["values"])
+    for name in ("memvp", "input_prefix"):
+        modes = result[name]
+        assert set(modes) == {"padded_full_head", "padded", "packed"}
+        assert modes["padded"]["rows"] == 8 and modes["packed"]["rows"] < 8
+        assert modes["packed"]["padding_fraction"] < modes["padded"]["padding_fraction"]
+        assert modes["packed"]["positions"] < modes["padded"]["positions"]
+        assert all(math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 for row in modes.values())

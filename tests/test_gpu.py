@@ -41,3 +41,29 @@ def test_cached_generation_on_gpu_equals_full_forwards():
             logits = model(sequence, image_features=feats).logits
         assert torch.equal(logits[:, -1].argmax(-1), tokens[:, step])
         sequence = torch.cat([sequence, tokens[:, step : step + 1]], dim=1)
+
+
+@pytest.mark.parametrize("strategy", ["memvp", "input_prefix"])
+def test_packed_rows_with_flash_attention_equal_padded_batches(strategy):
+    """flash_attention_2 runs packed rows as one varlen sequence (position-id resets): per-sample logits and
+    the loss equal the padded sdpa batch's (bf16 tolerance)."""
+    pytest.importorskip("flash_attn")
+    from memvp_ds.data.collate import collate, pack
+    from tests.test_packing import PAD, N, C, _run, _samples, _text_logits
+
+    samples = _samples()
+    models = [tiny_model(strategy, "model.llm.dtype=bfloat16", f"model.llm.attn_implementation={attn}").cuda().eval()
+              for attn in ("sdpa", "flash_attention_2")]
+    models[1].load_trainable(models[0].trainable_state_dict())
+    slots = models[0].strategy.visual_positions_per_image()
+    batches = [collate(samples, PAD, (N, C)), pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=slots)]
+    outputs = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for model, batch in zip(models, batches):
+            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+            out = _run(model, batch)
+            outputs.append((out.loss.float().cpu(), [l.float().cpu() for l in _text_logits(out, batch, samples)]))
+    (loss_a, logits_a), (loss_b, logits_b) = outputs
+    for a, b in zip(logits_a, logits_b):
+        assert torch.allclose(b, a, atol=0.05, rtol=0.05), (b - a).abs().max()
+    assert torch.allclose(loss_b, loss_a, atol=0.02)

@@ -83,6 +83,24 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _visual_key(feature_shape) -> str:
+    """The batch entry of the visual input: ``images`` for (3, S, S) pixels, else ``image_features``."""
+    return "images" if len(feature_shape) == 3 else "image_features"
+
+
+def _stack_features(samples: List[TokenizedSample], feature_shape):
+    """(B, N, C) fp16 features, or (B, 3, S, S) uint8 pixels for an online vision tower, zeros for text-only
+    samples, and the (B,) ``has_image`` flags."""
+    pixels = _visual_key(feature_shape) == "images"
+    features = torch.zeros((len(samples), *feature_shape), dtype=torch.uint8 if pixels else torch.float16)
+    has_image = torch.zeros(len(samples), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        if sample.features is not None:
+            features[row] = torch.from_numpy(sample.features if pixels else sample.features.astype(np.float16, copy=False))
+            has_image[row] = True
+    return features, has_image
+
+
 def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_multiple: int = 8,
             left_pad: bool = False) -> Dict[str, Any]:
     """Pad to a common length (a multiple of ``pad_to_multiple``) and stack features.
@@ -96,23 +114,78 @@ def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_m
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    pixels = len(feature_shape) == 3
-    features = torch.zeros((batch, *feature_shape), dtype=torch.uint8 if pixels else torch.float16)
-    has_image = torch.zeros(batch, dtype=torch.bool)
     for row, sample in enumerate(samples):
         n = len(sample.input_ids)
         span = slice(length - n, length) if left_pad else slice(0, n)
         input_ids[row, span] = torch.tensor(sample.input_ids)
         labels[row, span] = torch.tensor(sample.labels)
         attention_mask[row, span] = 1
-        if sample.features is not None:
-            features[row] = torch.from_numpy(sample.features if pixels else sample.features.astype(np.float16, copy=False))
-            has_image[row] = True
+    features, has_image = _stack_features(samples, feature_shape)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "images" if pixels else "image_features": features,
+        _visual_key(feature_shape): features,
+        "has_image": has_image,
+        "keys": [s.key for s in samples],
+        "fields": [s.fields for s in samples],
+    }
+
+
+def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
+    """Sample indices per row: first-fit over the samples from longest to shortest (ties: earlier first), so
+    the rows are as few as this greedy rule finds and the result depends on the lengths alone."""
+    rows: List[List[int]] = []
+    free: List[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[index] > capacity:
+            raise ValueError(f"a sample of {lengths[index]} positions does not fit a packed row of {capacity}")
+        row = next((r for r, room in enumerate(free) if room >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= lengths[index]
+    return rows
+
+
+def pack(samples: List[TokenizedSample], pad_id: int, feature_shape, max_seq_len: int, pad_to_multiple: int = 8,
+         visual_positions: int = 0) -> Dict[str, Any]:
+    """Sequence packing: all ``samples`` (one micro-batch) concatenated into as few rows as fit, padded on
+    the right to a common length (a multiple of ``pad_to_multiple``).
+
+    A row holds up to ``max_seq_len + visual_positions`` positions: the longest single sample. Every sample
+    with an image starts with ``visual_positions`` reserved positions (pad token, no label, attention mask 0)
+    where an input-space strategy puts its visual tokens; the other strategies need none (0). Besides the
+    keys of ``collate`` (``attention_mask`` is 1 on text tokens; features and ``has_image`` per sample, in
+    ``samples`` order), ``segment_ids`` (R, L) gives each position's sample index, -1 on padding: the model
+    keeps attention, positions and visual terms per sample with it.
+    """
+    lengths = [len(s.input_ids) + (visual_positions if s.features is not None else 0) for s in samples]
+    rows = pack_rows(lengths, max_seq_len + visual_positions)
+    length = _round_up(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    segment_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            sample = samples[index]
+            segment_ids[row, start : start + lengths[index]] = index
+            text = slice(start + lengths[index] - len(sample.input_ids), start + lengths[index])
+            input_ids[row, text] = torch.tensor(sample.input_ids)
+            labels[row, text] = torch.tensor(sample.labels)
+            attention_mask[row, text] = 1
+            start += lengths[index]
+    features, has_image = _stack_features(samples, feature_shape)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "segment_ids": segment_ids,
+        _visual_key(feature_shape): features,
         "has_image": has_image,
         "keys": [s.key for s in samples],
         "fields": [s.fields for s in samples],

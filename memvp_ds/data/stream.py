@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memvp_ds.data.collate import FeatureShapeError, SampleEncoder, TokenizedSample, collate
+from memvp_ds.data.collate import FeatureShapeError, SampleEncoder, TokenizedSample, collate, pack
 
 log = logging.getLogger("memvp_ds.data")
 
@@ -162,7 +162,8 @@ def _exit_on_second_sigterm(signum, frame) -> None:
 
 
 class TrainStream(IterableDataset):
-    """Infinite, deterministic stream of padded micro-batches for one rank (see the module docstring)."""
+    """Infinite, deterministic stream of padded or packed micro-batches for one rank (see the module
+    docstring)."""
 
     def __init__(self, urls: List[str], encoder: SampleEncoder, micro_batch: int, collate_fn: Callable,
                  seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
@@ -244,8 +245,14 @@ def _shuffled(samples: Iterator[Dict[str, Any]], buffer_size: int, rng: random.R
 def build_train_loader(urls: List[str], encoder: SampleEncoder, micro_batch: int, pad_id: int, pad_to_multiple: int,
                        seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
                        skip_micro_batches: int, expected_counts: Dict[str, int],
-                       budget: ErrorBudget = ErrorBudget()) -> DataLoader:
-    collate_fn = _Collate(pad_id, encoder.feature_shape, pad_to_multiple, left_pad=False)
+                       budget: ErrorBudget = ErrorBudget(), packing: bool = False,
+                       visual_positions: int = 0) -> DataLoader:
+    """Micro-batches of ``micro_batch`` samples, padded or (``packing``) packed into rows; see ``pack`` for
+    ``visual_positions``. Packing changes how the samples are laid out, never which samples a batch holds."""
+    if packing:
+        collate_fn = _Pack(pad_id, encoder.feature_shape, encoder.max_seq_len, pad_to_multiple, visual_positions)
+    else:
+        collate_fn = _Collate(pad_id, encoder.feature_shape, pad_to_multiple, left_pad=False)
     stream = TrainStream(urls, encoder, micro_batch, collate_fn, seed, rank, world_size, num_workers, shuffle_buffer,
                          skip_micro_batches=skip_micro_batches, expected_counts=expected_counts, budget=budget)
     # Its own generator: creating the iterator must not draw from the global RNG, whose state (dropout)
@@ -278,6 +285,21 @@ class _Collate:
 
     def __call__(self, samples: List[TokenizedSample]) -> Dict[str, Any]:
         return collate(samples, self.pad_id, self.feature_shape, self.pad_to_multiple, self.left_pad)
+
+
+@dataclass
+class _Pack:
+    """Picklable packing collate for loader workers."""
+
+    pad_id: int
+    feature_shape: tuple
+    max_seq_len: int
+    pad_to_multiple: int
+    visual_positions: int
+
+    def __call__(self, samples: List[TokenizedSample]) -> Dict[str, Any]:
+        return pack(samples, self.pad_id, self.feature_shape, self.max_seq_len, self.pad_to_multiple,
+                    self.visual_positions)
 
 
 def iterate_eval_batches(urls: List[str], encoder: SampleEncoder, batch_size: int, pad_id: int, rank: int,

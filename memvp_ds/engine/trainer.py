@@ -41,7 +41,7 @@ from memvp_ds.search import build_search, heldout_batch_index, skippable_layers
 from memvp_ds.search.result import write_search_result
 
 log = logging.getLogger("memvp_ds")
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "images", "has_image")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "images", "has_image", "segment_ids")
 """Batch entries the model takes; a batch carries either image_features or images (online vision tower)."""
 STATUS = "status.json"
 
@@ -77,7 +77,7 @@ class _Window:
         self.loss += loss
         self.tokens += int(raw["attention_mask"].sum())
         self.positions += raw["input_ids"].numel()
-        self.samples += raw["input_ids"].shape[0]
+        self.samples += len(raw["keys"])  # a packed batch has fewer rows than samples
         self.skipped += raw["skipped_samples"]
 
 
@@ -174,7 +174,8 @@ class Trainer:
         return build_train_loader(
             self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
             data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
-            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, self._budget(),
+            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, self._budget(), data.packing,
+            self.model.strategy.visual_positions_per_image(),
         )
 
     def _budget(self) -> ErrorBudget:
@@ -338,8 +339,9 @@ class Trainer:
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         if peak:
-            rows = max(window.samples, 1)
-            flops = training_flops_per_position(self.model, int(window.positions / rows)) * totals[3].item()
+            # Attention context per position: the row length when padded, about a sample's length when packed.
+            context = int(window.positions / max(window.samples, 1))
+            flops = training_flops_per_position(self.model, context) * totals[3].item()
             scalars["train/mfu"] = flops / elapsed / (peak * self.dist.world_size)
         logger.log(scalars, step)
         log.info("step %d: %s", step, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -15,13 +15,28 @@ from memvp_ds.config import ModelConfig
 from memvp_ds.model.layer_skip import LayerSkipping, install_layer_skipping
 from memvp_ds.model.llm import load_frozen_llm
 from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
+from memvp_ds.model.strategies.base import PackedLayout
 from memvp_ds.vision.tower import OnlineClipTower, build_vision_tower
 
-@dataclass
+_NO_LOSS = -100
+"""Any negative label means 'no loss' (memvp_ds.data.prompts.IGNORE_INDEX)."""
+
+
 class VLMOutput:
-    logits: torch.Tensor
-    """(B, T, vocab) for the text positions only, whatever the strategy prepends."""
-    loss: Optional[torch.Tensor] = None
+    """The loss (when labels were given) and, on demand, the logits.
+
+    Training reads only ``loss``, for which the LM head ran at the labelled positions alone; ``logits``
+    applies it to every position the first time it is read (tests, analysis).
+    """
+
+    def __init__(self, hidden: torch.Tensor, lm_head: nn.Module, loss: Optional[torch.Tensor] = None):
+        self.hidden, self._lm_head, self.loss = hidden, lm_head, loss
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """(B, T, vocab) for the text positions only, whatever the strategy prepends; (R, L, vocab) for the
+        rows of a packed batch, visual positions placed in them included."""
+        return self._lm_head(self.hidden)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,12 +57,21 @@ def last_prompt_positions(attention_mask: torch.Tensor, labels: Optional[torch.T
     return torch.where(is_answer.any(1), (first_answer - 1).clamp(min=0), last_attended)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions with a label (>= 0); 0 if there are none."""
-    shifted_labels = labels[:, 1:].flatten()
+def causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions with a label (>= 0); 0 if there are none.
+
+    The LM head runs only on the hidden states that predict a label: with a 32k vocabulary its logits are
+    the largest activation of a training step, and most positions (prompt, padding) have no label.
+    """
+    shifted_labels = labels[:, 1:]
     counted = shifted_labels >= 0
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1)[counted].float(), shifted_labels[counted], reduction="sum")
+    logits = lm_head(hidden[:, :-1][counted])
+    total = F.cross_entropy(logits.float(), shifted_labels[counted], reduction="sum")
     return total / counted.sum().clamp(min=1)
+
+
+def _is_flash_attention(llm: PreTrainedModel) -> bool:
+    return llm.config._attn_implementation.startswith("flash_attention")
 
 
 def is_trainable(param: nn.Parameter) -> bool:
@@ -103,6 +127,20 @@ class VisualPromptedLM(nn.Module):
         )
         return out.last_hidden_state[:, inputs.prefix_len :]
 
+    def _run_packed_decoder(self, inputs: DecoderInputs, layout: PackedLayout) -> torch.Tensor:
+        """Rows of several samples, attention kept within each sample through position ids that restart at 0
+        for every sample (and every padding run). Without a 2D mask transformers turns these resets into a
+        block-diagonal causal mask (sdpa, eager, flex); flash attention runs varlen over them, for which
+        the rows go in flattened into one sequence (it reads resets only at batch size 1)."""
+        tokens = inputs.input_ids if inputs.input_ids is not None else inputs.inputs_embeds
+        shape = tokens.shape
+        positions = layout.positions
+        if _is_flash_attention(self.llm):
+            tokens, positions = tokens.reshape(1, -1, *shape[2:]), positions.reshape(1, -1)
+        key = "input_ids" if inputs.input_ids is not None else "inputs_embeds"
+        hidden = self._decoder(**{key: tokens}, attention_mask=None, position_ids=positions, use_cache=False)
+        return hidden.last_hidden_state.view(*shape[:2], -1)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -111,16 +149,33 @@ class VisualPromptedLM(nn.Module):
         image_features: Optional[torch.Tensor] = None,
         has_image: Optional[torch.Tensor] = None,
         images: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> VLMOutput:
+        """One training/scoring forward.
+
+        ``segment_ids`` (R, L) marks a packed batch (``memvp_ds.data.collate.pack``): each position's sample
+        index (the row of ``image_features`` / ``has_image``), -1 on padding. Each sample then computes what it
+        would alone: its own positions from 0, attention within it, its own visual terms, and no loss on its
+        first token (which would otherwise be "predicted" by the sample before it).
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        lm_head = self.llm.get_output_embeddings()
         image_features = self._visual_features(image_features, images)
-        inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
-                               last_prompt_positions(attention_mask, labels))
-        hidden = self._run_decoder(inputs, use_cache=False)
-        logits = self.llm.get_output_embeddings()(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return VLMOutput(logits=logits, loss=loss)
+        if segment_ids is None:
+            inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
+                                   last_prompt_positions(attention_mask, labels))
+            hidden = self._run_decoder(inputs, use_cache=False)
+        else:
+            samples = image_features.shape[0] if image_features is not None else int(segment_ids.max()) + 1
+            layout = PackedLayout(segment_ids, samples)
+            inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
+                                   layout.prompt_ends(labels), layout=layout)
+            hidden = self._run_packed_decoder(inputs, layout)
+            if labels is not None:
+                labels = labels.masked_fill(layout.positions == 0, _NO_LOSS)
+        loss = causal_lm_loss(hidden, lm_head, labels) if labels is not None else None
+        return VLMOutput(hidden, lm_head, loss)
 
     @torch.no_grad()
     def generate(

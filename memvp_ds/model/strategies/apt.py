@@ -115,7 +115,7 @@ class APTStrategy(VisualStrategy):
         for index, layer in enumerate(layers):
             layer.self_attn.register_forward_hook(partial(self._add_prompt_term, index), with_kwargs=True)
 
-    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         if self.in_sequence:
             self._terms = (None, *self.prompts(None))
             return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,

@@ -26,6 +26,95 @@ class DecoderInputs:
     prefix_len: int = 0
 
 
+class PackedLayout:
+    """Where each sample of a packed batch lies: sequence packing puts several samples in one row.
+
+    ``segment_ids`` (R, L) holds, for each position, the index of its sample (0..B-1: the row of
+    ``image_features``, ``has_image`` and the per-sample tensors a strategy makes) and -1 on padding. A sample
+    occupies one contiguous span of one row. Positions restart at 0 for every sample (RoPE, attention
+    isolation) and for every run of padding.
+
+    Per-sample terms (MemVP's memory, APT's visual keys) are computed exactly as in an unpacked batch by
+    moving positions into a per-sample layout (B, longest, ...) and back: two gathers of the activations,
+    against B times the term's FLOPs for scoring every token against every sample's K/V. Any tensor whose
+    leading dimensions hold R x L positions in row-major order works, so a backend that runs the rows
+    flattened into one sequence (varlen flash attention) is served by the same layout.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor, num_samples: int):
+        if segment_ids.dim() != 2:
+            raise ValueError(f"segment_ids must be (rows, length), got shape {tuple(segment_ids.shape)}")
+        self.segment_ids, self.num_samples = segment_ids, num_samples
+        rows, length = segment_ids.shape
+        index = torch.arange(length, device=segment_ids.device).expand(rows, length)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        self.positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+        """(R, L) position of each token within its sample (within its padding run on padding)."""
+        self.valid = segment_ids >= 0
+        """(R, L) True where a sample is, False on padding."""
+        flat_segments = segment_ids.flatten()
+        self.lengths = torch.bincount(flat_segments[flat_segments >= 0], minlength=num_samples)
+        """(B,) positions each sample occupies."""
+        self.longest = int(self.lengths.max()) if num_samples else 0
+        sample_slot = segment_ids.clamp(min=0) * self.longest + self.positions
+        self._packed_to_sample = sample_slot.flatten()
+        # Slots beyond a sample's length point at position 0 of the batch: their values are never read back.
+        self._sample_to_packed = torch.zeros(num_samples * self.longest, dtype=torch.long, device=segment_ids.device)
+        self._sample_to_packed[sample_slot[self.valid]] = torch.arange(rows * length, device=segment_ids.device)[
+            self.valid.flatten()]
+
+    def sample_mask(self) -> torch.Tensor:
+        """(B, longest) True at the slots that hold one of the sample's positions."""
+        return torch.arange(self.longest, device=self.lengths.device)[None] < self.lengths[:, None]
+
+    def to_samples(self, packed: torch.Tensor) -> torch.Tensor:
+        """(R, L, ...) or (1, R*L, ...) -> (B, longest, ...): each sample's positions in order, from slot 0.
+        Slots past a sample's length hold arbitrary positions' values."""
+        flat = packed.reshape(-1, *packed.shape[self._leading_dims(packed):])
+        return flat[self._sample_to_packed].view(self.num_samples, self.longest, *flat.shape[1:])
+
+    def to_packed(self, samples: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``to_samples``, shaped like ``like``; padding positions get zeros."""
+        flat = samples.reshape(-1, *samples.shape[2:])
+        out = flat[self._packed_to_sample] * self.valid.flatten().view(-1, *[1] * (flat.dim() - 1)).to(flat.dtype)
+        return out.view(like.shape)
+
+    def per_position(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (R, L, ...): each position gets its sample's value (padding gets sample 0's)."""
+        return per_sample[self.segment_ids.clamp(min=0)]
+
+    def packed_index(self, sample_positions: torch.Tensor) -> torch.Tensor:
+        """(B,) positions within each sample -> their (B,) indices among the R*L flattened packed positions."""
+        slots = torch.arange(self.num_samples, device=sample_positions.device) * self.longest + sample_positions
+        return self._sample_to_packed[slots]
+
+    def visual_slots(self, visual_tokens: int, has_image: Optional[torch.Tensor]) -> torch.Tensor:
+        """(R, L) True at the first ``visual_tokens`` positions of every sample with an image: where a strategy
+        that puts visual tokens in the sequence finds them reserved in a packed row (see
+        ``VisualStrategy.visual_positions_per_image``)."""
+        first = self.valid & (self.positions < visual_tokens)
+        return first if has_image is None else first & self.per_position(has_image.bool())
+
+    def prompt_ends(self, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B,) position within each sample of its last prompt token (as ``last_prompt_positions`` for rows):
+        the one before the first label, or the sample's last position when it has no label."""
+        last = self.lengths - 1
+        if labels is None:
+            return last
+        is_answer = (self.to_samples(labels) >= 0) & self.sample_mask()
+        first_answer = is_answer.long().argmax(1)
+        return torch.where(is_answer.any(1), (first_answer - 1).clamp(min=0), last)
+
+    def _leading_dims(self, tensor: torch.Tensor) -> int:
+        rows, length = self.segment_ids.shape
+        if tensor.shape[:2] == (rows, length):
+            return 2
+        if tensor.shape[:2] == (1, rows * length):
+            return 2
+        raise ValueError(f"tensor of shape {tuple(tensor.shape)} does not hold the {rows} x {length} packed positions")
+
+
 def image_indicator(image_features: torch.Tensor, has_image: Optional[torch.Tensor]) -> torch.Tensor:
     """(B, 1, 1) float mask, 0 for rows without an image; ``has_image=None`` means every row has one."""
     if has_image is None:
@@ -43,6 +132,18 @@ def project_visual(projector: nn.Module, image_features: Optional[torch.Tensor],
     return projector(image_features) * image_indicator(image_features, has_image)
 
 
+def place_visual_tokens(layout: PackedLayout, text_embeds: torch.Tensor, visual: torch.Tensor,
+                        has_image: Optional[torch.Tensor]) -> torch.Tensor:
+    """Packed rows: each image sample's N visual tokens (``visual`` (B, N, d)) in the N positions reserved in
+    front of its text, the text embeddings elsewhere. Each sample's visual tokens precede only its own text,
+    and attention never crosses samples, so they are visible to that sample alone."""
+    tokens = visual.shape[1]
+    slots = layout.visual_slots(tokens, has_image)
+    per_position = visual.reshape(-1, visual.shape[-1])[
+        layout.segment_ids.clamp(min=0) * tokens + layout.positions.clamp(max=tokens - 1)]
+    return torch.where(slots[..., None], per_position.to(text_embeds.dtype), text_embeds)
+
+
 class VisualStrategy(nn.Module):
     """One way of feeding projected visual features to a frozen decoder-only LLM.
 
@@ -56,6 +157,10 @@ class VisualStrategy(nn.Module):
     name: ClassVar[str]
     options: ClassVar[Optional[type]] = None
     """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
+    packs_exactly: ClassVar[bool] = False
+    """True when ``forward`` handles a ``PackedLayout`` so that every sample computes exactly what it would in
+    an unpacked batch (``data.packing``). A strategy without an exact packed form leaves it False: packing is
+    then off by default and an explicit ``data.packing=true`` is a config error."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()
@@ -68,9 +173,21 @@ class VisualStrategy(nn.Module):
         image_features: Optional[torch.Tensor],
         has_image: Optional[torch.Tensor],
         prompt_end: torch.Tensor,
+        layout: Optional[PackedLayout] = None,
     ) -> DecoderInputs:
-        """``prompt_end`` (B,) is the index of each row's last prompt token: the answer starts after it."""
+        """``prompt_end`` (B,) is the index of each row's last prompt token: the answer starts after it.
+
+        With ``layout`` (a packed batch, training only) ``input_ids`` is (R, L) rows of several samples,
+        ``image_features``/``has_image``/``prompt_end`` have one entry per sample (``prompt_end`` counts within
+        the sample) and the strategy must keep every term per sample (``layout.to_samples`` /
+        ``per_position``); ``attention_mask`` then marks text tokens only, attention isolation is the wrapper's.
+        """
         raise NotImplementedError
+
+    def visual_positions_per_image(self) -> int:
+        """Sequence positions this strategy fills with visual tokens in front of each image sample's text in a
+        packed row; the data layer reserves them (input-space strategies: N; the others: 0)."""
+        return 0
 
     def prefill_finished(self) -> None:
         """``generate`` calls this after the prompt pass, before decoding from the KV cache. Strategies whose

@@ -194,7 +194,7 @@ class DVPStrategy(VisualStrategy):
             raise ValueError(f"layer {layer} has no DVP prompt generator; candidates: {self.candidate_layers}")
         self.active_layer = layer
 
-    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         self._state = None
         if image_features is not None and has_image is None:
             has_image = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)

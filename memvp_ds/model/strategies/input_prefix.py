@@ -10,23 +10,29 @@ from transformers import PreTrainedModel
 
 from memvp_ds.config import ModelConfig
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator
+from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator, place_visual_tokens
 
 
 def prepend_visual_tokens(embed_tokens: nn.Module, projector: VisualProjector, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, image_features: Optional[torch.Tensor],
-                          has_image: Optional[torch.Tensor]) -> DecoderInputs:
+                          has_image: Optional[torch.Tensor], layout=None) -> DecoderInputs:
     """The N projected visual tokens in front of the text (the sequence grows by N).
 
     Rows without an image keep the N prefix slots (the batch must stay rectangular) but with attention mask
     0, so their text sees exactly what the frozen LLM alone would see; positions are counted over unmasked
     tokens, so text positions start after the visual tokens only where there is an image. A batch without
     features is the text alone.
+
+    In a packed batch (``layout``) the data layer reserves N positions in front of each image sample's text
+    (and none for a text-only sample); the visual tokens go there, seen by that sample's text alone.
     """
     if image_features is None:
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
     text_embeds = embed_tokens(input_ids)
     visual = projector(image_features).to(text_embeds.dtype)
+    if layout is not None:
+        return DecoderInputs(attention_mask=attention_mask,
+                             inputs_embeds=place_visual_tokens(layout, text_embeds, visual, has_image))
     visual_mask = image_indicator(image_features, has_image).view(-1, 1).to(attention_mask.dtype)
     visual_mask = visual_mask.expand(-1, visual.shape[1])
     return DecoderInputs(
@@ -40,6 +46,7 @@ class InputPrefixStrategy(VisualStrategy):
     """The N projected visual tokens go in front of the text (``prepend_visual_tokens``)."""
 
     name = "input_prefix"
+    packs_exactly = True
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
@@ -47,9 +54,12 @@ class InputPrefixStrategy(VisualStrategy):
         # A plain list keeps the frozen embedding out of this module's parameters (it belongs to the LLM).
         self._embed_tokens = [llm.get_input_embeddings()]
 
-    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,
-                                     image_features, has_image)
+                                     image_features, has_image, layout)
 
     def prefix_positions(self) -> int:
+        return self.cfg.visual_tokens
+
+    def visual_positions_per_image(self) -> int:
         return self.cfg.visual_tokens

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ConfigError, ModelConfig, check_at_least
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
+from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy, project_visual
 
 
 @dataclass
@@ -58,11 +58,13 @@ class MemVPStrategy(VisualStrategy):
     K = Z + P1 and V = Z + P2, where Z is the projected visual features (zeroed for text-only rows) padded
     with zero rows to M. K/V are built once in ``forward`` and read by a forward hook on each block's
     ``mlp``, whose input is exactly x, so the FFN input is computed once and the HF module tree (and its
-    weight names) is unchanged.
+    weight names) is unchanged. In a packed batch each token's memory is its own sample's K/V: the FFN
+    inputs are moved to a per-sample layout for the memory term and back.
     """
 
     name = "memvp"
     options = MemVPOptions
+    packs_exactly = True
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
@@ -75,18 +77,21 @@ class MemVPStrategy(VisualStrategy):
         # gradient-checkpointed block re-runs the hook, which must see the very same K/V tensors.
         self._keys: Optional[torch.Tensor] = None
         self._values: Optional[torch.Tensor] = None
+        self._layout: Optional[PackedLayout] = None
         for layer in decoder_layers(llm):
             layer.mlp.register_forward_hook(self._add_memory_term)
 
-    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end) -> DecoderInputs:
+    def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         rows = self.memory.memory_keys.shape[1]
         if image_features is not None and image_features.shape[1] > rows:
             raise ValueError(
                 f"{image_features.shape[1]} visual tokens exceed the {rows} memory rows (model.memvp.memory_rows)"
             )
-        visual = project_visual(self.projector, image_features, has_image, input_ids.shape[0], rows)
+        samples = layout.num_samples if layout is not None else input_ids.shape[0]
+        visual = project_visual(self.projector, image_features, has_image, samples, rows)
         visual = F.pad(visual, (0, 0, 0, rows - visual.shape[1]))
         self._keys, self._values = self.memory(visual)
+        self._layout = layout
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 
     def forward_flops_per_position_and_layer(self) -> float:
@@ -97,8 +102,12 @@ class MemVPStrategy(VisualStrategy):
         ffn_in = args[0]
         if self._keys is None:
             raise RuntimeError("MemVP memory used before the strategy's forward computed K/V")
+        if self._layout is not None:
+            ffn_in = self._layout.to_samples(ffn_in)
         # .to() is a no-op when trainable and frozen weights share a dtype (the DeepSpeed case); it only
         # copies when fp32 trainable tensors meet a bf16 LLM outside autocast.
         scores = F.silu(torch.matmul(ffn_in, self._keys.transpose(1, 2).to(ffn_in.dtype)))
         memory_out = torch.matmul(self.dropout(scores), self._values.to(ffn_in.dtype))
+        if self._layout is not None:
+            memory_out = self._layout.to_packed(memory_out, like=ffn_out)
         return ffn_out + self.memory_scale * memory_out
