@@ -44,7 +44,8 @@ from speed import PRESETS, Preset, build  # noqa: E402
 from memvp_ds.data.collate import TokenizedSample, collate, pack  # noqa: E402
 from memvp_ds.data.prompts import IGNORE_INDEX  # noqa: E402
 
-VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "memvp_skip")
+VARIANTS = ("memvp", "input_prefix", "memvp_skip")
+"""Strategies with an exact packed form (DVP's token slot and APT's visual tokens in the sequence have none yet)."""
 MODES = ("padded_full_head", "padded", "packed")
 ANSWER_TOKENS = 8
 PAD = 0
