@@ -233,7 +233,7 @@ def test_sharegpt_conversations_are_stored_in_llava_form_and_an_unknown_role_nam
     assert prep_main(args) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "bad.jsonl: record 1 (id s2)" in errors[0] and "'bot'" in errors[0], err
+    assert len(errors) == 1 and "bad.jsonl:2 (id 's2')" in errors[0] and "'bot'" in errors[0], err
     assert "Traceback" not in err
 
 

@@ -29,7 +29,7 @@ def _files_under(folder):
 
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("memvp-prep extract: error: "), err
+    assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
 
@@ -94,7 +94,7 @@ MALFORMED = {  # case: (file, content, fragments the error line must hold)
     "jsonl not utf-8": ("qa.jsonl", _lines(_VALID_QA, b'{"id": "q\xff"}'), ["qa.jsonl:2:", "not UTF-8"]),
     "llava turn without value": ("llava.json", _lines(json.dumps([{"id": "a", "conversations": _TURNS},
                                                                   {"id": "b", "conversations": [{"from": "human"}]}])),
-                                 ["llava.json: record 1 (id 'b')", "'conversations' must be"]),
+                                 ["llava.json: record 1 (id 'b')", "has no text ('value' or 'content')"]),
     "llava not a list": ("llava.json", _lines(json.dumps({"id": "a", "conversations": _TURNS})),
                          ["llava.json:", "expected a JSON list of records, got a JSON dict"]),
     "llava bad JSON": ("llava.json", _lines('[{"id": "a",', '  "conversations": ]'),
