@@ -259,7 +259,9 @@ def test_broken_newest_checkpoint_falls_back_to_the_previous_complete_one(traine
 def test_incompatible_resume_stops_before_the_engine_names_the_key(dataset, trained_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run / "checkpoints", out / "checkpoints")
-    proc = run_train(train_overrides(dataset, out, "train.max_steps=8", "model.memvp.memory_rows=32"), check=False)
+    # --debug: the traceback (normally one error line) shows where the run stopped.
+    proc = run_train([*train_overrides(dataset, out, "train.max_steps=8", "model.memvp.memory_rows=32"), "--debug"],
+                     check=False)
     assert proc.returncode != 0
     assert "model.memvp.memory_rows=24" in proc.stderr and "model.memvp.memory_rows=32" in proc.stderr
     assert "check_compatible" in proc.stderr and "_build_engine" not in proc.stderr, "stopped before the engine"
