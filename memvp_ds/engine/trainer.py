@@ -34,6 +34,7 @@ from memvp_ds.engine.metrics import (
 )
 from memvp_ds.engine.schedule import lr_at
 from memvp_ds.engine.summary import end_summary, start_summary
+from memvp_ds.engine.zero3_leaves import mark_frozen_blocks_as_zero3_leaves
 from memvp_ds.evaluation.run import evaluate_split
 from memvp_ds.progress import progress
 from memvp_ds.model import build_model
@@ -157,6 +158,9 @@ class Trainer:
         model = build_model(cfg.model, skippable_layers(cfg))
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        if zero_stage(self.ds_config) == 3:
+            leaves = mark_frozen_blocks_as_zero3_leaves(model)
+            log.info("ZeRO-3 gathers %d frozen decoder blocks whole (leaf modules)", leaves)
         optimizer = torch.optim.AdamW(
             _param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr(self.dist.world_size),
             betas=tuple(cfg.train.adam_betas), **({"fused": True} if torch.cuda.is_available() else {}),
