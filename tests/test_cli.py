@@ -144,7 +144,7 @@ def test_a_config_error_after_the_process_group_is_one_line_from_two_ranks(tmp_p
     assert "rank 1/2" in proc.stdout  # the error came after the process group was up
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
-    assert lines == ["error: data.train_shards is not set"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert lines == ["error: data.shards: not set (the data_prep output folder holding manifest.json)"], proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _readme_tiny_path():
