@@ -42,6 +42,15 @@ def _options(answer: str, pool: Tuple[str, ...]) -> Tuple[List[str], int]:
     return list(pool), pool.index(answer)
 
 
+def _question(kind: str, colour: str, shape: str, position: str) -> Tuple[str, List[str], int]:
+    """(question, choices, answer index) asking for one attribute of a shape with the given attributes."""
+    if kind == "colour":
+        return (f"What colour is the {shape}?", *_options(colour, tuple(COLOURS)))
+    if kind == "shape":
+        return (f"Which shape is at the {position}?", *_options(shape, SHAPES))
+    return (f"Where is the {colour} {shape}?", *_options(position, POSITIONS))
+
+
 def _image_problem(rng: random.Random, size: int, max_shapes: int) -> Tuple[Dict, Image.Image]:
     count = rng.randint(1, max_shapes)
     positions = rng.sample(POSITIONS, count)
@@ -53,15 +62,7 @@ def _image_problem(rng: random.Random, size: int, max_shapes: int) -> Tuple[Dict
         draw_shape(draw, shape, colour, position, size)
     target = rng.randrange(count)
     kind = rng.choice(("colour", "shape", "position"))
-    if kind == "colour":
-        question = f"What colour is the {shapes[target]}?"
-        choices, answer = _options(colours[target], tuple(COLOURS))
-    elif kind == "shape":
-        question = f"Which shape is at the {positions[target]}?"
-        choices, answer = _options(shapes[target], SHAPES)
-    else:
-        question = f"Where is the {colours[target]} {shapes[target]}?"
-        choices, answer = _options(positions[target], POSITIONS)
+    question, choices, answer = _question(kind, colours[target], shapes[target], positions[target])
     problem = {"question": question, "choices": choices, "answer": answer, "hint": "", "image": "image.png",
                "subject": _SUBJECTS[kind], "category": kind, "topic": "shapes"}
     return problem, image
@@ -111,3 +112,23 @@ def make_synthetic_scienceqa(
         with atomic_open(os.path.join(out_dir, name)) as f:
             json.dump(data, f)
     return {split: len(ids) for split, ids in splits.items()}
+
+
+def described_scene_problems(count: int, seed: int = 1) -> List[Dict]:
+    """Text-only problems with the image questions' wording whose context describes a random scene ("The
+    picture shows a red circle at the left."): a reading-comprehension corpus for pre-training the demo's
+    stand-in LLM, so that, like LLaMA, it can answer these questions when told what a picture shows.
+
+    The scenes are drawn afresh (``seed`` differs from the dataset's): no image of the dataset is described,
+    and a prompt without a description (an image question's "Context: N/A") still cannot tell the answer.
+    """
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS)
+        kind = rng.choice(("colour", "shape", "position"))
+        question, choices, answer = _question(kind, colour, shape, position)
+        problems.append({"question": question, "choices": choices, "answer": answer, "image": None,
+                         "hint": f"The picture shows a {colour} {shape} at the {position}.",
+                         "subject": _SUBJECTS[kind], "category": "described", "topic": "shapes"})
+    return problems

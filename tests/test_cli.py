@@ -196,9 +196,9 @@ def test_readme_tiny_path_runs_from_the_wheel_outside_the_repository(tmp_path):
     train_log = outputs["memvp-train"].stdout + outputs["memvp-train"].stderr
     assert "\r" not in train_log  # a log file gets whole lines, no progress-bar redraws
     # start summary: 160 samples / the tiny config's micro batch 8 = 20 steps, max_steps 20; trainable
-    # parameters counted from the config: projector 32*32+32 + 32*64+64, memory 2 x 24 rows x 64
+    # parameters counted from the config: projector 32*128+128 + 128*64+64, memory 2 x 24 rows x 64
     assert "160 training samples, 20 steps/epoch, 20 steps in all" in train_log
-    assert f"trainable parameters: {3168 + 3072:,} (strategy.projector 3,168, strategy.memory 3,072)" in train_log
+    assert f"trainable parameters: {12480 + 3072:,} (strategy.projector 12,480, strategy.memory 3,072)" in train_log
     assert f"export: {work / 'tiny/run/export/trainable.safetensors'}" in train_log
     assert "status: complete at step 20/20" in train_log and "tensorboard --logdir" in train_log
     assert "data.train_shards=tiny/shards/train-{000000..000001}.tar" in outputs["memvp-prep extract"].stdout
