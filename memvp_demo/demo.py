@@ -321,9 +321,9 @@ def add_question_types(out: Path, name: str, metrics: Dict[str, float]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = cli_parser("memvp-demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where data, runs, figure and logs go")
-    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (deepspeed launcher)")
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (torchrun launcher)")
     parser.add_argument("--fast", action="store_true", help="less data and fewer steps (the test suite's setting)")
-    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--steps", type=int, help=f"training steps per run (default: {SETTINGS['default'][2]})")
     parser.add_argument("--all", action="store_true",
                         help="compare every method: adds apt, dvp (after its KAB-APP search) and memvp_das (after "
                              "its DAS search) to the default memvp, input_prefix and text_only")
