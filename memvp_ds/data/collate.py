@@ -101,6 +101,13 @@ def _stack_features(samples: List[TokenizedSample], feature_shape):
     return features, has_image
 
 
+def _batch(samples: List[TokenizedSample], feature_shape, **tensors: torch.Tensor) -> Dict[str, Any]:
+    """The token ``tensors`` plus what every batch carries per sample: visual input, ``has_image``, keys, fields."""
+    features, has_image = _stack_features(samples, feature_shape)
+    return {**tensors, _visual_key(feature_shape): features, "has_image": has_image,
+            "keys": [s.key for s in samples], "fields": [s.fields for s in samples]}
+
+
 def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_multiple: int = 8,
             left_pad: bool = False) -> Dict[str, Any]:
     """Pad to a common length (a multiple of ``pad_to_multiple``) and stack features.
@@ -120,16 +127,7 @@ def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_m
         input_ids[row, span] = torch.tensor(sample.input_ids)
         labels[row, span] = torch.tensor(sample.labels)
         attention_mask[row, span] = 1
-    features, has_image = _stack_features(samples, feature_shape)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        _visual_key(feature_shape): features,
-        "has_image": has_image,
-        "keys": [s.key for s in samples],
-        "fields": [s.fields for s in samples],
-    }
+    return _batch(samples, feature_shape, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
 def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
@@ -179,14 +177,5 @@ def pack(samples: List[TokenizedSample], pad_id: int, feature_shape, max_seq_len
             labels[row, text] = torch.tensor(sample.labels)
             attention_mask[row, text] = 1
             start += lengths[index]
-    features, has_image = _stack_features(samples, feature_shape)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "segment_ids": segment_ids,
-        _visual_key(feature_shape): features,
-        "has_image": has_image,
-        "keys": [s.key for s in samples],
-        "fields": [s.fields for s in samples],
-    }
+    return _batch(samples, feature_shape, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                  segment_ids=segment_ids)
