@@ -44,8 +44,9 @@ from speed import PRESETS, Preset, build  # noqa: E402
 from memvp_ds.data.collate import TokenizedSample, collate, pack  # noqa: E402
 from memvp_ds.data.prompts import IGNORE_INDEX  # noqa: E402
 
-VARIANTS = ("memvp", "input_prefix", "memvp_skip")
-"""Strategies with an exact packed form (DVP's token slot and APT's visual tokens in the sequence have none yet)."""
+VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "memvp_skip")
+"""Every strategy packs exactly; apt and dvp are their official variants (visual tokens in the sequence; the
+token slot)."""
 MODES = ("padded_full_head", "padded", "packed")
 ANSWER_TOKENS = 8
 PAD = 0
@@ -103,7 +104,8 @@ def padding_fraction(batches: List[Dict], samples: List[List[TokenizedSample]], 
     processed = useful = 0
     for batch, group in zip(batches, samples):
         rows, length = batch["input_ids"].shape
-        # input_prefix adds N visual positions to every padded row (masked for text-only samples).
+        # Strategies with a prefix (input_prefix: N visual positions) add it to every padded row (masked for
+        # text-only samples).
         processed += rows * (length + (visual if mode != "packed" else 0))
         useful += sum(len(s.input_ids) + (visual if s.features is not None else 0) for s in group)
     return 1 - useful / processed
@@ -116,7 +118,7 @@ def measure(variant: str, p: Preset, device, groups: List[List[TokenizedSample]]
         model.llm.set_attn_implementation(attn)
     dtype = getattr(torch, p.dtype)
     visual = model.strategy.visual_positions_per_image()
-    prefix = p.visual_tokens if variant == "input_prefix" else 0  # positions a padded row gains in the model
+    prefix = model.strategy.prefix_positions()  # positions a padded row gains in the model
     text_tokens = sum(len(s.input_ids) for g in groups for s in g)
     padded = [collate(g, PAD, (p.visual_tokens, p.visual_dim)) for g in groups]
     packed = [pack(g, PAD, (p.visual_tokens, p.visual_dim), max_seq_len, 8, visual) for g in groups]

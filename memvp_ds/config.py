@@ -143,14 +143,14 @@ class DataConfig:
     max_bad_fraction: float = 0.5
     """A stream also stops when more than this share of the samples it read were unusable, checked once it has
     read 10 x max_bad_in_row samples."""
-    packing: Optional[bool] = None
+    packing: bool = True
     """Sequence packing of training batches: each micro-batch's ``train.micro_batch_size`` samples are
-    concatenated into as few rows of ``max_seq_len`` positions as fit (plus N reserved visual positions per
-    image sample for input_prefix), with attention, positions and visual terms kept per sample, so every
-    sample's loss equals the padded batch's and steps, epochs and the schedule still count samples.
-    Unset: on for every strategy with an exact packed form (memvp and input_prefix, with or without DAS
-    skipping), off otherwise (DVP's token slot and APT's visual tokens have none yet); true with a strategy that has none is an error. Evaluation, the searches'
-    held-out batches and generation (KV-cache decoding of left-padded prompts) always use padded batches."""
+    concatenated into as few rows of ``max_seq_len`` positions as fit (plus the positions a strategy puts in
+    front of each image sample's text: N visual tokens for input_prefix and APT, DVP's token slot), with
+    attention, positions and visual terms kept per sample, so every sample's loss equals the padded batch's
+    and steps, epochs and the schedule still count samples. Exact for every strategy. Evaluation, the
+    searches' held-out batches and generation (KV-cache decoding of left-padded prompts) always use padded
+    batches."""
 
     def __post_init__(self) -> None:
         check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)

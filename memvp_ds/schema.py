@@ -52,22 +52,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     """
     cfg = merge_config(RunConfig, resolve_config_path(path) if path else None, overrides, stored)
     check_choice("model.strategy", cfg.model.strategy, sorted(STRATEGIES))
-    _resolve_packing(cfg)
     apply_search_results(cfg)
     for groups, parent in ((MODEL_GROUPS, cfg.model), (SEARCH_GROUPS, cfg.search)):
         for name in groups:
             getattr(parent, name).validate(cfg)
     return cfg
-
-
-def _resolve_packing(cfg: Any) -> None:
-    """``data.packing`` unset -> whether the strategy packs exactly; set true for one that cannot -> error."""
-    exact = STRATEGIES[cfg.model.strategy].packs_exactly
-    if cfg.data.packing is None:
-        cfg.data.packing = exact
-    elif cfg.data.packing and not exact:
-        raise ConfigError(f"data.packing=true: strategy '{cfg.model.strategy}' has no exact packed form (samples "
-                          "in one row would see each other); set data.packing=false")
 
 
 __all__ = ["ConfigError", "RunConfig", "load_config"]

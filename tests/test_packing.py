@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from memvp_ds import ConfigError
 from memvp_ds.data.collate import TokenizedSample, collate, pack, pack_rows
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.model.strategies import STRATEGIES
-from memvp_ds.model.strategies.input_prefix import InputPrefixStrategy
 from tests.conftest import tiny_config, tiny_model
 
 N, C, PAD = 16, 32, 3
 # Sample 0 is the longest, so packing puts it first in its row, in front of samples it could leak into.
 SHAPES = [(40, True), (9, False), (14, True), (30, True), (5, True), (21, False)]
-# DVP's token slot and APT's visual tokens in the sequence have no packed form yet (packing is refused for
-# them, below); the packed forms written for their earlier variants were not carried over.
-STRATEGY_CASES = [("memvp", []), ("input_prefix", []), ("memvp", ["model.skip.layers=[0]"])]
+# Every strategy and variant: the tiny models have 2 layers, so DVP's slot at layer 1 is hidden in layer 0.
+STRATEGY_CASES = [("memvp", []), ("input_prefix", []), ("memvp", ["model.skip.layers=[0]"]),
+                  ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
+                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"])]
+CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual"]
 
 
 def _samples(seed=0, shapes=SHAPES):
@@ -94,7 +94,7 @@ def test_pack_lays_out_samples_with_reserved_visual_positions():
 
 
 # -- packed equals padded ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy,overrides", STRATEGY_CASES)
+@pytest.mark.parametrize("strategy,overrides", STRATEGY_CASES, ids=CASE_IDS)
 def test_packed_losses_logits_and_gradients_equal_padded(strategy, overrides):
     model = _model(strategy, overrides).train()
     samples = _samples()
@@ -117,9 +117,10 @@ def test_packed_losses_logits_and_gradients_equal_padded(strategy, overrides):
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["memvp", "input_prefix"])
+@pytest.mark.parametrize("strategy", ["memvp", "input_prefix", "dvp"])
 def test_packed_equals_padded_with_eager_attention(strategy):
-    """The eager backend takes transformers' additive mask built from the same position-id resets."""
+    """The eager backend takes transformers' additive mask built from the same position-id resets (and DVP's
+    hook hides its slots in that additive mask)."""
     model = _model(strategy, [], attn="eager").eval()
     samples = _samples()
     padded = collate(samples, PAD, (N, C))
@@ -144,7 +145,7 @@ def test_first_token_of_a_sample_gets_no_loss_from_the_sample_before():
 
 
 # -- isolation -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy,overrides", STRATEGY_CASES)
+@pytest.mark.parametrize("strategy,overrides", STRATEGY_CASES, ids=CASE_IDS)
 def test_changing_one_sample_leaves_the_others_in_its_row_bit_identical(strategy, overrides):
     model = _model(strategy, overrides).eval()
     samples = _samples()
@@ -184,23 +185,39 @@ def test_lm_head_runs_only_at_labelled_positions_and_logits_stay_available():
 
 
 # -- config and loader ---------------------------------------------------------------------------------------------
-def test_packing_defaults_on_where_exact_and_refuses_a_strategy_without_a_packed_form(monkeypatch):
-    for strategy in ("memvp", "input_prefix"):
+def test_packing_is_on_by_default_for_every_strategy_and_can_be_turned_off():
+    for strategy in STRATEGIES:
         assert tiny_config(strategy).data.packing is True
-    for strategy in ("apt", "dvp"):
-        assert tiny_config(strategy).data.packing is False
-        with pytest.raises(ConfigError, match=f"data.packing=true: strategy '{strategy}' has no exact packed form"):
-            tiny_config(strategy, "data.packing=true")
     assert tiny_config("memvp", "data.packing=false").data.packing is False
 
-    class Unpackable(InputPrefixStrategy):
-        name = "unpackable"
-        packs_exactly = False
 
-    monkeypatch.setitem(STRATEGIES, "unpackable", Unpackable)
-    assert tiny_config("input_prefix", "model.strategy=unpackable").data.packing is False
-    with pytest.raises(ConfigError, match="data.packing=true: strategy 'unpackable' has no exact packed form"):
-        tiny_config("input_prefix", "model.strategy=unpackable", "data.packing=true")
+def test_dvp_slots_reserved_in_a_packed_row_hide_below_k_and_carry_the_prompt_from_k():
+    """DVP's token in a packed row: below K no position reads a slot (each sample's layer-0 output at its text
+    equals that of its text run alone, without a slot), and from K on each image sample's text reads its own
+    slot, which holds its prompt, while text-only samples read nothing of it."""
+    model = _model("dvp", []).eval()
+    samples = _samples()
+    batch = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=1)
+    slots = (batch["segment_ids"] >= 0) & (batch["attention_mask"] == 0)
+    assert int(slots.sum()) == sum(s.features is not None for s in samples)
+    outputs = {}
+    for layer in range(2):
+        model.llm.model.layers[layer].register_forward_hook(
+            lambda m, a, out, layer=layer: outputs.__setitem__(layer, out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        _run(model, batch)
+        first = {k: v.clone() for k, v in outputs.items()}
+        for b, sample in enumerate(samples):
+            model(torch.tensor([sample.input_ids]))
+            rows, cols = (batch["segment_ids"] == b).nonzero(as_tuple=True)
+            torch.testing.assert_close(first[0][rows, cols][-len(sample.input_ids):], outputs[0][0],
+                                       atol=1e-5, rtol=1e-5, msg=f"sample {b} read a slot below K")
+        _run(model, dict(batch, image_features=batch["image_features"] * -3))
+    text = (batch["segment_ids"] >= 0) & ~slots
+    image_text = text & batch["has_image"][batch["segment_ids"].clamp(min=0)]
+    changed = (first[1] - outputs[1]).abs().amax(-1) > 1e-6
+    assert changed[image_text].all(), "from K every text position of an image sample reads its prompt"
+    assert not changed[text & ~image_text].any(), "a text-only sample read another sample's slot"
 
 
 def test_packed_loader_yields_the_same_samples_as_the_padded_one(dataset):
@@ -221,3 +238,21 @@ def test_packed_loader_yields_the_same_samples_as_the_padded_one(dataset):
         assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
         rows += packed["input_ids"].shape[0]
     assert rows < 6 * 8, "samples were packed into fewer rows"
+
+
+def test_trainer_counts_the_positions_a_strategy_computes_for_mfu():
+    """MFU counts processed positions: a padded row also computes the strategy's prefix (input_prefix's N
+    visual tokens) inside the model; a packed row already holds the reserved positions."""
+    from memvp_ds.engine.trainer import _Window
+
+    samples = _samples()
+    padded = dict(collate(samples, PAD, (N, C)), skipped_samples=0)
+    packed = dict(pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=N), skipped_samples=0)
+    window = _Window()
+    window.add_micro_batch(1.0, padded, prefix_positions=N)
+    rows, length = padded["input_ids"].shape
+    assert window.positions == rows * (length + N)
+    window.add_micro_batch(1.0, packed, prefix_positions=N)
+    assert window.positions == rows * (length + N) + packed["input_ids"].numel()
+    text = sum(len(s.input_ids) for s in samples)
+    assert (window.samples, window.tokens) == (2 * len(samples), 2 * text)

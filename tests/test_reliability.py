@@ -171,6 +171,22 @@ def test_eval_split_without_usable_samples_is_an_error(dataset, tmp_path):
         list(iterate_eval_batches([url], encoder, 4, tokenizer.pad_token_id, 0, 1))
 
 
+def test_evaluation_keeps_the_configured_error_budget(dataset, tmp_path):
+    """memvp-eval's split reader takes data.max_bad_in_row from the run config, as training does."""
+    from memvp_ds.evaluation.run import evaluate_split
+    from tests.conftest import tiny_config, tiny_model
+
+    good = _samples(dataset, 6)
+    bad = [(f"qa{i:03d}", {"question": "q", "answer": "x"}, None) for i in range(3)]
+    url = str(tmp_path / "holes-000000.tar")
+    write_shard(url, good[:3] + bad + good[3:])
+    model, tokenizer = tiny_model("memvp").eval(), load_tokenizer(dataset["tokenizer"])
+    records, metrics = evaluate_split(tiny_config("memvp"), model, tokenizer, [url], 0, 1)
+    assert sorted(r["id"] for r in records) == sorted(s[0] for s in good) and metrics["count/overall"] == 6
+    with pytest.raises(DataStreamError, match="3 samples in a row"):
+        evaluate_split(tiny_config("memvp", "data.max_bad_in_row=3"), model, tokenizer, [url], 0, 1)
+
+
 def test_shards_missing_from_the_manifest_stop_before_training(dataset, tmp_path):
     stray = tmp_path / "stray-000000.tar"
     shutil.copy(dataset["train"].split("::")[0], stray)

@@ -44,6 +44,11 @@ class ErrorBudget:
     max_fraction: float = 0.5
     """Unusable share of everything read that stops the stream, once ``10 * max_in_row`` samples were read."""
 
+    @classmethod
+    def of(cls, data) -> "ErrorBudget":
+        """The budget a run's ``data`` config sets (``data.max_bad_in_row``, ``data.max_bad_fraction``)."""
+        return cls(data.max_bad_in_row, data.max_bad_fraction)
+
 
 _FULL_WARNINGS = 5
 """Unusable samples logged one line each; after them a summary line at every power of two."""

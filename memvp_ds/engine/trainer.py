@@ -74,10 +74,13 @@ class _Window:
     steps: int = 0
     start: float = field(default_factory=time.time)
 
-    def add_micro_batch(self, loss: float, raw: Dict[str, Any]) -> None:
+    def add_micro_batch(self, loss: float, raw: Dict[str, Any], prefix_positions: int) -> None:
+        """``prefix_positions``: what the strategy puts in front of every padded row inside the model (a packed
+        row already holds them), computed in every layer like text."""
         self.loss += loss
         self.tokens += int(raw["attention_mask"].sum())
-        self.positions += raw["input_ids"].numel()
+        rows, length = raw["input_ids"].shape
+        self.positions += rows * (length + (0 if "segment_ids" in raw else prefix_positions))
         self.samples += len(raw["keys"])  # a packed batch has fewer rows than samples
         self.skipped += raw["skipped_samples"]
 
@@ -178,12 +181,9 @@ class Trainer:
         return build_train_loader(
             self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
             data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
-            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, self._budget(), data.packing,
+            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, ErrorBudget.of(data), data.packing,
             self.model.strategy.visual_positions_per_image(),
         )
-
-    def _budget(self) -> ErrorBudget:
-        return ErrorBudget(self.cfg.data.max_bad_in_row, self.cfg.data.max_bad_fraction)
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         device = self.engine.device
@@ -260,7 +260,8 @@ class Trainer:
                         self.engine.backward(loss)
                         self.engine.step()
                         finite = finite and math.isfinite(loss.item())
-                        window.add_micro_batch(loss.item() / cfg.train.grad_accum_steps, raw)
+                        window.add_micro_batch(loss.item() / cfg.train.grad_accum_steps, raw,
+                                               self.model.strategy.prefix_positions())
                 except _StopWhileWaiting:  # only a single process gets here (see _StopFlag)
                     self._save(step, {"micro_batches": step_start, "streams": self._streams()})
                     log.warning("stop signal (%s) while waiting for data: step %d saved, exiting to resume later",
@@ -377,7 +378,7 @@ class Trainer:
         if not self._heldout:
             batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.train.micro_batch_size,
                                            self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                           None, left_pad=False, budget=self._budget())
+                                           None, left_pad=False, budget=ErrorBudget.of(self.cfg.data))
             self._heldout = list(itertools.islice(_without_padding_labels(batches), self.cfg.search.heldout_batches))
         self.engine.eval()
         batch = self._heldout[heldout_batch_index(update, len(self._heldout), self.cfg.train.seed)]
@@ -410,7 +411,7 @@ class Trainer:
         self.engine.eval()
         batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
                                        self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                       self.cfg.eval.max_samples, left_pad=False, budget=self._budget())
+                                       self.cfg.eval.max_samples, left_pad=False, budget=ErrorBudget.of(self.cfg.data))
         metrics = {"eval/loss": self._token_weighted_loss(_without_padding_labels(batches))}
         # Answer accuracy by greedy generation. Under ZeRO-3 every rank must make the same number of forward
         # calls (parameters are gathered collectively), so no rank may stop decoding early there.

@@ -11,7 +11,7 @@ import torch
 
 from memvp_ds.atomic_io import atomic_open, write_json_atomic
 from memvp_ds.data.collate import SampleEncoder, build_encoder
-from memvp_ds.data.stream import iterate_eval_batches
+from memvp_ds.data.stream import ErrorBudget, iterate_eval_batches
 from memvp_ds.distributed import all_gather_objects
 from memvp_ds.evaluation.generate import generate_records
 
@@ -72,7 +72,8 @@ def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size
                    stop_when_done: bool = True, device: Optional[torch.device] = None):
     """(records, metrics) for one split; metrics only on rank 0 (others get {})."""
     batches = iterate_eval_batches(urls, eval_encoder(cfg, tokenizer), cfg.eval.batch_size, tokenizer.pad_token_id,
-                                   rank, world_size, cfg.eval.max_samples, left_pad=True)
+                                   rank, world_size, cfg.eval.max_samples, left_pad=True,
+                                   budget=ErrorBudget.of(cfg.data))
     dtype = next(p for p in model.parameters()).dtype
     records = generate_records(model, batches, tokenizer, answer_tokens(cfg), stop_when_done, dtype, device,
                                show_progress=rank == 0)

@@ -16,14 +16,15 @@ attention path by a per-token term added to the attention output, so the prompts
 * ``prompt_rows`` (this project's extension): the image never enters the sequence; P is the N projected
   visual features (zero for rows without an image) followed by the p learnable prompts.
 
-Either way each position's term depends on that position's X alone: causal by construction and nothing
-extra to keep in the KV cache.
+Either way each position's term depends on that position's X (and its own sample's image) alone: causal by
+construction, nothing extra to keep in the KV cache, and exact in a packed batch (the visual tokens go in
+the positions the data layer reserves; the visual rows are read per sample).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import Optional, Tuple
 
 import torch
@@ -34,7 +35,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ConfigError, ModelConfig, check_at_least, check_choice
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, project_visual
+from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy, project_visual
 from memvp_ds.model.strategies.input_prefix import prepend_visual_tokens
 
 APT_VISUAL = ("sequence", "prompt_rows")
@@ -112,15 +113,18 @@ class APTStrategy(VisualStrategy):
         self._embed_tokens = [llm.get_input_embeddings()]
         # Tensors of the current forward, kept for the backward recomputation of checkpointed blocks (as MemVP).
         self._terms: Optional[Tuple[Optional[torch.Tensor], ...]] = None
+        self._layout: Optional[PackedLayout] = None
         for index, layer in enumerate(layers):
             layer.self_attn.register_forward_hook(partial(self._add_prompt_term, index), with_kwargs=True)
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
+        self._layout = layout
         if self.in_sequence:
             self._terms = (None, *self.prompts(None))
             return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,
-                                         image_features, has_image)
-        visual = project_visual(self.projector, image_features, has_image, input_ids.shape[0], self.cfg.visual_tokens)
+                                         image_features, has_image, layout)
+        samples = layout.num_samples if layout is not None else input_ids.shape[0]
+        visual = project_visual(self.projector, image_features, has_image, samples, self.cfg.visual_tokens)
         self._terms = (visual, *self.prompts(visual))
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 
@@ -130,15 +134,27 @@ class APTStrategy(VisualStrategy):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         attn_out = output[0] if isinstance(output, tuple) else output
         visual, visual_keys, prompt_keys, prompts, scales = (None if t is None else t.to(x.dtype) for t in self._terms)
-        scores = F.relu(torch.matmul(x, prompt_keys[index].transpose(0, 1)))
-        prompt_out = torch.matmul(scores, prompts[index])
+        terms, maxima = [], []
+        if prompts.shape[1]:
+            scores = F.relu(torch.matmul(x, prompt_keys[index].transpose(0, 1)))
+            terms.append(torch.matmul(scores, prompts[index]))
+            maxima.append(scores.amax(dim=-1, keepdim=True))
         if visual is not None:
-            visual_scores = F.relu(torch.matmul(x, visual_keys[index].transpose(1, 2)))
-            prompt_out = prompt_out + torch.matmul(visual_scores, visual)
-            scores = torch.cat([visual_scores, scores], dim=-1)
-        weight = scores.amax(dim=-1, keepdim=True).detach()
-        out = (attn_out + weight * prompt_out) * scales[index]
+            # Each sample's own visual rows: a packed row's positions go to a per-sample layout and back.
+            per_sample_x = x if self._layout is None else self._layout.to_samples(x)
+            scores = F.relu(torch.matmul(per_sample_x, visual_keys[index].transpose(1, 2)))
+            term, peak = torch.matmul(scores, visual), scores.amax(dim=-1, keepdim=True)
+            if self._layout is not None:
+                term, peak = self._layout.to_packed(term, like=x), self._layout.to_packed(peak, like=x[..., :1])
+            terms.append(term)
+            maxima.append(peak)
+        # w is the largest attention score over all prompt rows, visual and learnable alike.
+        weight = reduce(torch.maximum, maxima).detach()
+        out = (attn_out + weight * sum(terms)) * scales[index]
         return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def visual_positions_per_image(self) -> int:
+        return self.cfg.visual_tokens if self.in_sequence else 0
 
     def prefix_positions(self) -> int:
         return self.cfg.visual_tokens if self.in_sequence else 0

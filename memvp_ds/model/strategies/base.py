@@ -157,11 +157,6 @@ class VisualStrategy(nn.Module):
     name: ClassVar[str]
     options: ClassVar[Optional[type]] = None
     """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
-    packs_exactly: ClassVar[bool] = False
-    """True when ``forward`` handles a ``PackedLayout`` so that every sample computes exactly what it would in
-    an unpacked batch (``data.packing``). A strategy without an exact packed form leaves it False: packing is
-    then off by default and an explicit ``data.packing=true`` is a config error."""
-
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()
         self.cfg = cfg
@@ -177,8 +172,8 @@ class VisualStrategy(nn.Module):
     ) -> DecoderInputs:
         """``prompt_end`` (B,) is the index of each row's last prompt token: the answer starts after it.
 
-        With ``layout`` (a packed batch, training only) ``input_ids`` is (R, L) rows of several samples,
-        ``image_features``/``has_image``/``prompt_end`` have one entry per sample (``prompt_end`` counts within
+        Every strategy has an exact packed form: with ``layout`` (a packed batch, training only) ``input_ids``
+        is (R, L) rows of several samples, ``image_features``/``has_image``/``prompt_end`` have one entry per sample (``prompt_end`` counts within
         the sample) and the strategy must keep every term per sample (``layout.to_samples`` /
         ``per_position``); ``attention_mask`` then marks text tokens only, attention isolation is the wrapper's.
         """
@@ -186,7 +181,7 @@ class VisualStrategy(nn.Module):
 
     def visual_positions_per_image(self) -> int:
         """Sequence positions this strategy fills with visual tokens in front of each image sample's text in a
-        packed row; the data layer reserves them (input-space strategies: N; the others: 0)."""
+        packed row; the data layer reserves them (input-space strategies: N; DVP's token: 1; the others: 0)."""
         return 0
 
     def prefill_finished(self) -> None:

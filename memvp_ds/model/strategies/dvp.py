@@ -11,9 +11,11 @@ text-related visual prompt vector per sample, which enters the LLM at layer K. T
   prompt tokens entering layer K. With a KV cache the slot's entries of layers < K hold the placeholder's
   K/V (masked, as in the full forward) and those of layers >= K the prompt's, so decoding needs nothing
   else. The per-layer mask is a pre-hook on every decoder layer that swaps its ``attention_mask``; it needs
-  a backend that takes a 4D mask (sdpa, eager).
+  a backend that takes a 4D mask (sdpa, eager). In a packed batch each image sample's slot is the position
+  the data layer reserves in front of its text, hidden below K from every other position of the row.
 * ``residual`` (this project's earlier port, kept for comparison): the prompt is added to the residual
-  stream at the input of layer K at the last prompt token and every position after it.
+  stream at the input of layer K at the last prompt token and every position after it (per sample in a
+  packed batch).
 
 K comes from the KAB-APP search (memvp_ds.search.dvp); during the search every layer has its own prompt
 generator and the search sets which one is active for each step.
@@ -33,7 +35,7 @@ from transformers import PreTrainedModel
 from memvp_ds.config import ConfigError, ModelConfig, check_at_least, check_choice
 from memvp_ds.model.adapters import BottleneckAdapter
 from memvp_ds.model.llm import decoder_layers
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy
+from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy, place_visual_tokens
 
 DVP_INSERT = ("token", "residual")
 MASKABLE_BACKENDS = ("sdpa", "eager")
@@ -116,14 +118,16 @@ class VisualPromptGenerator(nn.Module):
         return self.out(attended.reshape(batch, -1))
 
 
-def hide_first_key(mask: Optional[torch.Tensor], queries: int, past: int, batch: int, float_dtype: Optional[torch.dtype],
-                   device: torch.device) -> torch.Tensor:
-    """The layer mask with key 0 (the DVP slot) hidden from every query but the slot itself.
+def hide_slot_keys(mask: Optional[torch.Tensor], slot_keys: torch.Tensor, queries: int, past: int, batch: int,
+                   float_dtype: Optional[torch.dtype], device: torch.device) -> torch.Tensor:
+    """The layer mask with the DVP slots' keys hidden from every query but the slot itself.
 
-    ``mask`` is what HF built for this forward: 4D bool (True = attend, sdpa), 4D additive float (eager), or
-    None for plain causal attention without padding (sdpa); ``past`` cached positions precede the
-    ``queries`` new ones. A None mask becomes bool, or additive in ``float_dtype`` when that is given.
-    Returns a new tensor: the HF mask is shared by all layers and must stay as it is for layers >= K.
+    ``slot_keys`` (batch or 1, keys) is True at the slot positions: key 0 of a padded batch, each image
+    sample's first position in a packed one. ``mask`` is what HF built for this forward: 4D bool (True =
+    attend, sdpa), 4D additive float (eager), or None for plain causal attention without padding (sdpa);
+    ``past`` cached positions precede the ``queries`` new ones. A None mask becomes bool, or additive in
+    ``float_dtype`` when that is given. Returns a new tensor: the HF mask is shared by all layers and must
+    stay as it is for layers >= K.
     """
     if mask is None:
         keys = past + queries
@@ -133,7 +137,8 @@ def hide_first_key(mask: Optional[torch.Tensor], queries: int, past: int, batch:
             mask = torch.full(mask.shape, torch.finfo(float_dtype).min, dtype=float_dtype, device=device).masked_fill(mask, 0)
     keys = mask.shape[-1]
     query_index = torch.arange(keys - queries, keys, device=device)
-    hidden = (query_index != 0)[:, None] & (torch.arange(keys, device=device) == 0)[None, :]
+    other_query = query_index[:, None] != torch.arange(keys, device=device)[None, :]
+    hidden = slot_keys[:, None, None, :] & other_query[None, None]
     if mask.dtype == torch.bool:
         return mask & ~hidden
     return mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
@@ -158,9 +163,11 @@ class DVPStrategy(VisualStrategy):
         })
         self.active_layer = candidates[0]
         # Per-sample inputs of the prompt, kept from ``forward`` for the layer-K hook (and for the backward
-        # recomputation of checkpointed blocks). Token: (features, has_image, prompt-span weights);
-        # residual: (features, has_image, prompt_end). Cleared when decoding from the cache starts.
-        self._state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        # recomputation of checkpointed blocks). Token: (features, has_image, prompt-span weights over each
+        # sample's positions, slot positions); residual: (features, has_image, prompt_end). Cleared when
+        # decoding from the cache starts.
+        self._state: Optional[tuple] = None
+        self._layout: Optional[PackedLayout] = None
         if self.as_token:
             # A plain list keeps the frozen embedding out of this module's parameters (it belongs to the LLM).
             self._embed_tokens = [llm.get_input_embeddings()]
@@ -195,7 +202,7 @@ class DVPStrategy(VisualStrategy):
         self.active_layer = layer
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
-        self._state = None
+        self._state, self._layout = None, layout
         if image_features is not None and has_image is None:
             has_image = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
         if not self.as_token:
@@ -206,13 +213,21 @@ class DVPStrategy(VisualStrategy):
         self._has_slot, self._memo = image_features is not None, None
         if image_features is None:
             return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
-        # The query pools the prompt tokens: attended text positions up to each row's last prompt token.
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        in_prompt = (positions[None] <= prompt_end[:, None]) & attention_mask.bool()
-        span = in_prompt.float() / in_prompt.sum(1, keepdim=True).clamp(min=1)
-        self._state = (image_features, has_image, span)
         text = self._embed_tokens[0](input_ids)
-        placeholder = text.new_zeros(text.shape[0], 1, text.shape[2])
+        placeholder = text.new_zeros(image_features.shape[0], 1, text.shape[2])
+        if layout is not None:
+            # The data layer reserved each image sample's slot in front of its text; prompt_end counts it.
+            slots = layout.visual_slots(1, has_image)
+            in_prompt = layout.sample_mask() & _between(1, prompt_end, layout.longest)
+            self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+            return DecoderInputs(attention_mask=attention_mask,
+                                 inputs_embeds=place_visual_tokens(layout, text, placeholder, has_image))
+        # The query pools the prompt tokens: attended text positions up to each row's last prompt token
+        # (prompt_end counts text positions; the slot in front is position 0).
+        in_text_prompt = _between(0, prompt_end, input_ids.shape[1]) & attention_mask.bool()
+        in_prompt = torch.cat([torch.zeros_like(in_text_prompt[:, :1]), in_text_prompt], dim=1)
+        slots = torch.cat([has_image[:, None], torch.zeros_like(in_text_prompt)], dim=1)
+        self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
         # Rows without an image keep the slot with attention mask 0: their text is the frozen LLM's alone.
         slot_mask = has_image.to(attention_mask.dtype)[:, None]
         return DecoderInputs(attention_mask=torch.cat([slot_mask, attention_mask], dim=1),
@@ -226,6 +241,9 @@ class DVPStrategy(VisualStrategy):
     def prefix_positions(self) -> int:
         return 1 if self.as_token else 0
 
+    def visual_positions_per_image(self) -> int:
+        return 1 if self.as_token else 0
+
     def _token_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
         if not self._has_slot or index > self.active_layer:
             return None
@@ -234,11 +252,12 @@ class DVPStrategy(VisualStrategy):
         if self._state is None:  # a decoded token at layer K: it reads the prompt from the cache
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        features, has_image, span = self._state
-        query = torch.bmm(span.to(hidden.dtype)[:, None], hidden[:, 1:]).squeeze(1)
+        features, has_image, span, slots = self._state
+        per_sample = hidden if self._layout is None else self._layout.to_samples(hidden)
+        query = torch.bmm(span.to(hidden.dtype)[:, None], per_sample).squeeze(1)
         prompt = self.generators[str(index)](query, features).to(hidden.dtype)
-        slot = torch.where(has_image[:, None], prompt, hidden[:, 0])
-        hidden = torch.cat([slot[:, None], hidden[:, 1:]], dim=1)
+        per_position = prompt[:, None] if self._layout is None else self._layout.per_position(prompt)
+        hidden = torch.where(slots[..., None], per_position, hidden)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -255,7 +274,13 @@ class DVPStrategy(VisualStrategy):
             past = cache.get_seq_length(layer.self_attn.layer_idx)
         if self._memo is not None and self._memo[0] is mask and self._memo[1:3] == (queries, past):
             return self._memo[3]
-        hidden_mask = hide_first_key(mask, queries, past, hidden.shape[0], self._eager_mask_dtype, hidden.device)
+        # Padded batches (and decoding from the cache) have the slot at key 0; a packed row has one per image sample.
+        if self._layout is None:
+            slot_keys = (torch.arange(past + queries if mask is None else mask.shape[-1], device=hidden.device) == 0)[None]
+        else:
+            slot_keys = self._state[3]
+        hidden_mask = hide_slot_keys(mask, slot_keys, queries, past, hidden.shape[0], self._eager_mask_dtype,
+                                     hidden.device)
         self._memo = (mask, queries, past, hidden_mask)
         return hidden_mask
 
@@ -265,13 +290,19 @@ class DVPStrategy(VisualStrategy):
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._state is not None:
             features, has_image, prompt_end = self._state
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            prompt = self.generators[str(index)](hidden[rows, prompt_end], features)
+            layout = self._layout
+            if layout is None:
+                query = hidden[torch.arange(hidden.shape[0], device=hidden.device), prompt_end]
+                positions, prompt_end_per_position = torch.arange(hidden.shape[1], device=hidden.device)[None], prompt_end[:, None]
+            else:
+                query = hidden.reshape(-1, hidden.shape[-1])[layout.packed_index(prompt_end)]
+                positions, prompt_end_per_position = layout.positions, layout.per_position(prompt_end)
+            prompt = self.generators[str(index)](query, features)
             prompt = (prompt * has_image.to(prompt.dtype)[:, None]).to(hidden.dtype)
             self._decoding_prompt = prompt.detach()
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
-            from_query = (positions[None] >= prompt_end[:, None]).to(hidden.dtype)[..., None]
-            hidden = hidden + from_query * prompt[:, None]
+            from_query = (positions >= prompt_end_per_position).to(hidden.dtype)[..., None]
+            per_position = prompt[:, None] if layout is None else layout.per_position(prompt)
+            hidden = hidden + from_query * per_position
         elif self._decoding_prompt is not None:
             hidden = hidden + self._decoding_prompt[:, None]
         else:
@@ -279,6 +310,17 @@ class DVPStrategy(VisualStrategy):
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+
+def _between(first: int, last: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) True at positions first..last[b] of each row."""
+    positions = torch.arange(length, device=last.device)[None]
+    return (positions >= first) & (positions <= last[:, None])
+
+
+def _mean_weights(selected: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> weights that average each row's selected positions."""
+    return selected.float() / selected.sum(1, keepdim=True).clamp(min=1)
 
 
 def _adapt_output(adapter: BottleneckAdapter, module: nn.Module, args: tuple, output):

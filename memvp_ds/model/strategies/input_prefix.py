@@ -46,7 +46,6 @@ class InputPrefixStrategy(VisualStrategy):
     """The N projected visual tokens go in front of the text (``prepend_visual_tokens``)."""
 
     name = "input_prefix"
-    packs_exactly = True
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)

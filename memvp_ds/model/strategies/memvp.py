@@ -64,7 +64,6 @@ class MemVPStrategy(VisualStrategy):
 
     name = "memvp"
     options = MemVPOptions
-    packs_exactly = True
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
