@@ -83,7 +83,8 @@ def main(argv) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from memvp_ds.config import to_yaml
-    from memvp_ds.recipes import resolve_ds_config
+    from memvp_ds.data.plan import plan_data
+    from memvp_ds.engine.deepspeed_config import build_ds_config
     from memvp_ds.schema import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
@@ -92,7 +93,11 @@ def main(argv) -> int:
         return 0
     if args.dry_run:
         return print_plan(cfg, args.world_size)
-    resolve_ds_config(cfg.train.ds_config)
+    # The checks that need neither torch nor a process group, first: a wrong DeepSpeed JSON or shard set is
+    # reported in a second, not after every rank has imported torch (Trainer repeats them when used directly).
+    world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    build_ds_config(cfg, world_size)
+    plan_data(cfg, world_size)
 
     from memvp_ds.distributed import destroy, init_distributed
     from memvp_ds.engine.trainer import Trainer

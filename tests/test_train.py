@@ -27,7 +27,9 @@ def runs(dataset, tmp_path_factory):
     common = (f"train.max_steps={STEPS}", "train.save_interval=4", NO_DROPOUT, "logging.peak_tflops=1.0")
     # Same global batch and the same data streams: 2 ranks x 1 worker x accum 1 == 1 rank x 2 workers x accum 2.
     out["zero2_2ranks"] = base / "zero2_2ranks"
-    run_train(train_overrides(dataset, out["zero2_2ranks"], *common, "train.ds_config=zero2"), ranks=2)
+    # The README's launcher for this one; the others use torchrun (tests/helpers.py: run_train).
+    run_train(train_overrides(dataset, out["zero2_2ranks"], *common, "train.ds_config=zero2"), ranks=2,
+              launcher="deepspeed")
     out["single"] = base / "single"
     run_train(train_overrides(dataset, out["single"], *common, "data.num_workers=2", "train.grad_accum_steps=2"))
     out["zero2_2ranks_padded"] = base / "zero2_2ranks_padded"
