@@ -119,6 +119,52 @@ print("EQUAL", len(grads))
     assert "EQUAL 6" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_zero3_gives_a_parameter_unused_in_a_step_a_zero_gradient():
+    """A parameter without a gradient in a step (DVP's inactive generators, DAS's adapters of running layers)
+    must move only by Adam's momentum, as in ZeRO-2 and a torch AdamW whose grads are zeroed. DeepSpeed's
+    ZeRO-3 reused its last gradient instead; the trainer clears the buffer after each step
+    (memvp_ds/engine/zero3_gradients.py). Reference: plain PyTorch on the same two-branch model."""
+    script = """
+import os
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import torch
+import deepspeed
+from memvp_ds.engine.zero3_gradients import clear_gradient_partitions
+
+class TwoBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+    def forward(self, x, use_b):
+        return (self.a(x) + (self.b(x) if use_b else 0)).square().mean()
+
+torch.manual_seed(0)
+x = torch.arange(8.0).view(2, 4) / 8
+plain, zero = TwoBranches(), TwoBranches()
+zero.load_state_dict(plain.state_dict())
+reference = torch.optim.AdamW(plain.parameters(), lr=0.1)
+for use_b in (True, False):  # b gets a gradient in the first step only
+    reference.zero_grad(set_to_none=False)
+    plain(x, use_b).backward()
+    reference.step()
+deepspeed.init_distributed(dist_backend="gloo")
+config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+engine, *_ = deepspeed.initialize(model=zero, optimizer=torch.optim.AdamW(zero.parameters(), lr=0.1), config=config)
+for use_b in (True, False):
+    engine.backward(engine(x, use_b))
+    engine.step()
+    clear_gradient_partitions(engine.optimizer)
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+    for (name, p), q in zip(engine.module.named_parameters(), plain.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), (name, (p - q).abs().max().item())
+print("MATCH")
+"""
+    proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert "MATCH" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_tensorboard_has_every_scalar_and_status_is_complete(runs):
     out = runs["zero2_2ranks"]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",

@@ -34,6 +34,7 @@ from memvp_ds.engine.metrics import (
 )
 from memvp_ds.engine.schedule import lr_at
 from memvp_ds.engine.summary import end_summary, start_summary
+from memvp_ds.engine.zero3_gradients import clear_gradient_partitions
 from memvp_ds.engine.zero3_leaves import mark_frozen_blocks_as_zero3_leaves
 from memvp_ds.evaluation.run import evaluate_split
 from memvp_ds.progress import progress
@@ -270,6 +271,7 @@ class Trainer:
                 step += 1
                 window.steps += 1
                 grad_norm = self.engine.get_global_grad_norm()
+                clear_gradient_partitions(self.engine.optimizer)
                 if self.search:
                     logger.log(self.search.after_step(step, self._heldout_loss), step)
                 if step % cfg.logging.log_interval == 0 or step == plan.total_steps:
