@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, train_overrides
 
 def _entry_point(command: str):
     """argv that runs ``command`` as pyproject.toml's [project.scripts] defines it (an installed script may
@@ -136,15 +136,27 @@ def test_print_config_shows_the_resolved_config(capsys):
 
 
 @pytest.mark.slow
-def test_a_config_error_after_the_process_group_is_one_line_from_two_ranks(tmp_path):
-    """deepspeed --module (the installed-package launch): both ranks fail, only rank 0 reports."""
+def test_a_config_error_after_the_process_group_is_one_line_from_two_ranks(dataset, tmp_path):
+    """deepspeed --module (the installed-package launch): both ranks fail, only rank 0 reports. The output
+    folder is checked once the process group is up (the config and the shards are checked before it)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
     port = str(29800 + os.getpid() % 100)
     proc = _run(["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "memvp_ds.train",
-                 "--config", "tiny_memvp"], tmp_path)
+                 "--config", "tiny_memvp", *train_overrides(dataset, blocker / "run")], tmp_path)
     assert "rank 1/2" in proc.stdout  # the error came after the process group was up
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
-    assert lines == ["error: data.shards: not set (the data_prep output folder holding manifest.json)"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: train.output_dir: cannot write to {blocker / 'run'}"), \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_config_and_shard_errors_come_before_the_process_group(tmp_path):
+    """A missing data.shards is reported before any rank starts a process group or imports the engine."""
+    proc = _run([sys.executable, "-m", "memvp_ds.train", "--config", "tiny_memvp"], tmp_path)
+    assert proc.returncode == 2 and "memvp_ds: rank" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: data.shards: not set (the data_prep output folder holding manifest.json)"
 
 
 def _readme_tiny_path():
