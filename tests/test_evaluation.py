@@ -88,13 +88,14 @@ def _evaluate(weights, out, *extra, ranks=1, shards):
 @pytest.mark.slow
 def test_predictions_do_not_depend_on_batch_size_or_ranks(dataset, trained, tmp_path):
     test = dataset["test"]  # an export's stored shards are never used (tests/test_reliability.py)
+    # One rank answering one question per batch against two ranks answering 8 per batch (left padding,
+    # the rank split and the padded last batch all differ).
     by_one, metrics = _evaluate(trained, tmp_path / "b1", "eval.batch_size=1", shards=test)
-    by_eight, metrics8 = _evaluate(trained, tmp_path / "b8", "eval.batch_size=8", shards=test)
     two_ranks, metrics2 = _evaluate(trained, tmp_path / "r2", "eval.batch_size=8", ranks=2, shards=test)
     assert len(by_one) == 32
     key = lambda rows: sorted((r["id"], r["output"]) for r in rows)
-    assert key(by_one) == key(by_eight) == key(two_ranks)
-    assert metrics == metrics8 == metrics2
+    assert key(by_one) == key(two_ranks)
+    assert metrics == metrics2
     assert {"acc/overall", "acc/IMG", "count/parse_failures"} <= set(metrics)
     assert metrics["answer_tokens"] == 1 and metrics["use_caption"] is True
 

@@ -258,11 +258,11 @@ assert state["step"] == 8 and state["world_size"] == 2
 assert set(stored) == set(gathered), (sorted(stored), sorted(gathered))
 for key in stored:
     assert torch.equal(stored[key], gathered[key]), key
-print("RESTORED", len(stored))
+print("RESTORED", len(stored), flush=True)
+print("STATUS", trainer.train()["status"])  # and train on to the end, on one rank
 """
     proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert "RESTORED 18" in proc.stdout, proc.stderr[-3000:]
-    run_train(train_overrides(dataset, out, "train.max_steps=12", NO_DROPOUT))
+    assert "RESTORED 18" in proc.stdout and "STATUS complete" in proc.stdout, proc.stderr[-3000:]
     assert sorted(scalars(out, "train/loss")) == [9, 10, 11, 12]
     assert json.loads((out / "status.json").read_text())["step"] == 12
 
@@ -311,15 +311,20 @@ def test_corrupt_shard_is_skipped_and_counted(dataset, tmp_path):
     assert sum(scalars(out, "data/skipped_samples").values()) >= 1
 
 
-def test_config_errors_come_before_any_model_is_built(dataset, tmp_path):
+def test_config_errors_come_before_any_model_is_built(dataset, tmp_path, capsys):
+    """memvp-train checks the DeepSpeed JSON and the shards against the model before it starts a process
+    group or builds anything: called in this process, it returns the one error line at once."""
+    from memvp_ds.train import main
+
     ds = tmp_path / "bad_ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
-    proc = run_train(train_overrides(dataset, tmp_path / "o", f"train.ds_config={ds}"), check=False)
-    assert proc.returncode != 0 and "train_micro_batch_size_per_gpu" in proc.stderr and "is 3" in proc.stderr
-    proc = run_train(train_overrides(dataset, tmp_path / "o", "model.visual_dim=48"), check=False)
-    assert proc.returncode != 0 and "16 x 32 features" in proc.stderr
-    proc = run_train(train_overrides(dataset, tmp_path / "o", "train.bogus=1"), check=False)
-    assert proc.returncode != 0 and "train.bogus" in proc.stderr
+    cases = [(f"train.ds_config={ds}", "train_micro_batch_size_per_gpu' is 3"),
+             ("model.visual_dim=48", "16 x 32 features"), ("train.bogus=1", "train.bogus")]
+    for override, needle in cases:
+        assert main(["--config", "tiny_memvp", *train_overrides(dataset, tmp_path / "o", override)]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], (override, errors)
+    assert not torch.distributed.is_initialized() and not (tmp_path / "o").exists()
 
 
 def test_zero3_loads_a_checkpoint_partitioned_with_less_host_memory(dataset, tmp_path):
