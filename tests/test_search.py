@@ -118,9 +118,10 @@ def test_das_search_on_two_zero3_ranks_agrees_resumes_exactly_and_feeds_the_fina
 @pytest.mark.slow
 def test_dvp_search_on_two_zero3_ranks_with_checkpointing_resumes_exactly_and_logs_the_policy(dataset, tmp_path):
     """DVP as a token (per-layer masks, adapters, packed batches) on 2 ZeRO-3 ranks with gradient
-    checkpointing: the blocks' recomputation in backward sees the same slot masks and prompt."""
+    checkpointing: the blocks' recomputation in backward sees the same slot masks and prompt. The official
+    adapter width d / 64 = 1 gives one-element tensors, which the resume restores across the 2 partitions."""
     common = ("model.dvp.layer=null", "search.dvp.arms=3", "search.dvp.interval=3", "search.dvp.eta=1.0",
-              "train.ds_config=zero3", "train.gradient_checkpointing=true")
+              "train.ds_config=zero3", "train.gradient_checkpointing=true", "model.dvp.adapter_reduction=64")
     result = _search(dataset, tmp_path / "search", "dvp_search", *common, config="tiny_dvp")
     assert len(set(result["choice_digest_per_rank"])) == 1
     assert [h["step"] for h in result["history"]] == [3, 6, 9, 12]

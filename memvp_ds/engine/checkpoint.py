@@ -266,7 +266,6 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int) -> Dict[str, Any]:
     """Restore trainable weights, Adam moments and step count, and this rank's RNG; return the JSON state."""
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     state = read_state(path)
     tensors = load_file(os.path.join(path, TRAINABLE))
@@ -282,13 +281,13 @@ def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int)
                              f"is {shape}")
     for name, param in params.items():
         weight = tensors[f"param/{name}"]
-        safe_set_full_fp32_param(param, weight)
+        _set_full_fp32_state(param, weight, dist_info)
         # The module's own (possibly low-precision, possibly partitioned) copy must match too.
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.data.copy_(weight.to(param.dtype))
         for key in ADAM_STATES:
             if f"{key}/{name}" in tensors:
-                safe_set_full_optimizer_state(param, tensors[f"{key}/{name}"], key)
+                _set_full_fp32_state(param, tensors[f"{key}/{name}"], dist_info, key)
     _set_adam_step(optimizer, state["optimizer_steps"])
     rng_file = os.path.join(path, f"rng-rank{dist_info.rank}.safetensors")
     if state["world_size"] == dist_info.world_size and os.path.isfile(rng_file):
@@ -299,6 +298,33 @@ def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int)
     else:  # another world size: dropout streams cannot be replayed; keep them distinct per rank
         torch.manual_seed(seed + 1000 * state["step"] + dist_info.rank)
     return state
+
+
+def _set_full_fp32_state(param, value: torch.Tensor, dist_info: DistInfo, adam_key: Optional[str] = None) -> None:
+    """Give a trainable tensor's fp32 master copy (or its Adam state ``adam_key``) the full-size ``value``.
+
+    Under ZeRO-3 each rank sets its own partition: DeepSpeed's full-tensor setter (0.19) cuts the value
+    without the padding of the last partition, so it fails on every tensor whose size the world size does
+    not divide (a one-element bias on 2 ranks, 40 per-layer scales on 16). Partitions span all ranks: the
+    data-parallel group is the world.
+    """
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
+                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
+
+    if not hasattr(param, "ds_tensor"):  # ZeRO-1/2: DeepSpeed's setter handles the flat partitions
+        if adam_key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, adam_key)
+        return
+    size = param.ds_tensor.numel()
+    flat = value.flatten()
+    padded = torch.cat([flat, flat.new_zeros(size * dist_info.world_size - flat.numel())])
+    local = padded.narrow(0, size * dist_info.rank, size)
+    if adam_key is None:
+        safe_set_local_fp32_param(param, local)
+    else:
+        safe_set_local_optimizer_state(param, local, adam_key)
 
 
 def _set_adam_step(optimizer, steps: int) -> None:
