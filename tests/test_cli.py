@@ -211,6 +211,7 @@ def test_readme_tiny_path_runs_from_the_wheel_outside_the_repository(tmp_path):
     # parameters counted from the config: projector 32*128+128 + 128*64+64, memory 2 x 24 rows x 64
     assert "160 training samples, 20 steps/epoch, 20 steps in all" in train_log
     assert f"trainable parameters: {12480 + 3072:,} (strategy.projector 12,480, strategy.memory 3,072)" in train_log
+    assert "micro-batches: packed into rows of up to 128 text positions (data.packing)" in train_log
     assert f"export: {work / 'tiny/run/export/trainable.safetensors'}" in train_log
     assert "status: complete at step 20/20" in train_log and "tensorboard --logdir" in train_log
     assert "data.train_shards=tiny/shards/train-{000000..000001}.tar" in outputs["memvp-prep extract"].stdout

@@ -25,6 +25,8 @@ def start_summary(cfg, plan, world_size: int, model, resume_from: Optional[str])
         f"in all, {plan.warmup_steps} warm-up",
         f"batch: global {train.global_batch(world_size)} = {train.micro_batch_size} micro x {train.grad_accum_steps} "
         f"accum x {world_size} ranks; lr {train.lr(world_size):.3g} (blr {train.blr:g} x global batch / 256)",
+        "micro-batches: " + (f"packed into rows of up to {cfg.data.max_seq_len} text positions (data.packing)"
+                             if cfg.data.packing else "one right-padded row per sample (data.packing=false)"),
         f"trainable parameters: {sum(counts.values()):,} ("
         + ", ".join(f"{module} {count:,}" for module, count in counts.items()) + ")",
     ]
