@@ -256,3 +256,23 @@ def test_trainer_counts_the_positions_a_strategy_computes_for_mfu():
     assert window.positions == rows * (length + N) + packed["input_ids"].numel()
     text = sum(len(s.input_ids) for s in samples)
     assert (window.samples, window.tokens) == (2 * len(samples), 2 * text)
+
+
+@pytest.mark.parametrize("strategy,overrides", [c for c, i in zip(STRATEGY_CASES, CASE_IDS) if i != "dvp"],
+                         ids=[i for i in CASE_IDS if i != "dvp"])  # DVP's token refuses flash attention
+def test_rows_flattened_as_flash_attention_runs_them_equal_padded(strategy, overrides, monkeypatch):
+    """flash attention runs packed rows flattened into one (1, R*L) sequence; on CPU sdpa takes the same
+    flattened layout (position-id resets within one row), so every strategy's packed path is checked in it."""
+    from memvp_ds.model import vlm
+
+    model = _model(strategy, overrides).eval()
+    samples = _samples()
+    padded = collate(samples, PAD, (N, C))
+    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.visual_positions_per_image())
+    assert packed["input_ids"].shape[0] > 1
+    monkeypatch.setattr(vlm, "_is_flash_attention", lambda llm: True)
+    with torch.no_grad():
+        a, b = _run(model, padded), _run(model, packed)
+    for x, y in zip(_text_logits(a, padded, samples), _text_logits(b, packed, samples)):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=0)

@@ -137,6 +137,25 @@ def test_dvp_search_on_two_zero3_ranks_with_checkpointing_resumes_exactly_and_lo
     _assert_same_search(resumed, result, ("dvp_layer", "logits", "policy"))
 
 
+def test_a_search_refuses_zero3_with_an_offloaded_optimizer(tmp_path):
+    """DeepSpeed's offloaded stage-3 optimizer would re-apply stale gradients to the tensors a search step
+    leaves unused (memvp_ds/engine/zero3_gradients.py clears them only without offload)."""
+    import json as _json
+
+    from memvp_ds import ConfigError
+    from memvp_ds.engine.deepspeed_config import build_ds_config
+    from tests.conftest import tiny_config
+
+    ds = tmp_path / "z3_offload_optimizer.json"
+    ds.write_text(_json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    search = tiny_config("dvp", "train.mode=dvp_search", "model.dvp.layer=null", f"train.ds_config={ds}")
+    with pytest.raises(ConfigError, match="offload_optimizer with train.mode=dvp_search"):
+        build_ds_config(search, 1)
+    assert build_ds_config(tiny_config("dvp", f"train.ds_config={ds}"), 1)["zero_optimization"]["stage"] == 3
+    assert build_ds_config(tiny_config("dvp", "train.mode=dvp_search", "model.dvp.layer=null",
+                                       "train.ds_config=zero3_offload"), 1)["zero_optimization"]["stage"] == 3
+
+
 def test_ranks_that_disagree_stop_with_an_error_naming_the_step(monkeypatch):
     from memvp_ds.search import base
     from memvp_ds.search.das import LayerSkipSearch

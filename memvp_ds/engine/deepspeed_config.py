@@ -52,11 +52,23 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     if train.precision == "fp16":
         for key, value in FP16_DYNAMIC_LOSS_SCALE.items():
             ds["fp16"].setdefault(key, value)
+    _check_search_without_offloaded_zero3_optimizer(ds, cfg.train.mode, path)
     # A client torch optimizer (AdamW) under ZeRO: DeepSpeed calls it "untested" but partitions it fine.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _check_search_without_offloaded_zero3_optimizer(ds: Dict[str, Any], mode: str, path: str) -> None:
+    """A search leaves some trainable tensors unused in every step (DVP's inactive generators, DAS adapters
+    of running layers). ZeRO-3 with an offloaded optimizer applies such a tensor's last gradient again
+    (DeepSpeed 0.19); without offload the trainer clears it (memvp_ds/engine/zero3_gradients.py)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if mode != "train" and zero_stage(ds) == 3 and offload not in (None, "none"):
+        raise ConfigError(f"{path}: zero_optimization.offload_optimizer with train.mode={mode}: DeepSpeed's offloaded "
+                          "stage-3 optimizer re-applies the last gradient of tensors a search step leaves unused; "
+                          "offload parameters only (ds_configs/zero3_offload.json) or use ZeRO-2")
 
 
 def zero_stage(ds: Dict[str, Any]) -> int:

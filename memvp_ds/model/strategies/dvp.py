@@ -302,7 +302,8 @@ class DVPStrategy(VisualStrategy):
             self._decoding_prompt = prompt.detach()
             from_query = (positions >= prompt_end_per_position).to(hidden.dtype)[..., None]
             per_position = prompt[:, None] if layout is None else layout.per_position(prompt)
-            hidden = hidden + from_query * per_position
+            # (R, L, d) for packed rows, which flash attention runs flattened as (1, R*L, d)
+            hidden = hidden + (from_query * per_position).view(hidden.shape)
         elif self._decoding_prompt is not None:
             hidden = hidden + self._decoding_prompt[:, None]
         else:
