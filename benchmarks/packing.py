@@ -117,11 +117,10 @@ def measure(variant: str, p: Preset, device, groups: List[List[TokenizedSample]]
     if attn != "sdpa":
         model.llm.set_attn_implementation(attn)
     dtype = getattr(torch, p.dtype)
-    visual = model.strategy.visual_positions_per_image()
-    prefix = model.strategy.prefix_positions()  # positions a padded row gains in the model
+    prefix = model.strategy.prefix_positions()  # reserved in a packed row; a padded row gains them in the model
     text_tokens = sum(len(s.input_ids) for g in groups for s in g)
     padded = [collate(g, PAD, (p.visual_tokens, p.visual_dim)) for g in groups]
-    packed = [pack(g, PAD, (p.visual_tokens, p.visual_dim), max_seq_len, 8, visual) for g in groups]
+    packed = [pack(g, PAD, (p.visual_tokens, p.visual_dim), max_seq_len, 8, prefix) for g in groups]
     results = {}
     for mode in MODES:
         batches = packed if mode == "packed" else padded

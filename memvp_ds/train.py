@@ -93,8 +93,8 @@ def main(argv) -> int:
         return 0
     if args.dry_run:
         return print_plan(cfg, args.world_size)
-    # The checks that need neither torch nor a process group, first: a wrong DeepSpeed JSON or shard set is
-    # reported in a second, not after every rank has imported torch (Trainer repeats them when used directly).
+    # Checks that need no process group, first: a wrong DeepSpeed JSON or shard set is reported before any rank
+    # starts one or builds the engine (Trainer repeats them, with the real world size, when used directly).
     slurm_ranks = os.environ.get("SLURM_NTASKS") if "SLURM_PROCID" in os.environ else None  # as init_distributed
     world_size = int(os.environ.get("WORLD_SIZE") or slurm_ranks or 1)
     build_ds_config(cfg, world_size)

@@ -55,7 +55,7 @@ def test_packed_rows_with_flash_attention_equal_padded_batches(strategy):
     models = [tiny_model(strategy, "model.llm.dtype=bfloat16", f"model.llm.attn_implementation={attn}").cuda().eval()
               for attn in ("sdpa", "flash_attention_2")]
     models[1].load_trainable(models[0].trainable_state_dict())
-    slots = models[0].strategy.visual_positions_per_image()
+    slots = models[0].strategy.prefix_positions()
     batches = [collate(samples, PAD, (N, C)), pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=slots)]
     outputs = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

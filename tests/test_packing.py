@@ -99,7 +99,7 @@ def test_packed_losses_logits_and_gradients_equal_padded(strategy, overrides):
     model = _model(strategy, overrides).train()
     samples = _samples()
     padded = collate(samples, PAD, (N, C))
-    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.visual_positions_per_image())
+    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.prefix_positions())
     assert packed["input_ids"].shape[0] < len(samples)
     results = []
     for batch in (padded, packed):
@@ -124,7 +124,7 @@ def test_packed_equals_padded_with_eager_attention(strategy):
     model = _model(strategy, [], attn="eager").eval()
     samples = _samples()
     padded = collate(samples, PAD, (N, C))
-    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.visual_positions_per_image())
+    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.prefix_positions())
     with torch.no_grad():
         a, b = _run(model, padded), _run(model, packed)
     for x, y in zip(_text_logits(a, padded, samples), _text_logits(b, packed, samples)):
@@ -149,7 +149,7 @@ def test_first_token_of_a_sample_gets_no_loss_from_the_sample_before():
 def test_changing_one_sample_leaves_the_others_in_its_row_bit_identical(strategy, overrides):
     model = _model(strategy, overrides).eval()
     samples = _samples()
-    slots = model.strategy.visual_positions_per_image()
+    slots = model.strategy.prefix_positions()
     batch = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=slots)
     row = int((batch["segment_ids"] == 0).nonzero()[0, 0])
     neighbours = sorted(set(batch["segment_ids"][row].tolist()) - {-1, 0})
@@ -268,7 +268,7 @@ def test_rows_flattened_as_flash_attention_runs_them_equal_padded(strategy, over
     model = _model(strategy, overrides).eval()
     samples = _samples()
     padded = collate(samples, PAD, (N, C))
-    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.visual_positions_per_image())
+    packed = pack(samples, PAD, (N, C), max_seq_len=64, visual_positions=model.strategy.prefix_positions())
     assert packed["input_ids"].shape[0] > 1
     monkeypatch.setattr(vlm, "_is_flash_attention", lambda llm: True)
     with torch.no_grad():

@@ -155,7 +155,8 @@ def pack(samples: List[TokenizedSample], pad_id: int, feature_shape, max_seq_len
 
     A row holds up to ``max_seq_len + visual_positions`` positions: the longest single sample. Every sample
     with an image starts with ``visual_positions`` reserved positions (pad token, no label, attention mask 0)
-    where an input-space strategy puts its visual tokens; the other strategies need none (0). Besides the
+    where the strategy puts what it prepends (``VisualStrategy.prefix_positions``: an input-space strategy's
+    visual tokens, DVP's token slot; 0 for the others). Besides the
     keys of ``collate`` (``attention_mask`` is 1 on text tokens; features and ``has_image`` per sample, in
     ``samples`` order), ``segment_ids`` (R, L) gives each position's sample index, -1 on padding: the model
     keeps attention, positions and visual terms per sample with it.

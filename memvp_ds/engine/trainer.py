@@ -183,7 +183,7 @@ class Trainer:
             self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
             data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
             data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, ErrorBudget.of(data), data.packing,
-            self.model.strategy.visual_positions_per_image(),
+            self.model.strategy.prefix_positions(),
         )
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:

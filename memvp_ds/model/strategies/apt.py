@@ -153,9 +153,6 @@ class APTStrategy(VisualStrategy):
         out = (attn_out + weight * sum(terms)) * scales[index]
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
-    def visual_positions_per_image(self) -> int:
-        return self.cfg.visual_tokens if self.in_sequence else 0
-
     def prefix_positions(self) -> int:
         return self.cfg.visual_tokens if self.in_sequence else 0
 

@@ -92,7 +92,7 @@ class PackedLayout:
     def visual_slots(self, visual_tokens: int, has_image: Optional[torch.Tensor]) -> torch.Tensor:
         """(R, L) True at the first ``visual_tokens`` positions of every sample with an image: where a strategy
         that puts visual tokens in the sequence finds them reserved in a packed row (see
-        ``VisualStrategy.visual_positions_per_image``)."""
+        ``VisualStrategy.prefix_positions``)."""
         first = self.valid & (self.positions < visual_tokens)
         return first if has_image is None else first & self.per_position(has_image.bool())
 
@@ -157,6 +157,7 @@ class VisualStrategy(nn.Module):
     name: ClassVar[str]
     options: ClassVar[Optional[type]] = None
     """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
+
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()
         self.cfg = cfg
@@ -173,24 +174,22 @@ class VisualStrategy(nn.Module):
         """``prompt_end`` (B,) is the index of each row's last prompt token: the answer starts after it.
 
         Every strategy has an exact packed form: with ``layout`` (a packed batch, training only) ``input_ids``
-        is (R, L) rows of several samples, ``image_features``/``has_image``/``prompt_end`` have one entry per sample (``prompt_end`` counts within
-        the sample) and the strategy must keep every term per sample (``layout.to_samples`` /
-        ``per_position``); ``attention_mask`` then marks text tokens only, attention isolation is the wrapper's.
+        is (R, L) rows of several samples, ``image_features``/``has_image``/``prompt_end`` have one entry per
+        sample (``prompt_end`` counts within the sample, reserved positions included) and the strategy must
+        keep every term per sample (``layout.to_samples`` / ``per_position``); ``attention_mask`` then marks
+        text tokens only, attention isolation is the wrapper's.
         """
         raise NotImplementedError
-
-    def visual_positions_per_image(self) -> int:
-        """Sequence positions this strategy fills with visual tokens in front of each image sample's text in a
-        packed row; the data layer reserves them (input-space strategies: N; DVP's token: 1; the others: 0)."""
-        return 0
 
     def prefill_finished(self) -> None:
         """``generate`` calls this after the prompt pass, before decoding from the KV cache. Strategies whose
         term applies to prompt positions only (DVP) stop applying it; the others keep theirs."""
 
     def prefix_positions(self) -> int:
-        """Positions the strategy puts in front of the text of a batch with image features (speed and FLOPs
-        accounting: they are computed in every layer like text tokens)."""
+        """Positions the strategy puts in front of each image sample's text (input-space strategies: its N
+        visual tokens; DVP's token: 1; the others: 0). A padded batch with image features gains them in every
+        row, a packed row reserves them per image sample (the data layer does), and they are computed in
+        every layer like text (speed and FLOPs accounting)."""
         return 0
 
     def forward_flops_per_position_and_layer(self) -> float:

@@ -241,9 +241,6 @@ class DVPStrategy(VisualStrategy):
     def prefix_positions(self) -> int:
         return 1 if self.as_token else 0
 
-    def visual_positions_per_image(self) -> int:
-        return 1 if self.as_token else 0
-
     def _token_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
         if not self._has_slot or index > self.active_layer:
             return None

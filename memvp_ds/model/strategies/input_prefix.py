@@ -59,6 +59,3 @@ class InputPrefixStrategy(VisualStrategy):
 
     def prefix_positions(self) -> int:
         return self.cfg.visual_tokens
-
-    def visual_positions_per_image(self) -> int:
-        return self.cfg.visual_tokens
