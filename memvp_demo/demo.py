@@ -226,7 +226,7 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
 def evaluate_run(name: str, out: Path, test_shards: str) -> Dict[str, float]:
     from memvp_ds.data.shard_format import shard_urls
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.export import load_exported
     from memvp_ds.evaluation.run import evaluate_split, write_results
 
     model, cfg = load_exported(str(out / name / "export" / "trainable.safetensors"))

@@ -56,7 +56,7 @@ def main(argv) -> int:
     from memvp_ds.data.plan import resolve_split
     from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
     from memvp_ds.distributed import destroy, init_distributed
-    from memvp_ds.engine.checkpoint import load_trainable_weights, read_export_metadata
+    from memvp_ds.export import load_trainable_weights, read_export_metadata
     from memvp_ds.engine.metrics import ScalarLogger
     from memvp_ds.engine.preflight import check_vocab_fits, check_writable
     from memvp_ds.evaluation.run import evaluate_split, write_results

@@ -69,7 +69,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     """The model's answer to one question (``overrides``: ``key=value`` on top of the export's config)."""
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.engine.checkpoint import load_exported, read_export_metadata
+    from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
     from memvp_ds.engine.preflight import check_vocab_fits
 
     picture = read_image(image) if image is not None else None
@@ -90,7 +90,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     if picture is not None and model.vision is not None:  # the adapted CLIP inside the model makes the features
         visual["images"] = image_pixels_for(dataclasses.asdict(cfg.model.vision.recipe), picture)
     elif picture is not None:
-        recipe = read_export_metadata(weights, "feature_recipe")
+        recipe = read_feature_recipe(weights)
         visual["image_features"] = extract_image_features(recipe, picture, clip_pretrained).float()
     tokens = model.generate(ids, **visual, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id], skip_special_tokens=True)

@@ -108,7 +108,7 @@ def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, traine
     import torch
     import webdataset as wds
 
-    from memvp_ds.engine.checkpoint import read_export_metadata
+    from memvp_ds.export import read_export_metadata
     from memvp_ds.predict import extract_image_features
 
     shard = dataset["test"].split("::")[0]
@@ -207,7 +207,7 @@ def test_a_tokenizer_without_bos_trains_and_evaluates(dataset, tmp_path):
     """Qwen2-style: no BOS token. The real entry point trains with it; the export evaluates."""
     from memvp_ds.data.prompts import build_segments
     from memvp_ds.data.tokenizer import load_tokenizer, train_tokenizer
-    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.export import load_exported
     from memvp_ds.evaluation.run import evaluate_split
 
     problems = json.load(open(dataset["root"] / "sqa" / "problems.json"))
@@ -228,7 +228,7 @@ def test_an_export_answers_the_same_with_another_local_copy_of_its_llm(dataset, 
     answer is the same, and a key=value override lands on top of the stored config."""
     from memvp_ds.cli import llm_path_overrides
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.export import load_exported
     from memvp_ds.predict import main as predict
 
     model, cfg = load_exported(str(trained))

@@ -210,7 +210,7 @@ def test_online_training_zero3_two_ranks_matches_one_process_resumes_exactly_and
 
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.export import load_exported
     from memvp_ds.predict import answer, image_pixels_for
 
     export = str(tmp_path / "single" / "export" / "trainable.safetensors")

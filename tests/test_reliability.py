@@ -23,6 +23,7 @@ from memvp_ds.data.plan import plan_data
 from memvp_ds.data.shard_format import read_shard
 from memvp_ds.data.stream import DataStreamError, ErrorBudget, TrainStream, _Collate, iterate_eval_batches
 from memvp_ds.data.tokenizer import load_tokenizer
+from memvp_ds.export import export_metadata, read_export_metadata
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.preflight import check_vocab_fits, check_writable
 from tests.conftest import tiny_config, tiny_model
@@ -42,14 +43,14 @@ def _crafted_export(path: Path, dataset: dict, marker: Path, elsewhere: Path) ->
     cfg.data.manifest = str(elsewhere / "manifest.json")
     model = tiny_model("memvp")
     tensors = {name: p.detach().clone().contiguous() for name, p in model.trainable_parameters().items()}
-    save_file(tensors, str(path), metadata=ckpt.export_metadata(cfg, dataset["manifest"]["recipe"]))
+    save_file(tensors, str(path), metadata=export_metadata(cfg, dataset["manifest"]["recipe"]))
 
 
 def test_stored_config_names_no_command_output_or_remote_code(dataset, tmp_path):
     marker, elsewhere = tmp_path / "pwned", tmp_path / "elsewhere"
     export = tmp_path / "crafted.safetensors"
     _crafted_export(export, dataset, marker, elsewhere)
-    stored = ckpt.read_export_metadata(str(export))
+    stored = read_export_metadata(str(export))
     assert stored["data"]["test_shards"].startswith("pipe:") and stored["model"]["llm"]["trust_remote_code"]
     cfg = load_config(stored=stored)
     assert (cfg.data.train_shards, cfg.data.val_shards, cfg.data.test_shards, cfg.data.manifest) == (None,) * 4

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from memvp_ds.engine.checkpoint import load_exported
+from memvp_ds.export import load_exported
 from memvp_ds.search.base import step_generator
 from memvp_ds.search.das import DASSearchOptions, das_score_update, sample_skip_set
 from memvp_ds.search.dvp import kab_app_update

@@ -193,7 +193,7 @@ def test_checkpoints_hold_only_trainable_state_and_keep_last(runs):
 
 def test_export_reloads_to_identical_logits_without_deepspeed(runs):
     from memvp_ds import build_model
-    from memvp_ds.engine.checkpoint import load_exported
+    from memvp_ds.export import load_exported
 
     out = runs["zero2_2ranks"]
     model, cfg = load_exported(str(out / "export" / "trainable.safetensors"))

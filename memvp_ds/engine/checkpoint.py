@@ -1,4 +1,4 @@
-"""Checkpoints in two tiers: resumable training state, and an export of the trainable weights.
+"""Checkpoints: resumable training state (the export format itself is memvp_ds/export.py).
 
 Resumable state lives in ``<output_dir>/checkpoints/step-XXXXXXXX/`` and counts only once complete: it is
 written into a hidden temporary folder, renamed, and only then does the ``latest`` pointer move to it. It
@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file
 from memvp_ds.atomic_io import atomic_open
 from memvp_ds.config import Config, ConfigError, config_to_dict
 from memvp_ds.distributed import DistInfo, barrier
+from memvp_ds.export import TRAINABLE, write_export
 
 log = logging.getLogger("memvp_ds")
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.json"
-TRAINABLE = "trainable.safetensors"
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
@@ -342,59 +342,11 @@ def _set_adam_step(optimizer, steps: int) -> None:
 
 def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str,
                      feature_recipe: Optional[Dict[str, Any]] = None) -> None:
-    """Trainable weights + resolved config (+ the feature recipe of the training shards) in one safetensors
-    file (collective: call on all ranks)."""
+    """Gather the trainable weights to full size and write the export (collective: call on all ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     tensors = {name: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
                for name, p in model.trainable_parameters().items()}
     if dist_info.is_main:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=export_metadata(cfg, feature_recipe))
-        os.replace(tmp, path)
+        write_export(tensors, path, cfg, feature_recipe)
     barrier()
-
-
-def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
-    """An export's safetensors metadata: the resolved config and the training shards' feature recipe."""
-    metadata = {"memvp_ds_config": json.dumps(config_to_dict(cfg))}
-    if feature_recipe is not None:
-        metadata["feature_recipe"] = json.dumps(feature_recipe)
-    return metadata
-
-
-def read_export_metadata(path: str, key: str = "memvp_ds_config") -> Dict[str, Any]:
-    """A JSON entry of an export's metadata: the resolved config (default) or the feature recipe."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"exported weights not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    if key not in metadata:
-        raise ValueError(f"{path} has no '{key}' metadata (not a memvp_ds export, or one from before it was stored)")
-    return json.loads(metadata[key])
-
-
-def load_exported(path: str, overrides: Optional[List[str]] = None):
-    """Rebuild a model from an export without DeepSpeed: the stored config with ``key=value`` overrides on
-    top (e.g. ``model.llm.path`` of another local copy of the base LLM)."""
-    from memvp_ds.model import build_model
-    from memvp_ds.schema import load_config
-
-    cfg = load_config(overrides=overrides, stored=read_export_metadata(path))
-    model = build_model(cfg.model)
-    model.load_trainable(load_file(path))
-    return model, cfg
-
-
-def load_trainable_weights(model, path: str) -> None:
-    """Trainable weights from an export file or a checkpoint folder (both safetensors)."""
-    if os.path.isdir(path):
-        tensors = load_file(os.path.join(path, TRAINABLE))
-        model.load_trainable({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")})
-    elif os.path.isfile(path):
-        model.load_trainable(load_file(path))
-    else:
-        raise FileNotFoundError(f"--weights: {path} is neither an export file nor a checkpoint folder")

@@ -37,6 +37,7 @@ from memvp_ds.engine.summary import end_summary, start_summary
 from memvp_ds.engine.zero3_gradients import clear_gradient_partitions
 from memvp_ds.engine.zero3_leaves import mark_frozen_blocks_as_zero3_leaves
 from memvp_ds.evaluation.run import evaluate_split
+from memvp_ds.export import export_path
 from memvp_ds.progress import progress
 from memvp_ds.model import build_model
 from memvp_ds.search import build_search, heldout_batch_index, skippable_layers
@@ -313,7 +314,7 @@ class Trainer:
             return {}
         metrics = self.evaluate_loss() if self.plan.val_urls else {}
         logger.log(metrics, step)
-        ckpt.export_trainable(self.model, self.dist, self.cfg, os.path.join(self.out, "export", "trainable.safetensors"),
+        ckpt.export_trainable(self.model, self.dist, self.cfg, export_path(self.out),
                               feature_recipe=self.plan.feature_recipe)
         return metrics
 

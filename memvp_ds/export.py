@@ -1,0 +1,87 @@
+"""The export format: a run's trainable weights in one safetensors file, with the resolved config and the
+training shards' feature recipe in its metadata.
+
+Readers (evaluation, prediction, the demo, the server) and the writer (the training engine, which gathers
+the weights first) meet here, below the engine: reading an export never imports DeepSpeed or the trainer.
+A checkpoint folder (``step-N/``) holds the same file name with ``param/``-prefixed tensors beside the Adam
+moments, so ``load_trainable_weights`` takes either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memvp_ds.config import Config, config_to_dict
+
+EXPORT_DIR = "export"
+TRAINABLE = "trainable.safetensors"
+CONFIG_KEY = "memvp_ds_config"
+RECIPE_KEY = "feature_recipe"
+
+
+def export_path(run_dir: str) -> str:
+    """Where a run's export lives inside its output folder."""
+    return os.path.join(run_dir, EXPORT_DIR, TRAINABLE)
+
+
+def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """An export's safetensors metadata: the resolved config and the training shards' feature recipe."""
+    metadata = {CONFIG_KEY: json.dumps(config_to_dict(cfg))}
+    if feature_recipe is not None:
+        metadata[RECIPE_KEY] = json.dumps(feature_recipe)
+    return metadata
+
+
+def write_export(tensors: Dict[str, torch.Tensor], path: str, cfg: Config,
+                 feature_recipe: Optional[Dict[str, Any]] = None) -> None:
+    """Write gathered full-size trainable tensors with their metadata, visible only once complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=export_metadata(cfg, feature_recipe))
+    os.replace(tmp, path)
+
+
+def read_export_metadata(path: str, key: str = CONFIG_KEY) -> Dict[str, Any]:
+    """A JSON entry of an export's metadata: the resolved config (default) or the feature recipe."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported weights not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if key not in metadata:
+        raise ValueError(f"{path} has no '{key}' metadata (not a memvp_ds export, or one from before it was stored)")
+    return json.loads(metadata[key])
+
+
+def read_feature_recipe(path: str) -> Dict[str, Any]:
+    """The feature recipe of the shards an export was trained on (images must be encoded the same way)."""
+    return read_export_metadata(path, RECIPE_KEY)
+
+
+def load_exported(path: str, overrides: Optional[List[str]] = None):
+    """Rebuild a model from an export without DeepSpeed: the stored config with ``key=value`` overrides on
+    top (e.g. ``model.llm.path`` of another local copy of the base LLM)."""
+    from memvp_ds.model import build_model
+    from memvp_ds.schema import load_config
+
+    cfg = load_config(overrides=overrides, stored=read_export_metadata(path))
+    model = build_model(cfg.model)
+    model.load_trainable(load_file(path))
+    return model, cfg
+
+
+def load_trainable_weights(model, path: str) -> None:
+    """Trainable weights from an export file or a checkpoint folder (both safetensors)."""
+    if os.path.isdir(path):
+        tensors = load_file(os.path.join(path, TRAINABLE))
+        model.load_trainable({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")})
+    elif os.path.isfile(path):
+        model.load_trainable(load_file(path))
+    else:
+        raise FileNotFoundError(f"--weights: {path} is neither an export file nor a checkpoint folder")
