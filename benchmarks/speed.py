@@ -12,7 +12,8 @@ inside the model on pixels: model.vision.online; a ViT whose output has the pres
 for llama13b). Prints a table and writes JSON with, per variant: train step time, model FLOPs per step
 (memvp_online adds the CLIP's), tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each
 variant's ratio to input_prefix, and memvp_skip's and memvp_online's ratios to memvp. Weights are random
-(speed only).
+(speed only). Model FLOPs count the weight matmuls that run (engine/metrics.py: MatmulFlopCounter),
+the online CLIP tower's included, plus attention.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memvp_ds.schema import load_config  # noqa: E402
-from memvp_ds.engine.metrics import max_memory_gb, peak_flops, training_flops_per_position  # noqa: E402
+from memvp_ds.engine.metrics import (  # noqa: E402
+    MatmulFlopCounter,
+    attention_flops_per_position,
+    max_memory_gb,
+    peak_flops,
+)
 from memvp_ds.model import build_model  # noqa: E402
 
 
@@ -83,17 +89,6 @@ def clip_model(p: Preset) -> str:
     path = Path(tempfile.mkdtemp()) / "bench-vit.json"
     path.write_text(json.dumps({"embed_dim": 64, "vision_cfg": vision, "text_cfg": text}))
     return str(path)
-
-
-def clip_train_flops(model, p: Preset) -> float:
-    """Frozen CLIP forward + input-gradient backward (4 FLOPs per weight and token, attention tripled) plus
-    the adapters (6 per weight and token), per training step."""
-    tower = model.vision
-    tokens = tower.tokens + (0 if tower.recipe.keep_cls else 1)
-    frozen = sum(q.numel() for n, q in tower.blocks.named_parameters() if ".adapter." not in n)
-    adapters = sum(q.numel() for n, q in tower.blocks.named_parameters() if ".adapter." in n)
-    attention = 3 * 4 * tokens * tokens * tower.dim * len(tower.blocks)
-    return p.batch * (tokens * (4 * frozen + 6 * adapters) + attention)
 
 
 def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
@@ -193,9 +188,11 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
     decode = _decode_seconds(model, lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens,
                                                            stop_when_done=False), p.repeats, device)
     positions = p.text_tokens + model.strategy.prefix_positions()  # visual tokens / DVP's slot in the sequence
-    flops = training_flops_per_position(model, positions) * positions * p.batch
-    if model.vision is not None:
-        flops += clip_train_flops(model, p)
+    counter = MatmulFlopCounter(model)  # hooked in after the timings, which its hooks would slow
+    model.train()
+    with torch.no_grad(), counter.counting():
+        model(ids, labels=ids, **visual)
+    flops = counter.take() + attention_flops_per_position(model, positions) * positions * p.batch
     return {
         "train_step_s": step,
         "train_gflops_per_step": flops / 1e9,

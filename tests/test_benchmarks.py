@@ -30,8 +30,9 @@ def test_speed_benchmark_cpu_small_writes_all_fields(tmp_path):
     # the image stays out of the sequence.
     assert ratios["apt_over_input_prefix"]["train_gflops_per_step"] > 1.0
     assert ratios["apt_rows_over_input_prefix"]["train_gflops_per_step"] < 0.6
-    # Skipping 1 of 4 layers removes about a quarter of the model FLOPs (the adapter adds a little back).
-    assert 0.7 < ratios["memvp_skip_over_memvp"]["train_gflops_per_step"] < 0.8
+    # Skipping 1 of 4 layers removes a quarter of the layers' FLOPs (its adapter adds a little back); the LM
+    # head and the projector, counted by the rows they really process, stay (0.82 at cpu-small).
+    assert 0.75 < ratios["memvp_skip_over_memvp"]["train_gflops_per_step"] < 0.85
 
 
 def test_extract_benchmark_reports_each_stage(tmp_path):

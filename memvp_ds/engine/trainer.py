@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -26,11 +27,12 @@ from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
 from memvp_ds.engine.preflight import check_vocab_fits, check_writable
 from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from memvp_ds.engine.metrics import (
+    MatmulFlopCounter,
     ScalarLogger,
+    attention_flops_per_position,
     max_memory_gb,
     peak_flops,
     resident_memory_gb,
-    training_flops_per_position,
 )
 from memvp_ds.engine.schedule import lr_at
 from memvp_ds.engine.summary import end_summary, start_summary
@@ -72,6 +74,7 @@ class _Window:
     tokens: int = 0
     samples: int = 0
     positions: int = 0
+    matmul_flops: float = 0.0
     skipped: int = 0
     steps: int = 0
     start: float = field(default_factory=time.time)
@@ -243,6 +246,7 @@ class Trainer:
         nonfinite = 0  # optimizer steps in a row whose loss was not finite
         base_lr, peak = cfg.train.lr(self.dist.world_size), peak_flops(cfg.logging.peak_tflops)
         window = _Window()
+        flop_counter = MatmulFlopCounter(self.model) if peak else None
         losses: List[float] = []
         bar = progress(total=plan.total_steps, initial=step, enabled=self.dist.is_main, desc="train", unit="steps")
         self.engine.train()
@@ -258,7 +262,9 @@ class Trainer:
                     for _ in range(cfg.train.grad_accum_steps):
                         raw = stop.next_batch(batches)
                         micro_batches += 1
-                        loss = self.engine(**self._to_device(raw)).loss
+                        with flop_counter.counting() if flop_counter else contextlib.nullcontext():
+                            loss = self.engine(**self._to_device(raw)).loss
+                        window.matmul_flops += flop_counter.take() if flop_counter else 0.0
                         self.engine.backward(loss)
                         self.engine.step()
                         finite = finite and math.isfinite(loss.item())
@@ -334,7 +340,8 @@ class Trainer:
     def _log_window(self, logger, window: "_Window", step, lr, grad_norm, peak) -> float:
         """Average the window over ranks, log it, and return the mean loss (all ranks get the same)."""
         totals = all_reduce_sum(torch.tensor(
-            [window.loss, window.tokens, window.samples, window.positions, window.skipped], dtype=torch.float64))
+            [window.loss, window.tokens, window.samples, window.positions, window.skipped, window.matmul_flops],
+            dtype=torch.float64))
         elapsed = max(time.time() - window.start, 1e-9)
         loss = totals[0].item() / self.dist.world_size / max(window.steps, 1)
         memory = all_gather_objects(max_memory_gb())
@@ -349,7 +356,7 @@ class Trainer:
         if peak:
             # Attention context per position: the row length when padded, about a sample's length when packed.
             context = int(window.positions / max(window.samples, 1))
-            flops = training_flops_per_position(self.model, context) * totals[3].item()
+            flops = totals[5].item() + attention_flops_per_position(self.model, context) * totals[3].item()
             scalars["train/mfu"] = flops / elapsed / (peak * self.dist.world_size)
         logger.log(scalars, step)
         log.info("step %d: %s", step, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
