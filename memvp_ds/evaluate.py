@@ -56,7 +56,9 @@ def main(argv) -> int:
     from memvp_ds.data.plan import resolve_split
     from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
     from memvp_ds.distributed import destroy, init_distributed
-    from memvp_ds.export import load_trainable_weights, read_export_metadata
+    from memvp_ds.data.plan import manifest_path
+    from memvp_ds.export import load_trainable_weights, read_export_metadata, read_provenance
+    from memvp_ds.provenance import collect as collect_provenance, file_sha256
     from memvp_ds.engine.metrics import ScalarLogger
     from memvp_ds.engine.preflight import check_vocab_fits, check_writable
     from memvp_ds.evaluation.run import evaluate_split, write_results
@@ -101,7 +103,13 @@ def main(argv) -> int:
     model.to(device)
     records, metrics = evaluate_split(cfg, model, tokenizer, urls, dist_info.rank, dist_info.world_size, device=device)
     if dist_info.is_main:
-        write_results(out_dir, split, records, metrics)
+        exported = os.path.isfile(args.weights)
+        write_results(out_dir, split, records, metrics, provenance={
+            "weights": os.path.abspath(args.weights),
+            "weights_sha256": file_sha256(args.weights) if exported else None,
+            "trained": read_provenance(args.weights) if exported else None,  # a checkpoint's is in its state.json
+            "evaluated": collect_provenance(cfg, manifest_path(cfg)),
+        })
         logger = ScalarLogger(tb_dir, cfg.logging.tensorboard)
         logger.log({f"eval_{split}/{k}": v for k, v in metrics.items() if k.startswith("acc/")}, 0)
         logger.close()

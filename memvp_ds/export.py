@@ -22,6 +22,7 @@ EXPORT_DIR = "export"
 TRAINABLE = "trainable.safetensors"
 CONFIG_KEY = "memvp_ds_config"
 RECIPE_KEY = "feature_recipe"
+PROVENANCE_KEY = "provenance"
 
 
 def export_path(run_dir: str) -> str:
@@ -29,20 +30,25 @@ def export_path(run_dir: str) -> str:
     return os.path.join(run_dir, EXPORT_DIR, TRAINABLE)
 
 
-def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
-    """An export's safetensors metadata: the resolved config and the training shards' feature recipe."""
+def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None,
+                    provenance: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """An export's safetensors metadata: the resolved config, the training shards' feature recipe and the
+    run's provenance (memvp_ds/provenance.py)."""
     metadata = {CONFIG_KEY: json.dumps(config_to_dict(cfg))}
     if feature_recipe is not None:
         metadata[RECIPE_KEY] = json.dumps(feature_recipe)
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance)
     return metadata
 
 
 def write_export(tensors: Dict[str, torch.Tensor], path: str, cfg: Config,
-                 feature_recipe: Optional[Dict[str, Any]] = None) -> None:
+                 feature_recipe: Optional[Dict[str, Any]] = None,
+                 provenance: Optional[Dict[str, Any]] = None) -> None:
     """Write gathered full-size trainable tensors with their metadata, visible only once complete."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=export_metadata(cfg, feature_recipe))
+    save_file(tensors, tmp, metadata=export_metadata(cfg, feature_recipe, provenance))
     os.replace(tmp, path)
 
 
@@ -62,6 +68,14 @@ def read_export_metadata(path: str, key: str = CONFIG_KEY) -> Dict[str, Any]:
 def read_feature_recipe(path: str) -> Dict[str, Any]:
     """The feature recipe of the shards an export was trained on (images must be encoded the same way)."""
     return read_export_metadata(path, RECIPE_KEY)
+
+
+def read_provenance(path: str) -> Optional[Dict[str, Any]]:
+    """The provenance an export records; ``None`` for an export from before it was stored."""
+    try:
+        return read_export_metadata(path, PROVENANCE_KEY)
+    except ValueError:
+        return None
 
 
 def load_exported(path: str, overrides: Optional[List[str]] = None):

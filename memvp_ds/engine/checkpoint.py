@@ -341,12 +341,13 @@ def _set_adam_step(optimizer, steps: int) -> None:
 
 
 def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str,
-                     feature_recipe: Optional[Dict[str, Any]] = None) -> None:
+                     feature_recipe: Optional[Dict[str, Any]] = None,
+                     provenance: Optional[Dict[str, Any]] = None) -> None:
     """Gather the trainable weights to full size and write the export (collective: call on all ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     tensors = {name: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
                for name, p in model.trainable_parameters().items()}
     if dist_info.is_main:
-        write_export(tensors, path, cfg, feature_recipe)
+        write_export(tensors, path, cfg, feature_recipe, provenance)
     barrier()

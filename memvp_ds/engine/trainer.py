@@ -19,7 +19,8 @@ from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
-from memvp_ds.data.plan import plan_data
+from memvp_ds.provenance import collect as collect_provenance
+from memvp_ds.data.plan import manifest_path, plan_data
 from memvp_ds.data.stream import ErrorBudget, build_train_loader, close_loader, iterate_eval_batches
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine import checkpoint as ckpt
@@ -140,9 +141,13 @@ class Trainer:
         self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
         # A run id marks the checkpoints this run (and its resumptions) wrote: only those are ever pruned.
         self.run_id = uuid.uuid4().hex
+        self.provenance = collect_provenance(cfg, manifest_path(cfg))
         if self.resume_from:
             ckpt.check_compatible(self.resume_from, cfg)
-            self.run_id = ckpt.read_state(self.resume_from).get("run_id", self.run_id)
+            resumed = ckpt.read_state(self.resume_from)
+            self.run_id = resumed.get("run_id", self.run_id)
+            if "provenance" in resumed:  # the code that trained the first steps may differ from this one's
+                self.provenance["started_by"] = resumed["provenance"].get("started_by", resumed["provenance"])
         self.engine = self._build_engine()
         self.model = self.engine.module
         self.search = build_search(cfg, self.model, self.plan.total_steps)
@@ -321,7 +326,7 @@ class Trainer:
         metrics = self.evaluate_loss() if self.plan.val_urls else {}
         logger.log(metrics, step)
         ckpt.export_trainable(self.model, self.dist, self.cfg, export_path(self.out),
-                              feature_recipe=self.plan.feature_recipe)
+                              feature_recipe=self.plan.feature_recipe, provenance=self.provenance)
         return metrics
 
     def _resumed_position(self, data_state: Dict[str, int]) -> int:
@@ -363,7 +368,8 @@ class Trainer:
         return loss
 
     def _save(self, step: int, data_state: Dict[str, int]) -> None:
-        state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg), "run_id": self.run_id}
+        state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg), "run_id": self.run_id,
+                 "provenance": self.provenance}
         if self.search:
             state["search"] = self.search.state_dict()
         ckpt.save_checkpoint(self.model, self.engine.optimizer, self.dist, self.out, step, state, self.cfg.train.keep_last)

@@ -87,8 +87,13 @@ def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size
     return records, {**task_metrics(cfg.data.prompt_format, records), **_protocol(cfg, records)}
 
 
-def write_results(out_dir: str, split: str, records: List[Dict[str, Any]], metrics: Dict[str, float]) -> None:
+def write_results(out_dir: str, split: str, records: List[Dict[str, Any]], metrics: Dict[str, float],
+                  provenance: Optional[Dict[str, Any]] = None) -> None:
+    """Predictions JSONL and metrics JSON; with ``provenance`` (what was scored, on what, by which code) beside
+    them as provenance_<split>.json."""
     os.makedirs(out_dir, exist_ok=True)
+    if provenance is not None:
+        write_json_atomic(os.path.join(out_dir, f"provenance_{split}.json"), provenance)
     with atomic_open(os.path.join(out_dir, f"predictions_{split}.jsonl")) as f:
         for record in records:
             f.write(json.dumps({k: record.get(k) for k in ("id", "prompt", "output", "parsed", "gold")}) + "\n")
