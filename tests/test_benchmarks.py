@@ -60,3 +60,19 @@ def test_packing_benchmark_reports_less_padding_when_packed(tmp_path):
         assert modes["packed"]["padding_fraction"] < modes["padded"]["padding_fraction"]
         assert modes["packed"]["positions"] < modes["padded"]["positions"]
         assert all(math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 for row in modes.values())
+
+
+def test_serve_benchmark_reports_each_strategy_and_concurrency(tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, "benchmarks/serve.py", "--strategies", "memvp", "--concurrency", "1", "2",
+                           "--requests", "1", "--max-tokens", "2", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["memvp"]["concurrency"]
+    assert set(rows) == {"1", "2"} and result["memvp"]["peak_memory_gb"] > 0
+    assert [row["requests"] for row in rows.values()] == [1, 2]
+    for row in rows.values():
+        assert all(math.isfinite(v) and v > 0 for v in row.values()), row
+        assert row["ttft_p50_s"] <= row["latency_p50_s"]
+    assert "throughput_c2_over_c1" in result["ratios"]["memvp"] and "ttft p50" in proc.stdout

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -111,7 +112,10 @@ def serve(service, host: str, port: int) -> None:
     from memvp_ds.serve.api import create_app
 
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=int(service.limits.drain_timeout_s) or 1)
+                            timeout_graceful_shutdown=max(1, round(service.limits.drain_timeout_s)))
+    # uvicorn drains on SIGTERM and then re-raises it to the handler that was there before: with Python's
+    # default the process would die by the signal. A drained shutdown is a success, so that handler is a no-op.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
 
 
