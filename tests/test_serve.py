@@ -349,3 +349,64 @@ def test_page_in_headless_chromium_streams_the_answer(server, client, tmp_path):
         assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected
     finally:
         browser.quit()
+
+
+STRATEGY_VARIANTS = {"memvp": ("memvp", []), "input_prefix": ("input_prefix", []), "apt": ("apt", []),
+                     "apt_prompt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp": ("dvp", ["model.dvp.layer=1"]),
+                     "dvp_residual": ("dvp", ["model.dvp.layer=1", "model.dvp.insert=residual"]),
+                     "memvp_das": ("memvp", ["model.skip.layers=[0]"])}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    from memvp_ds.serve.images import ImageEncoder
+
+    return ImageEncoder({"model": TINY_VIT, "pretrained": "random", "image_size": 64}, online=False)
+
+
+@pytest.mark.parametrize("variant", sorted(STRATEGY_VARIANTS))
+def test_rows_joining_a_running_batch_decode_what_generate_gives_them_alone(variant, tokenizer_dir, tiny_encoder):
+    """Every strategy under continuous batching: one request decodes, then 3 more (images or not, other
+    lengths) join it mid-way; each gets exactly the tokens of ``model.generate`` on its own."""
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.serve.engine import Engine, Request, Sampling
+    from memvp_ds.serve.limits import ServeLimits
+
+    strategy, overrides = STRATEGY_VARIANTS[variant]
+    model = tiny_model(strategy, *overrides)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking weights: fresh MemVP values, APT up-projections etc. are zero
+        for param in model.trainable_parameters().values():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    encoder = tiny_encoder
+    engine = Engine(model, tokenizer, encoder, ServeLimits(max_rows=8))
+    requests, references, done = [], [], []
+    for i, question in enumerate(QUESTIONS[:4]):
+        ids = encode_segments(tokenizer, chat_prompt([{"role": "user", "content": question}], "qcm_a").segments,
+                              1 << 30).input_ids
+        pixels = encoder.pixels(Image.open(io.BytesIO(IMAGES[i])).convert("RGB")) if i % 3 != 2 else None
+        visual = {} if pixels is None else {"image_features": encoder.encode([pixels])["image_features"]}
+        max_tokens = 24 if i == 0 else 4 + 3 * i
+        tokens = model.generate(torch.tensor([ids]), **visual, max_new_tokens=max_tokens,
+                                eos_token_id=tokenizer.eos_token_id)
+        references.append([t for t in tokens[0].tolist() if t != tokenizer.eos_token_id])
+        finished = threading.Event()
+        done.append(finished)
+        requests.append(Request(ids, pixels, Sampling(max_tokens=max_tokens),
+                                lambda kind, payload, finished=finished: kind == "done" and finished.set(),
+                                time.monotonic() + 300))
+    engine.start()
+    try:
+        engine.submit(requests[0])
+        deadline = time.monotonic() + 60
+        while len(requests[0].tokens) < 3:  # the first request is decoding from its cache
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        for request in requests[1:]:
+            engine.submit(request)
+        assert all(finished.wait(120) for finished in done)
+        for request, reference in zip(requests, references):
+            assert request.tokens == reference
+    finally:
+        engine.stop(30)
