@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py                                    # cpu-small shapes, memvp and input_prefix
     python benchmarks/serve.py --strategies memvp input_prefix lavin --concurrency 1 4 16 --requests 4
-    python benchmarks/serve.py --preset llama13b --llm-path /local/llama-13b-hf   # on a GPU (see docs/serving.md)
+    python benchmarks/serve.py --preset llama13b --device cuda    # 13B layer shapes (4 layers), bf16, on a GPU
 
 For each strategy an export with random weights is written (the cpu-small shapes of benchmarks/speed.py:
 the same LLM with the benchmark tokenizer's vocabulary, 64 visual tokens of width 128 from a ViT run on the
@@ -10,7 +10,8 @@ server), memvp-serve starts on 127.0.0.1
 as a subprocess, and for each concurrency C, C clients each send --requests streamed chat completions (one
 image, a ~60-token multiple-choice question, --max-tokens new tokens) one after another; the load stops by
 itself. Reported per strategy and concurrency: requests/s, output tokens/s, latency and time to first token
-(TTFT: until the first generated token's chunk) p50/p99, and the server's peak resident memory (VmHWM).
+(TTFT: until the first generated token's chunk) p50/p99, and the server's peak resident host memory (VmHWM;
+on a GPU the device memory is not included).
 Prints a table and writes JSON. Strategies are names of shipped strategies (``model.strategy``) or of the
 variants in benchmarks/speed.py; weights are random (speed only).
 """
@@ -145,7 +146,7 @@ def bench_strategy(strategy: str, args, folder: Path) -> Dict[str, Dict[str, flo
     port = _free_port()
     command = [sys.executable, "-m", "memvp_ds.serve.cli", "--weights", export, "--port", str(port),
                "--max-rows", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency)),
-               "--model-name", strategy]
+               "--model-name", strategy, "--device", args.device]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16], help="concurrent clients")
     parser.add_argument("--requests", type=int, default=4, help="requests each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
+    parser.add_argument("--device", default="cpu", help="where the servers run the model (cpu or cuda)")
     parser.add_argument("--json", default="benchmarks/results/serve.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

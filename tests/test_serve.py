@@ -410,3 +410,41 @@ def test_rows_joining_a_running_batch_decode_what_generate_gives_them_alone(vari
             assert request.tokens == reference
     finally:
         engine.stop(30)
+
+
+def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(tokenizer_dir, tiny_encoder, monkeypatch):
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.serve.engine import Engine, Request, Sampling
+    from memvp_ds.serve.limits import ServeLimits
+
+    model = tiny_model("memvp")
+    engine = Engine(model, load_tokenizer(tokenizer_dir), tiny_encoder, ServeLimits(max_rows=2))
+    original, calls = model.prefill, []
+
+    def prefill_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "prefill", prefill_failing_once)
+    events = [[], []]
+    finished = [threading.Event(), threading.Event()]
+
+    def request(i):
+        def emit(kind, payload):
+            events[i].append((kind, payload))
+            if kind in ("done", "error"):
+                finished[i].set()
+        return Request([0, 5, 6, 7], None, Sampling(max_tokens=3), emit, time.monotonic() + 60)
+
+    engine.start()
+    try:
+        engine.submit(request(0))
+        assert finished[0].wait(60)
+        engine.submit(request(1))
+        assert finished[1].wait(60)
+    finally:
+        engine.stop(30)
+    assert events[0] == [("error", "RuntimeError: out of memory (simulated)")]
+    assert events[1][-1][0] == "done" and len(events[1][-1][1]["token_ids"]) == 3

@@ -169,6 +169,9 @@ def create_app(service: Service) -> FastAPI:
                 kind, payload = await queue.get()
                 if kind == "done":
                     break
+                if kind == "error":
+                    metrics.errors.labels(kind="server_error").inc()
+                    return error_response(RequestError(f"generation failed: {payload}", None, 500, "server_error"))
         finally:
             request.cancelled = True  # a client that went away frees its row at the next step
         message = {"role": "assistant", "content": payload["text"]}
@@ -211,6 +214,12 @@ def create_app(service: Service) -> FastAPI:
                 if kind == "delta":
                     yield chunk({"content": payload})
                     continue
+                if kind == "error":  # as OpenAI reports an error mid-stream
+                    metrics.errors.labels(kind="server_error").inc()
+                    error = {"message": f"generation failed: {payload}", "type": "server_error", "param": None,
+                             "code": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
                 yield chunk({}, payload["finish_reason"])
                 if include_usage:
                     usage = _usage(prompt_tokens, len(payload["token_ids"]))

@@ -33,8 +33,9 @@ from memvp_ds.serve.limits import ServeLimits  # noqa: E402
 
 def build_service(weights: str, overrides: Optional[List[str]] = None, limits: Optional[ServeLimits] = None,
                   api_key: Optional[str] = None, image_root: Optional[str] = None,
-                  clip_pretrained: Optional[str] = None, model_name: Optional[str] = None):
-    """Load the export, its tokenizer and image encoder; the engine is not started yet (the app does)."""
+                  clip_pretrained: Optional[str] = None, model_name: Optional[str] = None, device: str = "cpu"):
+    """Load the export, its tokenizer and image encoder onto ``device``; the engine is not started yet (the
+    app starts it)."""
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
     from memvp_ds.serve.api import Service
@@ -48,7 +49,7 @@ def build_service(weights: str, overrides: Optional[List[str]] = None, limits: O
     online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)
     clip_override = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
     model, cfg = load_exported(weights, clip_override + list(overrides or []))
-    model.eval()
+    model.to(device).eval()
     tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)
     vocab = model.llm.get_input_embeddings().num_embeddings
@@ -56,7 +57,7 @@ def build_service(weights: str, overrides: Optional[List[str]] = None, limits: O
         raise ValueError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the LLM's embedding only "
                          f"{vocab}: model.llm.path and data.tokenizer do not belong together")
     recipe = dataclasses.asdict(cfg.model.vision.recipe) if online else read_feature_recipe(weights)
-    encoder = ImageEncoder(recipe, online, clip_pretrained)
+    encoder = ImageEncoder(recipe, online, clip_pretrained, device)
     positions = model.llm.config.max_position_embeddings - model.strategy.prefix_positions()
     max_total = limits.max_total_tokens or positions
     if max_total > positions:
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm-path", help="another local copy of the base LLM (also the tokenizer); default: "
                         "the stored model.llm.path")
     parser.add_argument("--clip-pretrained", help="local CLIP checkpoint (default: the one in the stored recipe)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs (default: "
+                        "cuda when there is a GPU, else cpu)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--api-key", default=os.environ.get("MEMVP_API_KEY"),
@@ -90,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, type=kind, default=getattr(defaults, name), help=doc)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the export's stored config")
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _field_doc(name: str) -> str:
@@ -124,7 +133,7 @@ def main(argv) -> int:
     args = build_parser().parse_args(argv)
     limits = ServeLimits(**{name: getattr(args, name) for name in ServeLimits.__dataclass_fields__})
     service = build_service(args.weights, llm_path_overrides(args.llm_path) + args.overrides, limits, args.api_key,
-                            args.image_root, args.clip_pretrained, args.model_name)
+                            args.image_root, args.clip_pretrained, args.model_name, args.device)
     print(f"memvp-serve: {service.model_name} ({service.prompt_format} prompts) on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     serve(service, args.host, args.port)

@@ -12,6 +12,7 @@ cache). Greedy rows therefore get the tokens ``model.generate`` gives them alone
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -43,7 +44,7 @@ class Sampling:
 @dataclass
 class Request:
     """One chat completion in the engine. ``emit(kind, payload)`` is called from the engine thread:
-    ("delta", text), then ("done", {"finish_reason", "token_ids", "text"})."""
+    ("delta", text), then ("done", {"finish_reason", "token_ids", "text"}) or ("error", message)."""
 
     prompt_ids: List[int]
     pixels: Optional[torch.Tensor]
@@ -73,9 +74,11 @@ class Engine:
         self.model, self.tokenizer, self.encoder, self.limits = model.eval(), tokenizer, encoder, limits
         self.stats = stats or EngineStats()
         self.device = next(model.parameters()).device
+        rows_batch.check_cache(model.new_cache())
         self._lm_head = model.llm.get_output_embeddings()
         self._waiting: Deque[Request] = deque()
         self._active: List[Request] = []
+        self._admitting: List[Request] = []
         self._rows: Optional[Rows] = None
         self._lead = 0
         self._wake = threading.Condition()
@@ -131,7 +134,18 @@ class Engine:
                 if self._stopping and not (self._waiting or self._active):
                     return
             with self._step_lock, torch.inference_mode():
-                self._step()
+                try:
+                    self._step()
+                except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
+                    self._fail(err)
+
+    def _fail(self, err: Exception) -> None:
+        """The requests of the running batch get an error (the server answers 500) and the batch is reset."""
+        logging.getLogger(__name__).exception("memvp-serve: a decode step failed")
+        for request in self._active + self._admitting:
+            request.emit("error", f"{type(err).__name__}: {err}")
+            self.stats.on_finish("error", time.monotonic() - request.submitted)
+        self._active, self._admitting, self._rows = [], [], None
 
     def _admit(self) -> None:
         with self._wake:
@@ -143,6 +157,7 @@ class Engine:
                     newcomers.append(request)
         if not newcomers:
             return
+        self._admitting = newcomers
         pad = self.tokenizer.pad_token_id
         longest = max(len(r.prompt_ids) for r in newcomers)
         ids = torch.tensor([[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in newcomers])
@@ -150,11 +165,11 @@ class Engine:
         visual = self.encoder.encode([r.pixels for r in newcomers])
         hidden, cache, cache_mask = self.model.prefill(ids.to(self.device), mask.to(self.device),
                                                        **{k: v.to(self.device) for k, v in visual.items()})
-        rows_batch.check_cache(cache)
         self._lead = self.model.strategy.leading_cache_columns()
         newcomer_rows = Rows(hidden, cache_mask, cache, tuple(self.model.strategy.decoding_rows()))
         self._rows = newcomer_rows if self._rows is None else rows_batch.join(self._rows, newcomer_rows, self._lead)
         self._active += newcomers
+        self._admitting = []
 
     def _step(self) -> None:
         self._admit()

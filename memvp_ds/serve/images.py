@@ -79,12 +79,15 @@ class ImageEncoder:
     """Images -> what the model takes: (B, N, C) features by the export's recipe, or (B, 3, S, S) uint8
     pixels for an online-CLIP export. Rows without an image get zeros (and has_image False)."""
 
-    def __init__(self, recipe: Dict[str, Any], online: bool, clip_pretrained: Optional[str] = None):
+    def __init__(self, recipe: Dict[str, Any], online: bool, clip_pretrained: Optional[str] = None,
+                 device: str = "cpu"):
         fields = {k: v for k, v in recipe.items() if k in FeatureRecipe.__dataclass_fields__}
         if clip_pretrained and not online:
             fields["pretrained"] = clip_pretrained
         self.recipe, self.online = FeatureRecipe(**fields), online
-        self.extractor = None if online else ClipFeatureExtractor(load_clip_visual(self.recipe), self.recipe).eval()
+        self.device = torch.device(device)
+        self.extractor = None if online else ClipFeatureExtractor(load_clip_visual(self.recipe), self.recipe).to(
+            self.device).eval()
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """(3, S, S) uint8: the recipe's resize (done per request, off the decode loop)."""
@@ -98,6 +101,6 @@ class ImageEncoder:
         if self.online:
             return {"images": stacked, "has_image": has_image}
         # Stored features are rounded to the recipe's dtype, so the model gets what it was trained on.
-        features = self.extractor(normalize_pixels(stacked, self.recipe.mean, self.recipe.std))
+        features = self.extractor(normalize_pixels(stacked.to(self.device), self.recipe.mean, self.recipe.std))
         features = features.to(getattr(torch, self.recipe.dtype)).float()
-        return {"image_features": features * has_image.view(-1, 1, 1), "has_image": has_image}
+        return {"image_features": features * has_image.to(self.device).view(-1, 1, 1), "has_image": has_image}
