@@ -354,7 +354,10 @@ def test_page_in_headless_chromium_streams_the_answer(server, client, tmp_path):
 STRATEGY_VARIANTS = {"memvp": ("memvp", []), "input_prefix": ("input_prefix", []), "apt": ("apt", []),
                      "apt_prompt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp": ("dvp", ["model.dvp.layer=1"]),
                      "dvp_residual": ("dvp", ["model.dvp.layer=1", "model.dvp.insert=residual"]),
-                     "memvp_das": ("memvp", ["model.skip.layers=[0]"])}
+                     "memvp_das": ("memvp", ["model.skip.layers=[0]"]),
+                     "memvp_online_clip": ("memvp", ["model.vision.online=true", f"model.vision.recipe.model={TINY_VIT}",
+                                                     "model.vision.recipe.pretrained=random",
+                                                     "model.vision.recipe.image_size=64"])}
 
 
 @pytest.fixture(scope="module")
@@ -367,9 +370,11 @@ def tiny_encoder():
 @pytest.mark.parametrize("variant", sorted(STRATEGY_VARIANTS))
 def test_rows_joining_a_running_batch_decode_what_generate_gives_them_alone(variant, tokenizer_dir, tiny_encoder):
     """Every strategy under continuous batching: one request decodes, then 3 more (images or not, other
-    lengths) join it mid-way; each gets exactly the tokens of ``model.generate`` on its own."""
+    lengths) join it mid-way; each gets exactly the tokens of ``model.generate`` on its own (with the inputs
+    of an evaluation batch row: features, or pixels for an online-CLIP model, and has_image)."""
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.serve.engine import Engine, Request, Sampling
+    from memvp_ds.serve.images import ImageEncoder
     from memvp_ds.serve.limits import ServeLimits
 
     strategy, overrides = STRATEGY_VARIANTS[variant]
@@ -379,14 +384,15 @@ def test_rows_joining_a_running_batch_decode_what_generate_gives_them_alone(vari
         for param in model.trainable_parameters().values():
             param.add_(0.5 * torch.randn(param.shape, generator=generator))
     tokenizer = load_tokenizer(tokenizer_dir)
-    encoder = tiny_encoder
+    online = model.vision is not None  # the model runs its own CLIP (with adapters) on the pixels
+    encoder = ImageEncoder(tiny_encoder.recipe.to_dict(), online=True) if online else tiny_encoder
     engine = Engine(model, tokenizer, encoder, ServeLimits(max_rows=8))
     requests, references, done = [], [], []
     for i, question in enumerate(QUESTIONS[:4]):
         ids = encode_segments(tokenizer, chat_prompt([{"role": "user", "content": question}], "qcm_a").segments,
                               1 << 30).input_ids
         pixels = encoder.pixels(Image.open(io.BytesIO(IMAGES[i])).convert("RGB")) if i % 3 != 2 else None
-        visual = {} if pixels is None else {"image_features": encoder.encode([pixels])["image_features"]}
+        visual = encoder.encode([pixels])
         max_tokens = 24 if i == 0 else 4 + 3 * i
         tokens = model.generate(torch.tensor([ids]), **visual, max_new_tokens=max_tokens,
                                 eos_token_id=tokenizer.eos_token_id)
@@ -412,7 +418,7 @@ def test_rows_joining_a_running_batch_decode_what_generate_gives_them_alone(vari
         engine.stop(30)
 
 
-def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(tokenizer_dir, tiny_encoder, monkeypatch):
+def test_a_failed_step_fails_its_requests_the_loop_goes_on_and_timeouts_end_requests(tokenizer_dir, tiny_encoder, monkeypatch):
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.serve.engine import Engine, Request, Sampling
     from memvp_ds.serve.limits import ServeLimits
@@ -431,12 +437,12 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(tokenizer_dir, ti
     events = [[], []]
     finished = [threading.Event(), threading.Event()]
 
-    def request(i):
+    def request(i, deadline_s=60):
         def emit(kind, payload):
             events[i].append((kind, payload))
             if kind in ("done", "error"):
                 finished[i].set()
-        return Request([0, 5, 6, 7], None, Sampling(max_tokens=3), emit, time.monotonic() + 60)
+        return Request([0, 5, 6, 7], None, Sampling(max_tokens=3), emit, time.monotonic() + deadline_s)
 
     engine.start()
     try:
@@ -444,7 +450,12 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(tokenizer_dir, ti
         assert finished[0].wait(60)
         engine.submit(request(1))
         assert finished[1].wait(60)
+        events.append([])
+        finished.append(threading.Event())
+        engine.submit(request(2, deadline_s=-1))  # past its timeout: it ends after its first token
+        assert finished[2].wait(60)
     finally:
         engine.stop(30)
     assert events[0] == [("error", "RuntimeError: out of memory (simulated)")]
     assert events[1][-1][0] == "done" and len(events[1][-1][1]["token_ids"]) == 3
+    assert events[2][-1][1]["finish_reason"] == "length" and len(events[2][-1][1]["token_ids"]) == 1

@@ -21,11 +21,11 @@ class ServeLimits:
     max_image_pixels: int = 4096 * 4096
     """Width x height of a decoded image; checked from the header before decoding (decompression bombs)."""
     max_total_tokens: Optional[int] = None
-    """Prompt tokens + max_tokens of one request (None: what the LLM's positions allow, less the visual
+    """Prompt tokens + max_tokens of one request (unset: what the LLM's positions allow, less the visual
     prefix)."""
     default_max_tokens: int = 64
     """max_tokens of a request that does not set it."""
     request_timeout_s: float = 120.0
-    """A request still unfinished after this long ends with finish_reason 'length' (stream) or 504."""
+    """A request still unfinished after this long ends there, with finish_reason 'length'."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, how long in-flight requests may still run before the server exits."""
