@@ -113,10 +113,6 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._waiting or self._active)
-
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Pause the loop between two steps (requests still queue, none is admitted): an operator's or a

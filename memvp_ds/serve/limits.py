@@ -21,7 +21,7 @@ class ServeLimits:
     max_image_pixels: int = 4096 * 4096
     """Width x height of a decoded image; checked from the header before decoding (decompression bombs)."""
     max_total_tokens: Optional[int] = None
-    """Prompt tokens + max_tokens of one request (unset: what the LLM's positions allow, less the visual
+    """Prompt tokens + max_tokens of one request (default: what the LLM's positions allow, less the visual
     prefix)."""
     default_max_tokens: int = 64
     """max_tokens of a request that does not set it."""
