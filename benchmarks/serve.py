@@ -24,7 +24,6 @@ import io
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,7 +182,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for strategy in args.strategies:
             results[strategy] = bench_strategy(strategy, args, Path(folder))
-    header = f"{'strategy':<14}{'C':>4}{'req/s':>9}{'tok/s':>9}{'lat p50':>9}{'lat p99':>9}{'ttft p50':>10}{'ttft p99':>10}{'peak GB':>9}"
+    header = (f"{'strategy':<14}{'C':>4}{'req/s':>9}{'tok/s':>9}{'lat p50':>9}{'lat p99':>9}{'ttft p50':>10}"
+              f"{'ttft p99':>10}{'peak GB':>9}")
     print(header)
     for strategy in args.strategies:
         for concurrency, row in results[strategy]["concurrency"].items():

@@ -189,7 +189,8 @@ def create_app(service: Service) -> FastAPI:
         ids = encode_segments(service.tokenizer, prompt.segments, _NO_TRUNCATION).input_ids
         if len(ids) + sampling.max_tokens > service.max_total_tokens:
             raise RequestError(f"messages: {len(ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
-                               f"limit of {service.max_total_tokens} tokens", "messages", 400, "context_length_exceeded")
+                               f"limit of {service.max_total_tokens} tokens", "messages", 400,
+                               "context_length_exceeded")
         pixels = None
         if prompt.image is not None:
             field, url = prompt.image
@@ -201,11 +202,13 @@ def create_app(service: Service) -> FastAPI:
 
     async def _stream(request: Request, queue: asyncio.Queue, completion_id: str, created: int,
                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        def event(**fields) -> str:
             data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": service.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+                    "model": service.model_name, **fields}
             return f"data: {json.dumps(data)}\n\n"
+
+        def chunk(delta: dict, finish_reason=None) -> str:
+            return event(choices=[{"index": 0, "delta": delta, "finish_reason": finish_reason}])
 
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -223,7 +226,7 @@ def create_app(service: Service) -> FastAPI:
                 yield chunk({}, payload["finish_reason"])
                 if include_usage:
                     usage = _usage(prompt_tokens, len(payload["token_ids"]))
-                    yield f"data: {json.dumps({'id': completion_id, 'object': 'chat.completion.chunk', 'created': created, 'model': service.model_name, 'choices': [], 'usage': usage})}\n\n"
+                    yield event(choices=[], usage=usage)
                 yield "data: [DONE]\n\n"
                 return
         finally:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Iterator, List, Optional
+from typing import Callable, Deque, Iterator, List, Optional
 
 import torch
 

@@ -107,6 +107,7 @@ def chat_prompt(messages: Any, prompt_format: str) -> ChatPrompt:
     else:
         fields = parse_multiple_choice(turns[-1]["content"])
         if not fields["question"]:
-            raise RequestError(f"messages[{len(turns) - 1}].content: no question text", f"messages[{len(turns) - 1}].content")
+            field = f"messages[{len(turns) - 1}].content"
+            raise RequestError(f"{field}: no question text", field)
         segments = build_segments(fields, prompt_format if fields["choices"] else "qa", with_target=False)
     return ChatPrompt(segments, images[0] if images else None)
