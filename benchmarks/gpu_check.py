@@ -290,11 +290,11 @@ def roofline(check: Check, budget: float) -> Dict:
 
 def serve(check: Check, budget: float) -> Dict:
     script = REPO / "benchmarks" / "serve.py"
-    if not script.exists():
-        return {"status": "skipped", "reason": "benchmarks/serve.py does not exist yet"}
+    # One server subprocess per strategy: at 13B layer shapes, bf16, with TTFT at concurrency 1, 4 and 16.
     out = check.work / "serve.json"
-    preset = ["--preset", check.shapes.preset, "--layers", "4"] if not check.smoke else \
-        ["--preset", "cpu-small", "--layers", "2", "--concurrency", "1", "4", "--requests", "2"]
+    preset = ["--preset", check.shapes.preset, "--device", "cuda", "--concurrency", "1", "4", "16"] \
+        if not check.smoke else ["--preset", "cpu-small", "--strategies", "memvp", "--concurrency", "1", "2",
+                                 "--requests", "1", "--max-tokens", "2"]
     check.run([sys.executable, str(script), *preset, "--json", str(out)], budget, "serve")
     return {"results": json.loads(out.read_text())}
 

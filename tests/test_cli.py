@@ -32,15 +32,16 @@ def _run(cmd, cwd, env=None, timeout=300):
 
 
 def _parsers():
-    """Every parser a user can ask --help of: the five commands and memvp-prep's subcommands."""
+    """Every parser a user can ask --help of: the six commands and memvp-prep's subcommands."""
     from data_prep.cli import build_parser as prep
     from memvp_demo.demo import build_parser as demo
     from memvp_ds.evaluate import build_parser as evaluate
     from memvp_ds.predict import build_parser as predict
+    from memvp_ds.serve.cli import build_parser as serve
     from memvp_ds.train import build_parser as train
 
     for name, build in (("memvp-train", train), ("memvp-eval", evaluate), ("memvp-predict", predict),
-                        ("memvp-prep", prep), ("memvp-demo", demo)):
+                        ("memvp-serve", serve), ("memvp-prep", prep), ("memvp-demo", demo)):
         parser = build()
         yield name, parser
         for action in parser._actions:

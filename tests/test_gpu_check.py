@@ -1,5 +1,6 @@
 """The prepared GPU check runs end to end before any GPU is used: its CPU smoke run finishes every stage that
-can run on a CPU and writes the JSON and the table; the roofline arithmetic matches a hand count."""
+can run on a CPU (the server benchmark's smoke test is its serve stage) and writes the JSON and the table;
+the roofline arithmetic matches a hand count."""
 
 import json
 import math
@@ -16,13 +17,22 @@ def test_cpu_smoke_run_writes_every_stage_and_the_table(tmp_path):
     stages = report["stages"]
     assert list(stages) == ["pytest_gpu", "speed", "packing", "trainer", "roofline", "serve"]
     assert stages["pytest_gpu"]["status"] == "skipped" and stages["pytest_gpu"]["skipped"] > 0  # no CUDA here
-    for name in ("speed", "packing", "trainer", "roofline"):
+    for name in ("speed", "packing", "trainer", "roofline", "serve"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     for zero in ("zero2", "zero3"):  # the real trainer under both ZeRO stages, read back from TensorBoard
         run = stages["trainer"]["results"][zero]
         assert run["status"] == "ok" and run["train/tokens_per_s"] > 0 and 0 < run["train/mfu"] < 1, run
     packed = stages["packing"]["results"]["sdpa"]["memvp"]
     assert packed["packed"]["rows"] < packed["padded"]["rows"]
+    # The server benchmark: bounded loopback load, one row per concurrency, TTFT within the latency.
+    serve = stages["serve"]["results"]
+    rows = serve["memvp"]["concurrency"]
+    assert set(rows) == {"1", "2"} and serve["memvp"]["peak_memory_gb"] > 0
+    assert [row["requests"] for row in rows.values()] == [1, 2]
+    for row in rows.values():
+        assert all(math.isfinite(v) and v > 0 for v in row.values()), row
+        assert row["ttft_p50_s"] <= row["latency_p50_s"]
+    assert "throughput_c2_over_c1" in serve["ratios"]["memvp"]
     headline = report["headline"]
     assert all(math.isfinite(headline[k]) for k in ("train step, memvp / input_prefix", "decode share of HBM roofline",
                                                     "MFU memvp (ZeRO-2 trainer)", "packed / padded train tokens/s"))

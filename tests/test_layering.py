@@ -1,7 +1,7 @@
 """The import graph follows the architecture: every import points down the layers, and there is no cycle.
 
 Layers, bottom to top (docs/architecture.md): config and the leaf helpers; vision (the CLIP recipe and the
-online tower); model and data (which do not import each other; data does not import vision); search; schema and evaluation; the export format; engine; the applications (train, evaluate, predict);
+online tower); model and data (which do not import each other; data does not import vision); search; schema and evaluation; the export format; engine; the applications (train, evaluate, predict, serve);
 the data_prep tool; the demo. Every import counts, also those deferred into functions.
 """
 
@@ -24,7 +24,7 @@ LAYERS = [
     ("memvp_ds.schema", "memvp_ds.evaluation"),
     ("memvp_ds.export",),
     ("memvp_ds.engine",),
-    ("memvp_ds.train", "memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.info", "memvp_ds"),
+    ("memvp_ds.train", "memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.info", "memvp_ds.serve", "memvp_ds"),
     ("data_prep",),
     ("memvp_demo",),
 ]

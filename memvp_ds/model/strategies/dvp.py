@@ -238,6 +238,18 @@ class DVPStrategy(VisualStrategy):
         slot's cached K/V) or is the one made in the prefill (residual)."""
         self._state = None
 
+    def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        if self.as_token or self._decoding_prompt is None:
+            return ()  # the token's prompt is in the KV cache
+        return (self._decoding_prompt,)
+
+    def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        if not self.as_token:
+            self._decoding_prompt = rows[0] if rows else None
+
+    def leading_cache_columns(self) -> int:
+        return 1 if self.as_token and self._has_slot else 0
+
     def prefix_positions(self) -> int:
         return 1 if self.as_token else 0
 
