@@ -42,13 +42,19 @@ def _holder_text(info: Dict[str, Any]) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host. A zombie (ended, not yet reaped: its launcher was killed too and
+    the container's init does not reap) runs no more code: not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (not Linux): os.kill's answer stands
+        return True
 
 
 class RunLock:

@@ -1,11 +1,12 @@
 """A training run as memvp-train starts it: one writer per run folder, no orphan ranks, a clean stop at any
 time, and a status.json that never claims success for a run that ended in an error.
 
-Order, after the config is loaded (nothing written yet): rank 0 takes the run folder's lock
-(memvp_ds.run_lock); every rank watches its launcher (distributed.exit_with_launcher); then the process
-group, pre-flight and model build run as a start-up a stop signal ends at once (status "preempted", or
-"interrupted" for Ctrl-C: nothing to save yet), and the training loop honours it at a step boundary after
-saving. An exception ends the run with status "failed" and its one-line reason before it propagates.
+Order, after the config is loaded (nothing written yet): every rank watches its launcher
+(distributed.exit_with_launcher); the process group forms; rank 0 takes the run folder's lock
+(memvp_ds.run_lock) and every rank stops if it is refused. Up to the end of the model build this is a
+start-up that a stop signal ends at once (status "preempted", or "interrupted" for Ctrl-C: nothing to save
+yet); the training loop honours one at a step boundary, after saving. An exception ends the run with
+status "failed" and its one-line reason before it propagates.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Dict, Optional
 from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.cli import error_line
 from memvp_ds.config import Config
-from memvp_ds.distributed import destroy, exit_with_launcher, init_distributed
+from memvp_ds.distributed import DistInfo, all_gather_objects, destroy, exit_with_launcher, init_distributed
+from memvp_ds.engine.preflight import check_writable
 from memvp_ds.engine.trainer import STATUS, Trainer
 from memvp_ds.run_lock import RunLock
 from memvp_ds.stop_signals import INTERRUPTED_EXIT_CODE, STOP, StopRequested, outcome
@@ -50,11 +52,35 @@ def write_run_status(out: str, status: str, reason: Optional[str] = None, **fiel
             pass
 
 
+def _hold_run_folder(out: str, dist_info: DistInfo) -> Optional[RunLock]:
+    """Rank 0 takes the run folder's lock; every rank raises its refusal (one line, printed by rank 0), so a
+    refused job ends on all ranks alike."""
+    lock, refusal = None, None
+    if dist_info.is_main:
+        try:
+            check_writable(out, "train.output_dir")  # a folder that cannot hold the lock is named as the option
+            lock = RunLock(out).acquire()
+        except ValueError as err:  # ConfigError, RunFolderBusy
+            refusal = err
+    refusal = all_gather_objects(refusal)[0]
+    if refusal is not None:
+        raise refusal
+    return lock
+
+
+def _lock_to_report(out: str) -> Optional[RunLock]:
+    """The lock for a status written before the run took it (a stop during start-up), or None if refused."""
+    try:
+        return RunLock(out).acquire() if _is_rank_zero() else None
+    except (OSError, ValueError):
+        return None
+
+
 def run_training(cfg: Config) -> int:
     """Train ``cfg`` as one rank of a job (or a single process); returns the process exit code."""
     out = cfg.train.output_dir
-    lock = RunLock(out).acquire() if _is_rank_zero() else None  # refused: RunFolderBusy, one line
     exit_with_launcher()
+    lock: Optional[RunLock] = None
     try:
         try:
             with STOP.immediate():  # start-up: a stop signal ends it here, cleanly
@@ -63,12 +89,14 @@ def run_training(cfg: Config) -> int:
                 print(f"memvp_ds: rank {dist_info.rank}/{dist_info.world_size} on node {node}", flush=True)
                 if not dist_info.is_main:
                     logging.getLogger().setLevel(logging.WARNING)
+                lock = _hold_run_folder(out, dist_info)  # before anything is written there
                 trainer = Trainer(cfg, dist_info)
             result = trainer.train()
         except StopRequested as stop:
             status, code = outcome(stop.signal_name)
             log.warning("stop signal (%s) during start-up, before the first step: nothing to save; status %s",
                         stop.signal_name, status)
+            lock = lock or _lock_to_report(out)
             if lock:
                 write_run_status(out, status, reason=f"{stop.signal_name} during start-up, before the first step")
             return code
