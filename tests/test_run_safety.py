@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import stat
