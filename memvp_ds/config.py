@@ -15,6 +15,7 @@ import ast
 import copy
 import dataclasses
 import inspect
+import math
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -37,6 +38,24 @@ def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
 def check_at_least(key: str, value: Optional[float], minimum: float) -> None:
     if value is not None and value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def check_above(key: str, value: Optional[float], bound: float) -> None:
+    if value is not None and not value > bound:
+        raise ConfigError(f"{key} must be > {bound}, got {value}")
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """Raise ConfigError naming the key of the first NaN or infinite number in the dataclass tree ``cfg``
+    (NaN passes every range check, since it compares false with everything)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key + ".")
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
 
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
@@ -77,6 +96,9 @@ class ProjectorConfig:
     """Width of the projector's hidden layer (official: 128)."""
     output_scale: float = 0.01
     """Factor on the projector's output (official: 0.01, so the visual term starts small)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("model.projector.hidden_dim", self.hidden_dim, 1)
 
 
 @dataclass
@@ -221,8 +243,21 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum_steps", "save_interval", "keep_last", "max_nonfinite_steps"):
             check_at_least(f"train.{name}", getattr(self, name), 1)
         check_at_least("train.max_steps", self.max_steps, 1)
+        check_above("train.epochs", self.epochs, 0)  # zero epochs would "complete" untrained and export
+        check_above("train.blr", self.blr, 0)
+        for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip"):
+            check_at_least(f"train.{name}", getattr(self, name), 0)
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas needs two values, got {self.adam_betas}")
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must lie in [0, 1), got {self.adam_betas}")
+
+    def check_min_lr(self, world_size: int) -> None:
+        """min_lr is where the cosine decay ends, so it may not exceed the peak lr of this world size."""
+        if self.min_lr > self.lr(world_size):
+            raise ConfigError(f"train.min_lr={self.min_lr} is above the learning rate it decays from, "
+                              f"{self.lr(world_size):.4g} (train.blr * global batch {self.global_batch(world_size)} "
+                              "/ 256): lower train.min_lr or raise train.blr")
 
     def global_batch(self, world_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * world_size
@@ -258,6 +293,7 @@ class EvalConfig:
         check_at_least("eval.batch_size", self.batch_size, 1)
         check_at_least("eval.max_new_tokens", self.max_new_tokens, 1)
         check_at_least("eval.max_samples", self.max_samples, 1)
+        check_at_least("eval.interval", self.interval, 0)
 
 
 @dataclass
@@ -270,6 +306,10 @@ class LoggingConfig:
     """Write TensorBoard event files to <output_dir>/tb."""
     peak_tflops: Optional[float] = None
     """Per-device peak for train/mfu; default: looked up from the GPU name (none on CPU, so no MFU there)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("logging.log_interval", self.log_interval, 1)
+        check_above("logging.peak_tflops", self.peak_tflops, 0)
 
 
 @dataclass
@@ -396,7 +436,9 @@ def merge_config(schema_cls: Type, path: Optional[str] = None, overrides: Option
             raise ConfigError(f"override '{item}' is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
+        check_finite(cfg)
+        return cfg
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
     except OmegaConfBaseException as err:

@@ -113,9 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Arguments that would fail only after the model is loaded, checked before (one line each)."""
+    from memvp_ds.config import check_at_least
+    from memvp_ds.data.prompts import check_choice_count
+
+    check_at_least("--max-new-tokens", args.max_new_tokens, 1)
+    check_choice_count(args.choices or [], "--choices")
+
+
 @command
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    check_arguments(args)
     output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
                     args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 
 if __package__ in (None, ""):  # run as a file (deepspeed memvp_ds/train.py): make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memvp_ds.cli import command  # noqa: E402  (after the path fix above)
+from memvp_ds.stop_signals import STOP  # noqa: E402  (after the path fix above)
+from memvp_ds.cli import command  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +77,17 @@ def print_plan(cfg, world_size=None) -> int:
 
 @command
 def main(argv) -> int:
+    STOP.install()  # first: a stop signal during start-up ends the run cleanly, never by default action
+    try:
+        return _main(argv)
+    finally:
+        STOP.restore()
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     if args.help_config:
+        STOP.release()
         print(config_reference())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,6 +97,8 @@ def main(argv) -> int:
     from memvp_ds.schema import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
+    if args.print_config or args.dry_run:
+        STOP.release()  # these only read: Ctrl-C stops them at once
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -99,18 +110,9 @@ def main(argv) -> int:
     world_size = int(os.environ.get("WORLD_SIZE") or slurm_ranks or 1)
     build_ds_config(cfg, world_size)
     plan_data(cfg, world_size)
+    from memvp_ds.engine.guarded_run import run_training
 
-    from memvp_ds.distributed import destroy, init_distributed
-    from memvp_ds.engine.trainer import Trainer
-
-    dist_info = init_distributed()
-    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    print(f"memvp_ds: rank {dist_info.rank}/{dist_info.world_size} on node {node}", flush=True)
-    if not dist_info.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    result = Trainer(cfg, dist_info).train()
-    destroy()
-    return 0 if result["status"] in ("complete", "preempted") else 1
+    return run_training(cfg)  # the run folder's lock, then the process group, the Trainer and its status
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ from memvp_ds.config import PROMPT_FORMATS
 IGNORE_INDEX = -100
 """Label of a position without loss (prompt, padding). The model treats every negative label so."""
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def check_choice_count(choices: Sequence[str], what: str = "choices") -> None:
+    """Options are lettered A-Z (the answer is one capital letter): more than 26 cannot be asked."""
+    if len(choices) > len(OPTION_LETTERS):
+        raise ValueError(f"{what}: {len(choices)} options, at most {len(OPTION_LETTERS)} (A-Z) can be lettered")
 ANSWER_PREFIX = "The answer is"
 """What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
 Segment = Tuple[str, bool]
@@ -43,6 +49,7 @@ def scienceqa_prompt(question: str, choices: Sequence[str], hint: Optional[str],
     Like the official code, one pass of replace('  ', ' ') over the whole prompt (so three spaces become
     two), then strip().
     """
+    check_choice_count(choices)
     options = " ".join(f"({OPTION_LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
     prompt = f"Question: {question}\nContext: {scienceqa_context(hint, caption)}\nOptions: {options}\nResponse:"
     return prompt.replace("  ", " ").strip()
@@ -156,6 +163,7 @@ def build_segments(fields: dict, prompt_format: str, with_target: bool = True,
     if prompt_format == "qa":
         prompt = f"Question: {fields['question']}\n"
         if fields.get("choices"):
+            check_choice_count(fields["choices"])
             prompt += "Options: " + " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(fields["choices"])) + "\n"
         return [(prompt, False), (f"Answer: {fields['answer']}", True)] if with_target else [(prompt, False)]
     if prompt_format == "conversation":

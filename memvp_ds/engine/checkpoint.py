@@ -20,9 +20,9 @@ import shutil
 from typing import Any, Dict, List, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from memvp_ds.atomic_io import atomic_open
+from memvp_ds.atomic_io import atomic_open, fsync_dir, write_json_atomic, write_safetensors
 from memvp_ds.config import Config, ConfigError, config_to_dict
 from memvp_ds.distributed import DistInfo, barrier
 from memvp_ds.export import TRAINABLE, write_export
@@ -102,15 +102,16 @@ def save_checkpoint(model, optimizer, dist_info: DistInfo, output_dir: str, step
     if dist_info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file(tensors, os.path.join(tmp, TRAINABLE))
+        write_safetensors(tensors, os.path.join(tmp, TRAINABLE))
     barrier()
-    save_file(_rng_state(), os.path.join(tmp, f"rng-rank{dist_info.rank}.safetensors"))
+    # Every file is on disk (written durably) before the folder is renamed into place and `latest` moves.
+    write_safetensors(_rng_state(), os.path.join(tmp, f"rng-rank{dist_info.rank}.safetensors"))
     barrier()
     if dist_info.is_main:
-        with open(os.path.join(tmp, STATE), "w") as f:
-            json.dump({**state, "step": step, "world_size": dist_info.world_size}, f, indent=2)
+        write_json_atomic(os.path.join(tmp, STATE), {**state, "step": step, "world_size": dist_info.world_size})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(root)
         _write_latest(root, name)
         _prune(root, keep_last, state.get("run_id"), name)
     barrier()

@@ -7,7 +7,6 @@ import itertools
 import logging
 import math
 import os
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from memvp_ds.atomic_io import write_json_atomic
+from memvp_ds.atomic_io import write_json_atomic, write_text_atomic
 from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
@@ -45,6 +44,7 @@ from memvp_ds.progress import progress
 from memvp_ds.model import build_model
 from memvp_ds.search import build_search, heldout_batch_index, skippable_layers
 from memvp_ds.search.result import write_search_result
+from memvp_ds.stop_signals import STOP, StopRequested, outcome
 
 log = logging.getLogger("memvp_ds")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "images", "has_image", "segment_ids")
@@ -96,7 +96,8 @@ class _StopWhileWaiting(Exception):
 
 
 class _StopFlag:
-    """SIGUSR1 (Slurm's pre-kill warning) or SIGTERM: save at the next step boundary and exit cleanly.
+    """SIGUSR1 (Slurm's pre-kill warning), SIGTERM or SIGINT (Ctrl-C): save at the next step boundary and exit
+    cleanly (memvp_ds.stop_signals keeps the record, from the entry point's first line).
 
     Slurm signals the whole process group; loader workers ignore these signals (stream.ignore_stop_signals),
     so the main process decides. A single process waiting for data is interrupted at once (it saves the last
@@ -105,25 +106,21 @@ class _StopFlag:
     """
 
     def __init__(self, interrupt_waits: bool):
-        self.raised: Optional[str] = None
         self._interrupt_waits = interrupt_waits
-        self._waiting = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        STOP.install()  # already in place under memvp-train; a Trainer used directly gets it here
 
-    def _handle(self, signum, frame):
-        self.raised = signal.Signals(signum).name
-        if self._waiting and self._interrupt_waits:
-            raise _StopWhileWaiting(self.raised)
+    @property
+    def raised(self) -> Optional[str]:
+        return STOP.raised
 
     def next_batch(self, batches: Iterator[Dict[str, Any]]) -> Dict[str, Any]:
-        if self.raised and self._interrupt_waits:
-            raise _StopWhileWaiting(self.raised)
-        self._waiting = True
-        try:
+        if not self._interrupt_waits:
             return next(batches)
-        finally:
-            self._waiting = False
+        try:
+            with STOP.immediate():
+                return next(batches)
+        except StopRequested as stop:
+            raise _StopWhileWaiting(stop.signal_name) from None
 
 
 class Trainer:
@@ -211,8 +208,7 @@ class Trainer:
         step, micro_batches = self._resume()
         if self.dist.is_main:
             os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                f.write(to_yaml(self.cfg))
+            write_text_atomic(os.path.join(self.out, "config.yaml"), to_yaml(self.cfg))
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
         logger = ScalarLogger(os.path.join(self.out, "tb"), self.cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
@@ -244,7 +240,8 @@ class Trainer:
         return state["step"], self._resumed_position(state["data"])
 
     def _loop(self, step: int, micro_batches: int, logger: ScalarLogger) -> Tuple[str, int, List[float]]:
-        """Optimizer steps until the plan's last one ("complete") or a stop signal ("preempted")."""
+        """Optimizer steps until the plan's last one ("complete") or a stop signal ("preempted"; "interrupted"
+        for Ctrl-C)."""
         cfg, plan = self.cfg, self.plan
         stop = _StopFlag(interrupt_waits=self.dist.world_size == 1)
         batches = iter(self._train_loader(micro_batches))
@@ -279,7 +276,7 @@ class Trainer:
                     self._save(step, {"micro_batches": step_start, "streams": self._streams()})
                     log.warning("stop signal (%s) while waiting for data: step %d saved, exiting to resume later",
                                 stop.raised, step)
-                    return "preempted", step, losses
+                    return outcome(stop.raised)[0], step, losses
                 step += 1
                 window.steps += 1
                 grad_norm = self.engine.get_global_grad_norm()
@@ -309,7 +306,7 @@ class Trainer:
                 if stopping:
                     log.warning("stop signal (%s) at step %d: checkpoint saved, exiting to resume later",
                                 stop.raised, step)
-                    return "preempted", step, losses
+                    return outcome(stop.raised)[0], step, losses
                 if cfg.eval.interval and step % cfg.eval.interval == 0 and plan.val_urls:
                     logger.log(self.evaluate_loss(), step)
             return "complete", step, losses
