@@ -31,7 +31,8 @@ def training_flops_per_position(model, positions_per_row: int) -> float:
     The LLM is frozen, so its backward computes input gradients only: 2N forward + 2N backward for its N
     matmul weights in computed layers (embeddings and skipped layers excluded), against the usual 6N when
     weights train too. Attention adds 4 * layers * width * T forward (QK^T and AV), tripled for backward.
-    The trainable part is counted at 6 FLOPs per weight, and the strategy's own per-token terms in each
+    The trainable part is counted at 6 FLOPs per weight (per position inside the LLM: LoRA, DAS adapters; per
+    row outside it: projector, memory), and the strategy's own per-token terms in each
     computed layer (e.g. MemVP's (T x d) @ (d x M) and (T x M) @ (M x d)) are tripled for backward.
     """
     cfg = model.llm.config
@@ -43,9 +44,12 @@ def training_flops_per_position(model, positions_per_row: int) -> float:
             inner = model.skipping.layers[i].layer
             not_computed |= {id(p) for p in inner.parameters()} if inner is not None else set()
     frozen = sum(numel(p) for p in model.llm.parameters() if not p.requires_grad and id(p) not in not_computed)
-    trainable = sum(numel(p) for p in model.trainable_parameters().values())
+    # Trainable weights inside the LLM (LoRA, DAS adapters) act on every position; the others (projector,
+    # memory) once per row's image.
+    per_position = sum(numel(p) for p in model.llm.parameters() if p.requires_grad and id(p) not in not_computed)
+    per_row = sum(numel(p) for name, p in model.trainable_parameters().items() if not name.startswith("llm."))
     flops = 4 * frozen + 3 * layers * (4 * width * positions_per_row + model.strategy.forward_flops_per_position_and_layer())
-    return flops + 6 * trainable / max(positions_per_row, 1)
+    return flops + 6 * per_position + 6 * per_row / max(positions_per_row, 1)
 
 
 def max_memory_gb() -> float:
