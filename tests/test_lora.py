@@ -128,3 +128,24 @@ def test_trainable_count_at_llama_7b_shapes_on_the_meta_device():
     assert counts["projector"] == 1024 * d + d + d * d + d == 20_979_712
     print(f"llava_lora at LLaMA-7B shapes: {sum(counts.values()) / 1e6:.1f} M trainable "
           f"(LoRA {counts['lora'] / 1e6:.1f} M, projector {counts['projector'] / 1e6:.1f} M)")
+
+
+@pytest.mark.parametrize("strategy,overrides", [("llava_lora", []), ("memvp", ["model.lora.enabled=true"])])
+def test_lora_gradients_are_the_same_with_gradient_checkpointing(strategy, overrides):
+    """Text-only rows included: there the first block's input (frozen embeddings) needs no gradient, and the
+    LoRA gradients inside must still come out."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(strategy, "model.lora.dropout=0.0", "model.memvp.dropout=0.0", *overrides)
+        _randomise(model)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        torch.manual_seed(3)
+        ids, feats = torch.randint(4, 512, (2, 10)), torch.randn(2, N, C)
+        model(ids, labels=ids, image_features=feats, has_image=torch.tensor([True, False])).loss.backward()
+        model(ids, labels=ids).loss.backward()  # a text-only batch
+        grads.append({name: p.grad for name, p in model.trainable_parameters().items()})
+    assert all(g is not None for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
