@@ -16,6 +16,7 @@ from typing import List, Optional
 from transformers import PreTrainedModel
 
 from memvp_ds.config import ConfigError, check_at_least
+from memvp_ds.model.strategies import STRATEGIES
 
 ALL_LINEAR = "all-linear"
 
@@ -50,9 +51,10 @@ class LoRAOptions:
             raise ConfigError("model.lora.target_modules: name at least one module (or 'all-linear')")
         if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(f"model.lora.target_modules: {list(self.target_modules)}: 'all-linear' stands alone")
-        if self.enabled is False and cfg.model.strategy == "llava_lora":
-            raise ConfigError("model.lora.enabled: strategy llava_lora is input_prefix + LoRA; it cannot run "
-                              "with model.lora.enabled=false (use model.strategy=input_prefix for no LoRA)")
+        strategy = STRATEGIES.get(cfg.model.strategy)
+        if self.enabled is False and strategy is not None and strategy.has_lora:
+            raise ConfigError(f"model.lora.enabled: strategy {strategy.name} is defined with LoRA; it cannot run "
+                              "with model.lora.enabled=false (input_prefix is llava_lora without LoRA)")
 
     def active(self, strategy_has_lora: bool) -> bool:
         """Whether LoRA goes on the LLM, given whether the strategy is defined with it."""
