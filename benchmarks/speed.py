@@ -6,14 +6,16 @@
 
 Variants: memvp, input_prefix (the baseline), apt (official setup: visual tokens in the sequence plus
 approximated prompts), apt_rows (the visual features as APT prompt rows instead), dvp (the prompt as a token
-at the middle layer, with adapters), dvp_residual (added to the residual stream), memvp_skip (MemVP with
-DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters run
+at the middle layer, with adapters), dvp_residual (added to the residual stream), llava_lora (the visual tokens
+in the sequence plus LoRA on every Linear of the LLM, rank scaled to the preset's width, and LLaVA's
+mlp2x_gelu projector), memvp_skip (MemVP with DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters run
 inside the model on pixels: model.vision.online; a ViT whose output has the preset's visual shape, ViT-L/14
 for llama13b). Prints a table and writes JSON with, per variant: train step time, model FLOPs per step
 (memvp_online adds the CLIP's), tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each
-variant's ratio to input_prefix, and memvp_skip's and memvp_online's ratios to memvp. Weights are random
-(speed only). Model FLOPs count the weight matmuls that run (engine/metrics.py: MatmulFlopCounter),
-the online CLIP tower's included, plus attention.
+variant's ratio to input_prefix, MemVP's ratio to each other method (memvp_over_X; the paper at 7B: 0.72
+against LaVIN, 0.57 against LLaVA-LoRA in training step time), and memvp_skip's and memvp_online's ratios to
+memvp. Weights are random (speed only). Model FLOPs count the weight matmuls that run (engine/metrics.py:
+MatmulFlopCounter), the online CLIP tower's included, plus attention.
 """
 
 from __future__ import annotations
@@ -66,14 +68,17 @@ class Preset:
     clip_layers: int
     """Blocks of that generated ViT (the last one is not run: penultimate-layer features)."""
     clip_image_size: int
+    lora_rank: int
+    """llava_lora's LoRA rank: LLaVA's 128 at d = 4096-5120, scaled down with the width for small presets."""
 
 
 PRESETS = {
-    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64, "", 5, 128),
+    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64, "", 5, 128, 8),
     "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512,
-                       "ViT-L-14", 24, 224),
+                       "ViT-L-14", 24, 224, 128),
 }
-VARIANTS = ("memvp", "input_prefix", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", "memvp_online")
+VARIANTS = ("memvp", "input_prefix", "apt", "apt_rows", "dvp", "dvp_residual", "llava_lora", "memvp_skip",
+            "memvp_online")
 EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp_residual": ("dvp", ["model.dvp.insert=residual"])}
 """Variants that are another option of a strategy: (strategy, overrides)."""
 
@@ -101,6 +106,9 @@ def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
     overrides = [f"model.strategy={strategy}", *overrides]
     if strategy == "apt":
         overrides.append(f"model.apt.prompts={p.apt_prompts}")
+    if strategy == "llava_lora":
+        overrides += [f"model.lora.rank={p.lora_rank}", f"model.lora.alpha={2 * p.lora_rank}",
+                      f"model.projector.hidden_dim={p.hidden}", "model.projector.activation=gelu"]
     if strategy == "dvp":
         overrides += [f"model.dvp.layer={p.layers // 2}", f"model.dvp.heads={p.dvp_heads}",
                       f"model.dvp.inner_dim={p.dvp_inner}"]
@@ -221,6 +229,8 @@ def main(argv=None) -> int:
     peak = peak_flops(args.peak_tflops)
     results = {name: measure(name, preset, device, peak, args.skip) for name in args.variants}
     ratios = {f"{name}_over_input_prefix": (name, "input_prefix") for name in results if name != "input_prefix"}
+    # MemVP against every other method (its own variants, memvp_skip and memvp_online, excepted).
+    ratios.update({f"memvp_over_{name}": ("memvp", name) for name in results if not name.startswith("memvp")})
     ratios["memvp_skip_over_memvp"] = ("memvp_skip", "memvp")
     ratios["memvp_online_over_memvp"] = ("memvp_online", "memvp")
     ratios = {key: {metric: results[a][metric] / results[b][metric] for metric in results[a]}

@@ -7,8 +7,9 @@ Stages (each through the real tools):
      reading corpus of described scenes (the stand-in for LLaMA's language skills);
   4. training through memvp_ds/train.py (deepspeed, 2 CPU ranks, ZeRO-2) of the frozen base LLM with MemVP,
      the input-space baseline (visual tokens in front of the text) and a text-only control (MemVP with the
-     image features dropped); ``--all`` adds APT, DVP (its layer found by a KAB-APP search run first) and
-     MemVP with DAS layer skipping (skip list found by a DAS search run first);
+     image features dropped); ``--all`` adds LLaVA-LoRA (the visual tokens plus LoRA on the LLM), APT, DVP
+     (its layer found by a KAB-APP search run first) and MemVP with DAS layer skipping (skip list found by a
+     DAS search run first);
   5. greedy evaluation on the test split;
   6. a text table, a PNG figure (loss curves, accuracy per question type with the chance level) and
      TensorBoard logs.
@@ -51,6 +52,7 @@ SEARCHES = {
 RUNS = {
     "memvp": Run("tiny_memvp"),
     "input_prefix": Run("tiny_input_prefix"),
+    "llava_lora": Run("tiny_llava_lora"),
     "apt": Run("tiny_apt"),
     "dvp": Run("tiny_dvp", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
     "memvp_das": Run("tiny_memvp", ["model.skip.from_search={out}/das_search"], "das_search"),
@@ -325,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fast", action="store_true", help="less data and fewer steps (the test suite's setting)")
     parser.add_argument("--steps", type=int, help=f"training steps per run (default: {SETTINGS['default'][2]})")
     parser.add_argument("--all", action="store_true",
-                        help="compare every method: adds apt, dvp (after its KAB-APP search) and memvp_das (after "
-                             "its DAS search) to the default memvp, input_prefix and text_only")
+                        help="compare every method: adds llava_lora, apt, dvp (after its KAB-APP search) and memvp_das "
+                             "(after its DAS search) to the default memvp, input_prefix and text_only")
     parser.add_argument("--methods", nargs="+", choices=list(RUNS),
                         help=f"runs to train and compare (default: {' '.join(DEFAULT_METHODS)}); text_only is the control")
     return parser

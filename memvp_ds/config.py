@@ -59,6 +59,7 @@ def check_finite(cfg: Any, prefix: str = "") -> None:
 
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
+PROJECTOR_ACTIVATIONS = ("silu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -90,12 +91,17 @@ class LLMConfig:
 
 @dataclass
 class ProjectorConfig:
-    """Visual projector shared by all strategies: Linear(C -> hidden) -> SiLU -> Linear(hidden -> d), x scale."""
+    """Visual projector shared by all strategies: Linear(C -> hidden) -> activation -> Linear(hidden -> d), x scale."""
 
     hidden_dim: int = 128
     """Width of the projector's hidden layer (official: 128)."""
     output_scale: float = 0.01
     """Factor on the projector's output (official: 0.01, so the visual term starts small)."""
+    activation: str = "silu"
+    """silu (MemVP's projector) or gelu (LLaVA-1.5's mlp2x_gelu, with hidden_dim = d and output_scale 1)."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.projector.activation", self.activation, PROJECTOR_ACTIVATIONS)
 
     def __post_init__(self) -> None:
         check_at_least("model.projector.hidden_dim", self.hidden_dim, 1)
@@ -110,7 +116,8 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     """The frozen language model."""
     strategy: str = "memvp"
-    """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp)."""
+    """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp,
+    llava_lora)."""
     visual_dim: int = 1024
     """C: channel width of the pre-extracted visual features (1024 for CLIP ViT-L/14)."""
     visual_tokens: int = 256

@@ -21,6 +21,7 @@ from memvp_ds.config import (
     merge_config,
 )
 from memvp_ds.model.layer_skip import SkipOptions
+from memvp_ds.model.lora import LoRAOptions
 from memvp_ds.recipes import resolve_config_path
 from memvp_ds.model.strategies import STRATEGIES
 from memvp_ds.search.das import DASSearchOptions
@@ -29,8 +30,9 @@ from memvp_ds.search.result import apply_search_results
 from memvp_ds.vision.tower import VisionOptions
 
 MODEL_GROUPS = {**{name: cls.options for name, cls in STRATEGIES.items() if cls.options}, "skip": SkipOptions,
-                "vision": VisionOptions}
-"""Option groups under ``model.``: one per strategy that has options, layer skipping and the online vision tower."""
+                "vision": VisionOptions, "lora": LoRAOptions}
+"""Option groups under ``model.``: one per strategy that has options, layer skipping, the online vision tower
+and LoRA on the LLM."""
 SEARCH_GROUPS = {"dvp": DVPSearchOptions, "das": DASSearchOptions}
 """Option groups under ``search.``."""
 

@@ -117,6 +117,21 @@ def _plan(full_size, tokenizer_dir, tmp_path, *extra, world_size=8):
     return dry_run_report(cfg, world_size)
 
 
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_llava_lora_recipes_plan_the_memvp_schedule_with_llavas_lr(full_size, tokenizer_dir, tmp_path, size):
+    """The baseline runs on MemVP's data, batch and epochs; its lr is LLaVA's LoRA 2e-4 at global batch 128
+    by the linear scaling rule."""
+    from memvp_ds.engine.plan_report import dry_run_report
+
+    cfg = load_config(str(CONFIGS / f"llava_lora_llama{size}_sqa.yaml"),
+                      _overrides(full_size, tokenizer_dir, tmp_path / "o"))
+    plan = dry_run_report(cfg, 8)
+    assert cfg.model.strategy == "llava_lora" and cfg.model.lora.rank == 128 and cfg.model.lora.alpha == 256
+    assert plan["global_batch"] == 32 and plan["total_steps"] == 7940 and plan["warmup_steps"] == 794
+    assert plan["lr"] == pytest.approx(2e-4 * 32 / 128, rel=1e-12)
+    assert plan["example"]["prompt"] == FISH_PROMPT
+
+
 def test_an_explicit_subset_is_reported_as_such(full_size, tokenizer_dir, tmp_path):
     subset = os.path.join(full_size["shards"], "train-{000000..000003}.tar")
     plan = _plan(full_size, tokenizer_dir, tmp_path, f"data.train_shards={subset}", "eval.use_caption=false")

@@ -14,6 +14,7 @@ from transformers import DynamicCache, PreTrainedModel
 from memvp_ds.config import ModelConfig
 from memvp_ds.model.layer_skip import LayerSkipping, install_layer_skipping
 from memvp_ds.model.llm import load_frozen_llm
+from memvp_ds.model.lora import install_lora
 from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
 from memvp_ds.model.strategies.base import PackedLayout
 from memvp_ds.vision.tower import OnlineClipTower, build_vision_tower
@@ -287,13 +288,16 @@ class VisualPromptedLM(nn.Module):
 
 def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPromptedLM:
     """Load the frozen LLM named by ``cfg.llm``, attach the strategy ``cfg.strategy`` and drop the layers in
-    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle. With
-    ``cfg.vision.online`` the frozen CLIP with its adapters comes last, so the strategy's initialisation is
-    the same in both modes."""
+    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle. LoRA
+    (``cfg.lora``) goes on the LLM's Linears after the strategy and before layer skipping, so the strategy's
+    initialisation is the same with and without it. With ``cfg.vision.online`` the frozen CLIP with its
+    adapters comes last, so the strategy's initialisation is the same in both modes."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
     llm = load_frozen_llm(cfg.llm)
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
+    if cfg.lora.active(strategy.has_lora):
+        install_lora(llm, cfg.lora)
     skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg.skip.adapter_dim)
     vision = build_vision_tower(cfg.vision) if cfg.vision.online else None
     if vision is not None and (vision.tokens, vision.dim) != (cfg.visual_tokens, cfg.visual_dim):

@@ -157,6 +157,8 @@ class VisualStrategy(nn.Module):
     name: ClassVar[str]
     options: ClassVar[Optional[type]] = None
     """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
+    has_lora: ClassVar[bool] = False
+    """Whether the method is defined with LoRA on the LLM (``model.lora``, on unless set otherwise)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()
