@@ -102,8 +102,6 @@ class ProjectorConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.projector.activation", self.activation, PROJECTOR_ACTIVATIONS)
-
-    def __post_init__(self) -> None:
         check_at_least("model.projector.hidden_dim", self.hidden_dim, 1)
 
 

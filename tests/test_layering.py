@@ -17,12 +17,12 @@ PACKAGES = ("memvp_ds", "data_prep", "memvp_demo")
 
 LAYERS = [
     ("memvp_ds.config", "memvp_ds.atomic_io", "memvp_ds.distributed", "memvp_ds.recipes", "memvp_ds.cli",
-     "memvp_ds.progress", "memvp_ds.provenance", "memvp_ds.run_lock", "memvp_ds.stop_signals"),
+     "memvp_ds.progress", "memvp_ds.run_lock", "memvp_ds.stop_signals"),
     ("memvp_ds.vision",),
     ("memvp_ds.model", "memvp_ds.data"),
     ("memvp_ds.search",),
     ("memvp_ds.schema", "memvp_ds.evaluation"),
-    ("memvp_ds.export",),
+    ("memvp_ds.export", "memvp_ds.provenance"),
     ("memvp_ds.engine",),
     ("memvp_ds.train", "memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.info", "memvp_ds.serve", "memvp_ds"),
     ("data_prep",),
