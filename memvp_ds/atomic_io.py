@@ -103,15 +103,14 @@ def _is_disk_full(err: BaseException) -> bool:
     return any(os.strerror(code) in text for code in DISK_FULL_ERRNOS)
 
 
-def write_durably(path: str, write: Callable[[str], None], needed: Optional[int] = None) -> None:
-    """Call ``write(tmp)`` to create a temp file beside ``path``, give it the umask's mode, flush it to disk,
-    rename it over ``path`` and flush the folder. On failure the temp file is removed and ``path`` is left
-    as it was; a full disk raises DiskFullError naming ``path``."""
+@contextmanager
+def _replacing(path: str, needed: Optional[int] = None) -> Iterator[str]:
+    """A temp path beside ``path`` for the block to write and flush; renamed over ``path`` (then the folder is
+    flushed) once the block completes. On failure the temp file is removed and ``path`` is left as it was; a
+    full disk raises DiskFullError naming ``path``."""
     tmp = f"{path}.tmp"
     try:
-        write(tmp)
-        apply_umask(tmp)
-        fsync_file(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -122,6 +121,16 @@ def write_durably(path: str, write: Callable[[str], None], needed: Optional[int]
             raise disk_full(path, needed, err) from None
         raise
     fsync_dir(_folder(path))
+
+
+def write_durably(path: str, write: Callable[[str], None], needed: Optional[int] = None) -> None:
+    """Call ``write(tmp)`` to create a temp file beside ``path``, give it the umask's mode, flush it to disk,
+    rename it over ``path`` and flush the folder. On failure the temp file is removed and ``path`` is left
+    as it was; a full disk raises DiskFullError naming ``path``."""
+    with _replacing(path, needed) as tmp:
+        write(tmp)
+        apply_umask(tmp)
+        fsync_file(tmp)
 
 
 def write_safetensors(tensors: Dict[str, Any], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -135,22 +144,10 @@ def write_safetensors(tensors: Dict[str, Any], path: str, metadata: Optional[Dic
 @contextmanager
 def atomic_open(path: str) -> Iterator[TextIO]:
     """Open ``path`` for writing text; it appears only if the block completes (then durably)."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(err, Exception) and _is_disk_full(err):
-            raise disk_full(path, None, err) from None
-        raise
-    fsync_dir(_folder(path))
+    with _replacing(path) as tmp, open(tmp, "w") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: str, data: Any) -> None:

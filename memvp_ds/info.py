@@ -12,6 +12,7 @@ and the seed. Reads only the file's header: no model is built.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any, Dict
@@ -39,17 +40,10 @@ def describe(path: str) -> Dict[str, Any]:
         "llm": llm.get("path") or f"inline config ({llm.get('config', {}).get('model_type', '?')})",
         "prompt_format": config["data"]["prompt_format"],
         "trainable_tensors": len(shapes),
-        "trainable_parameters": sum(_numel(shape) for shape in shapes.values()),
+        "trainable_parameters": sum(math.prod(shape) for shape in shapes.values()),
         "feature_recipe": json.loads(metadata[RECIPE_KEY]) if RECIPE_KEY in metadata else None,
         "provenance": read_provenance(path),
     }
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def format_text(info: Dict[str, Any]) -> str:

@@ -48,8 +48,7 @@ def extract_image_features(recipe_dict: dict, image, clip_pretrained: Optional[s
     to its storage dtype)."""
     from memvp_ds.vision.clip_features import ClipFeatureExtractor, FeatureRecipe, image_transform, load_clip_visual
 
-    fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
-    recipe = FeatureRecipe(**{**fields, **({"pretrained": clip_pretrained} if clip_pretrained else {})})
+    recipe = FeatureRecipe.from_stored(recipe_dict, **({"pretrained": clip_pretrained} if clip_pretrained else {}))
     extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
     pixels = image_transform(recipe)(read_image(image) if isinstance(image, str) else image)[None]
     return extractor(pixels).to(getattr(torch, recipe.dtype))
@@ -59,8 +58,8 @@ def image_pixels_for(recipe_dict: dict, image) -> torch.Tensor:
     """(1, 3, S, S) uint8 pixels of one image, resized as data_prep stores them for an online vision tower."""
     from memvp_ds.vision.clip_features import FeatureRecipe, image_pixels
 
-    fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
-    return image_pixels(read_image(image) if isinstance(image, str) else image, FeatureRecipe(**fields))[None]
+    picture = read_image(image) if isinstance(image, str) else image
+    return image_pixels(picture, FeatureRecipe.from_stored(recipe_dict))[None]
 
 
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,

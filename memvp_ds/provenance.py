@@ -36,8 +36,11 @@ def config_sha256(cfg: Config) -> str:
 def file_sha256(path: Optional[str]) -> Optional[str]:
     if not path or not os.path.isfile(path):
         return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # in blocks: an export with LoRA weights is hundreds of MB
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def git_state(directory: str) -> Dict[str, Any]:

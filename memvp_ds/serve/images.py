@@ -81,10 +81,8 @@ class ImageEncoder:
 
     def __init__(self, recipe: Dict[str, Any], online: bool, clip_pretrained: Optional[str] = None,
                  device: str = "cpu"):
-        fields = {k: v for k, v in recipe.items() if k in FeatureRecipe.__dataclass_fields__}
-        if clip_pretrained and not online:
-            fields["pretrained"] = clip_pretrained
-        self.recipe, self.online = FeatureRecipe(**fields), online
+        overrides = {"pretrained": clip_pretrained} if clip_pretrained and not online else {}
+        self.recipe, self.online = FeatureRecipe.from_stored(recipe, **overrides), online
         self.device = torch.device(device)
         self.extractor = None if online else ClipFeatureExtractor(load_clip_visual(self.recipe), self.recipe).to(
             self.device).eval()
