@@ -1,8 +1,10 @@
 """The import graph follows the architecture: every import points down the layers, and there is no cycle.
 
 Layers, bottom to top (docs/architecture.md): config and the leaf helpers; vision (the CLIP recipe and the
-online tower); model and data (which do not import each other; data does not import vision); search; schema and evaluation; the export format; engine; the applications (train, evaluate, predict, serve);
-the data_prep tool; the demo. Every import counts, also those deferred into functions.
+online tower); model and data (which do not import each other; data does not import vision); search; schema
+and evaluation; the export format; engine; the applications (train, evaluate, predict, serve); the plug-ins
+for other tools (lmms-eval), built from the applications' parts; the data_prep tool; the demo. Every import
+counts, also those deferred into functions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ LAYERS = [
     ("memvp_ds.export", "memvp_ds.provenance"),
     ("memvp_ds.engine",),
     ("memvp_ds.train", "memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.info", "memvp_ds.serve", "memvp_ds"),
+    ("memvp_ds.integrations",),
     ("data_prep",),
     ("memvp_demo",),
 ]
