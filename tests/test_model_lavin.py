@@ -1,11 +1,14 @@
 """LaVIN against an independent computation of the official formulas on the plain HF model."""
 
+import json
+
 import pytest
 import torch
 from torch.nn import functional as F
 
+from memvp_ds import build_model, load_config
 from memvp_ds.model.llm import load_frozen_llm
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import CONFIGS, TINY_VIT, tiny_config, tiny_model
 
 B, T, N, C = 3, 9, 16, 32
 
@@ -65,8 +68,6 @@ def _official_logits(cfg, strategy, ids, feats, has_image):
 def test_matches_official_formulas(mode):
     cfg = tiny_config("lavin", "model.lavin.dropout=0.0")
     torch.manual_seed(0)
-    from memvp_ds import build_model
-
     model = build_model(cfg.model)
     _randomise_trainable(model)
     model.train(mode != "eval")
@@ -103,3 +104,61 @@ def test_trainable_set_is_projector_modality_and_adapters():
     per_adapter = {n.split(".", 3)[3] for n in names if ".adapters." in n}
     assert per_adapter == {"down.weight", "down.bias", "expert_b.weight", "expert_b.bias", "expert_d.weight",
                            "expert_d.bias", "router.weight", "router.bias"}
+
+
+@pytest.mark.parametrize("size,t,expected", [("7b", 10.0, 3_781_296), ("13b", 5.0, 5_390_080)])
+def test_trainable_count_matches_the_official_one_at_llama_shapes(size, t, expected):
+    """Official printout (mm_adaptation.py, '+ Number of trainable params'): 3.78 M at 7B, 5.39 M at 13B
+    (rounded there to 3.8 / 5.4). Per LLaMA block 20d + 10 (A: 8d + 8, B and D: 4d + d each, router: 2d + 2),
+    the projector 1024 x 128 + 128 + 128 d + d, the modality embedding 2d, and per CLIP block 20 x 1024 + 10:
+    all 24 CLIP blocks run (the last one's CLS is visual token 6). Built on the meta device."""
+    d, layers, heads, ffn = {"7b": (4096, 32, 32, 11008), "13b": (5120, 40, 40, 13824)}[size]
+    llm = {"model_type": "llama", "hidden_size": d, "intermediate_size": ffn, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": 32000}
+    cfg = load_config(str(CONFIGS / f"lavin_llama{size}_sqa.yaml"), [
+        "model.llm.path=null", f"model.llm.config={json.dumps(llm)}", "model.vision.recipe.pretrained=random"])
+    assert cfg.model.lavin.temperature == cfg.model.vision.adapter_temperature == t
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    counts = {n: p.numel() for n, p in model.trainable_parameters().items()}
+    assert sum(counts.values()) == expected
+    assert sum(v for n, v in counts.items() if n.startswith("vision.")) == 24 * (20 * 1024 + 10)
+    assert sum(v for n, v in counts.items() if ".adapters." in n) == layers * (20 * d + 10)
+    assert model.vision.tokens == cfg.model.visual_tokens == 6
+
+
+def test_routed_clip_block_and_cls_taps_match_the_official_formulas(tmp_path):
+    """LaVIN's CLIP: x + attn(RepAdapter_Router(ln_1 x)) (router per token), then the CLS token after every 4th
+    block, no ln_post; a 4-block tiny ViT gives one visual token."""
+    from memvp_ds.vision.clip_features import FeatureRecipe
+    from memvp_ds.vision.tower import VisionOptions, build_vision_tower
+
+    vit = json.loads(open(TINY_VIT).read())
+    vit["vision_cfg"]["layers"] = 4
+    path = tmp_path / "tiny-vit-4.json"
+    path.write_text(json.dumps(vit))
+    recipe = FeatureRecipe(model=str(path), pretrained="random", image_size=64, layer="cls_every_4", ln_post=False)
+    tower = build_vision_tower(VisionOptions(online=True, recipe=recipe, adapter_form="routed_attention",
+                                             adapter_dim=8, adapter_scale=1.0, adapter_temperature=5.0)).eval()
+    _randomise_trainable_module(tower)
+    assert tower.tokens == 1
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        from memvp_ds.vision.clip_features import normalize_pixels
+        x = tower.embed(normalize_pixels(pixels, recipe.mean, recipe.std))
+        for routed in tower.blocks:
+            b, a = routed.block, routed.adapter
+            h = b.ln_1(x)
+            # The official router applied to each token alone (batch of one sequence per token).
+            adapted = torch.cat([_official_adapter(a, h[:, j:j + 1]) for j in range(h.shape[1])], dim=1)
+            x = x + b.attention(adapted)
+            x = x + b.mlp(b.ln_2(x))
+        torch.testing.assert_close(tower(pixels), x[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def _randomise_trainable_module(module, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from memvp_ds.config import ConfigError, ModelConfig, check_at_least
-from memvp_ds.model.adapters import RoutedAdapter
+from memvp_ds.vision.routed_adapter import RoutedAdapter
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy
