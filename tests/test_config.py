@@ -9,7 +9,7 @@ from tests.conftest import CONFIGS, tiny_config
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(str(path))
-    assert cfg.model.strategy in ("memvp", "input_prefix", "apt", "dvp")
+    assert cfg.model.strategy in ("memvp", "input_prefix", "apt", "dvp", "lavin")
 
 
 def test_official_recipe_values():

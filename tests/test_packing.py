@@ -16,8 +16,8 @@ SHAPES = [(40, True), (9, False), (14, True), (30, True), (5, True), (21, False)
 # Every strategy and variant: the tiny models have 2 layers, so DVP's slot at layer 1 is hidden in layer 0.
 STRATEGY_CASES = [("memvp", []), ("input_prefix", []), ("memvp", ["model.skip.layers=[0]"]),
                   ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
-                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"])]
-CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual"]
+                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"]), ("lavin", [])]
+CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "lavin"]
 
 
 def _samples(seed=0, shapes=SHAPES):
@@ -33,7 +33,7 @@ def _samples(seed=0, shapes=SHAPES):
 
 
 def _model(strategy, overrides, attn="sdpa"):
-    model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0",
+    model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", "model.lavin.dropout=0.0",
                        f"model.llm.attn_implementation={attn}", *overrides)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every trainable tensor non-trivial (zero-initialised output maps included)

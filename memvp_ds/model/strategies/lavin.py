@@ -8,10 +8,10 @@ mixture-of-modality adapter on the attention input of every decoder block.
 m_l is the normalised state, at block l, of the *modality token*: a learned embedding (one row for samples
 with an image, one for text-only samples) that officially sits at position 0 of every sequence, masked
 from every other position. Since nothing attends to it and it attends only to itself, its state depends on
-its own embedding alone: a one-token sequence through the same blocks, where attention over one position
-is ``o_proj(v_proj(.))``. This strategy runs that one-token pass per sample (``_route``) instead of
-carrying the token in the batch, which gives the official routing exactly, keeps the text's positions and
-packed rows unchanged and leaves the KV cache free of it (as the official evaluation caches the weights).
+its own embedding alone: a one-token sequence through the same blocks. This strategy runs that one-token
+pass per sample (``_route``) instead of carrying the token in the batch, which gives the official routing
+exactly, keeps the text's positions and packed rows unchanged and leaves the KV cache free of it (as the
+official evaluation caches the weights).
 
 The N visual tokens go in front of the text as in ``input_prefix`` (reserved positions in packed rows);
 rows without an image keep them masked. See docs/strategies/lavin.md for the remaining differences from
@@ -34,6 +34,9 @@ from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy
 from memvp_ds.model.strategies.input_prefix import prepend_visual_tokens
+
+_MODALITY_PASS = "lavin_modality_pass"
+"""Keyword the blocks pass on to their attention during the modality token's own pass (``_route``)."""
 
 
 @dataclass
@@ -74,17 +77,18 @@ class LavinStrategy(VisualStrategy):
         self.adapters = nn.ModuleList(
             RoutedAdapter(width, opts.adapter_dim, opts.adapter_scale, opts.temperature, opts.dropout)
             for _ in layers)
-        heads = llm.config.num_attention_heads
-        self._kv_repeat = heads // (getattr(llm.config, "num_key_value_heads", None) or heads)
         # Plain lists keep frozen LLM modules out of this module's parameters.
         self._embed_tokens = [llm.get_input_embeddings()]
-        self._layers = [llm.base_model.layers]
+        self._decoder = [llm.base_model]
         # Per layer (B, 2) expert weights of the current forward, kept for decoding from the KV cache and for
         # the backward recomputation of checkpointed blocks (as MemVP keeps its memory).
         self._weights: Optional[List[torch.Tensor]] = None
         self._layout: Optional[PackedLayout] = None
+        # Each block's weights in the modality pass, from its attention pre-hook to its forward hook.
+        self._pass_weights: List[Optional[torch.Tensor]] = [None] * len(layers)
         for index, layer in enumerate(layers):
             layer.self_attn.register_forward_pre_hook(partial(self._adapt_attention_input, index), with_kwargs=True)
+            layer.register_forward_hook(partial(self._emit_weights, index), with_kwargs=True)
 
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         samples = layout.num_samples if layout is not None else input_ids.shape[0]
@@ -100,39 +104,51 @@ class LavinStrategy(VisualStrategy):
                                      image_features, has_image, layout)
 
     def _route(self, token: torch.Tensor) -> List[Optional[torch.Tensor]]:
-        """The modality token's pass through the decoder blocks: (B, 1, d) -> each block's (B, 2) weights
-        (None for a block DAS skips: it has no routed adapter)."""
-        weights: List[Optional[torch.Tensor]] = []
+        """The modality token's pass through the decoder blocks, alone at position 0: (B, 1, d) -> each block's
+        (B, 2) expert weights (None for a block DAS skips: it has no routed adapter).
+
+        The blocks are called whole, with a keyword their attention pre-hook and their forward hook
+        recognise (also when a checkpointed block is recomputed in backward); each block then returns its
+        weights next to its output. ZeRO-3 gathers a frozen block's weights when it is entered and again
+        when a gradient reaches one of its outputs, so the weights must leave the block as an output, not
+        through this module. No cache is passed: generation's KV cache never holds the token."""
+        decoder = self._decoder[0]
         h = token.to(self._embed_tokens[0].weight.dtype)
-        for index, layer in enumerate(self._layers[0]):
-            if getattr(layer, "skipped", False):
-                # A DAS-skipped block: h + adapter(norm h), for the token as for the text.
-                weights.append(None)
-                h = layer(h)
-                continue
-            layer = getattr(layer, "layer", layer)  # a computed DAS-skippable block wraps the original
-            adapter = self.adapters[index]
-            x = layer.input_layernorm(h)
-            w = adapter.route(x[:, 0])
+        positions = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
+        rotary = decoder.rotary_emb(h, positions)
+        weights: List[Optional[torch.Tensor]] = []
+        for layer in decoder.layers:
+            out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rotary,
+                        **{_MODALITY_PASS: True})
+            h, w = out if isinstance(out, tuple) else (out, None)  # a DAS-skipped block returns h alone
             weights.append(w)
-            x = adapter(x, w[:, None])
-            attention = layer.self_attn
-            # Softmax over the token's single position is 1: attention is its value, per head, through o_proj.
-            value = attention.v_proj(x).unflatten(-1, (-1, attention.head_dim))
-            value = value.repeat_interleave(self._kv_repeat, dim=-2).flatten(-2)
-            h = h + attention.o_proj(value)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
         return weights
 
+    def _emit_weights(self, index: int, block: nn.Module, args: tuple, kwargs: dict, output):
+        if not kwargs.get(_MODALITY_PASS):
+            return output
+        return (output[0] if isinstance(output, tuple) else output, self._pass_weights[index])
+
     def _adapt_attention_input(self, index: int, attention: nn.Module, args: tuple, kwargs: dict):
-        if self._weights is None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        adapter = self.adapters[index]
+        if kwargs.get(_MODALITY_PASS):
+            # The official router reads token 0 of the adapter's input: here the modality token itself.
+            kwargs = {k: v for k, v in kwargs.items() if k != _MODALITY_PASS}
+            weights = self._pass_weights[index] = adapter.route(hidden[:, 0])
+            weights = weights[:, None]
+        elif self._weights is None:
             raise RuntimeError("LaVIN adapters used before the strategy's forward computed the routing")
-        weights = self._weights[index]
-        # One weight pair per sample; a packed row's positions each take their own sample's.
-        weights = self._layout.per_position(weights) if self._layout is not None else weights[:, None]
+        elif self._layout is not None:
+            # Each position of a packed row takes its own sample's weights (the rows may arrive flattened
+            # into one sequence, for flash attention).
+            weights = self._layout.per_position(self._weights[index]).reshape(*hidden.shape[:-1], -1)
+        else:
+            weights = self._weights[index][:, None]
+        adapted = adapter(hidden, weights)
         if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": self.adapters[index](kwargs["hidden_states"], weights)}
-        return (self.adapters[index](args[0], weights), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": adapted}
+        return (adapted, *args[1:]), kwargs
 
     def prefix_positions(self) -> int:
         return self.cfg.visual_tokens
