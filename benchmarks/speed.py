@@ -4,7 +4,8 @@
     python benchmarks/speed.py --preset llama13b       # 13B layer shapes, bf16, on a GPU (--layers to fit)
     python benchmarks/speed.py --json out.json
 
-Variants: memvp, input_prefix (the baseline), apt (official setup: visual tokens in the sequence plus
+Variants: memvp, input_prefix (the baseline), lavin (LaVIN: visual tokens in the input plus routed
+adapters in every block; the preset's visual tokens, its CLIP not run), apt (official setup: visual tokens in the sequence plus
 approximated prompts), apt_rows (the visual features as APT prompt rows instead), dvp (the prompt as a token
 at the middle layer, with adapters), dvp_residual (added to the residual stream), memvp_skip (MemVP with
 DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters run
@@ -67,7 +68,7 @@ PRESETS = {
     "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512,
                        "ViT-L-14", 24, 224),
 }
-VARIANTS = ("memvp", "input_prefix", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", "memvp_online")
+VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", "memvp_online")
 EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp_residual": ("dvp", ["model.dvp.insert=residual"])}
 """Variants that are another option of a strategy: (strategy, overrides)."""
 
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
     peak = peak_flops(args.peak_tflops)
     results = {name: measure(name, preset, device, peak, args.skip) for name in args.variants}
     ratios = {f"{name}_over_input_prefix": (name, "input_prefix") for name in results if name != "input_prefix"}
+    ratios["memvp_over_lavin"] = ("memvp", "lavin")
     ratios["memvp_skip_over_memvp"] = ("memvp_skip", "memvp")
     ratios["memvp_online_over_memvp"] = ("memvp_online", "memvp")
     ratios = {key: {metric: results[a][metric] / results[b][metric] for metric in results[a]}

@@ -7,7 +7,7 @@ Stages (each through the real tools):
      reading corpus of described scenes (the stand-in for LLaMA's language skills);
   4. training through memvp_ds/train.py (deepspeed, 2 CPU ranks, ZeRO-2) of the frozen base LLM with MemVP,
      the input-space baseline (visual tokens in front of the text) and a text-only control (MemVP with the
-     image features dropped); ``--all`` adds APT, DVP (its layer found by a KAB-APP search run first) and
+     image features dropped); ``--all`` adds LaVIN, APT, DVP (its layer found by a KAB-APP search run first) and
      MemVP with DAS layer skipping (skip list found by a DAS search run first);
   5. greedy evaluation on the test split;
   6. a text table, a PNG figure (loss curves, accuracy per question type with the chance level) and
@@ -51,6 +51,7 @@ SEARCHES = {
 RUNS = {
     "memvp": Run("tiny_memvp"),
     "input_prefix": Run("tiny_input_prefix"),
+    "lavin": Run("tiny_lavin"),
     "apt": Run("tiny_apt"),
     "dvp": Run("tiny_dvp", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
     "memvp_das": Run("tiny_memvp", ["model.skip.from_search={out}/das_search"], "das_search"),
