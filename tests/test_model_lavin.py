@@ -162,3 +162,65 @@ def _randomise_trainable_module(module, seed=2):
         for p in module.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _additive(keep):
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_dvp_on_lavin_equals_the_official_formulas(layer):
+    """DVP-SQA (the authors' code on LaVIN) written out with the blocks called one by one: [modality token,
+    visual tokens, slot (learned embedding), text]; the modality token hidden from every later position, the
+    slot hidden below K; at K the slot becomes the cross-attention (no LayerNorm) over the features, queried
+    by the mean state of the prompt tokens after the slot without BOS; routed adapters on every block's
+    attention input. Row 1 is left-padded, row 2 has no image."""
+    cfg = tiny_config("dvp", "model.dvp.base=lavin", f"model.dvp.layer={layer}", "model.dvp.dropout=0.0",
+                      "model.lavin.dropout=0.0")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    _randomise_trainable(model)
+    g = torch.Generator().manual_seed(5)
+    ids, feats = torch.randint(4, 512, (3, 10), generator=g), torch.randn(3, N, C, generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    labels = ids.clone()
+    labels[0, :5], labels[1, :7], labels[2, :6] = -100, -100, -100
+    prompt_end, first = torch.tensor([4, 6, 5]), torch.tensor([0, 3, 0])
+    has_image = torch.tensor([True, True, False])
+    strategy, gen = model.strategy, model.strategy.generators[str(layer)]
+    lavin = strategy.base
+    with torch.no_grad():
+        ours = model(ids, mask, labels=labels, image_features=feats, has_image=has_image).logits
+        ref = load_frozen_llm(cfg.model.llm).eval()
+        for block, adapter in zip(ref.model.layers, lavin.adapters):
+            block.self_attn.register_forward_pre_hook(
+                lambda module, args, kwargs, a=adapter: (args, {**kwargs, "hidden_states": _official_adapter(
+                    a, kwargs["hidden_states"])}), with_kwargs=True)
+        proj = lavin.projector
+        visual = F.linear(F.silu(F.linear(feats, proj.fc1.weight, proj.fc1.bias)), proj.fc2.weight, proj.fc2.bias)
+        h = torch.cat([lavin.modality.weight[has_image.long()][:, None], visual * cfg.model.projector.output_scale,
+                       strategy.slot.expand(3, 1, -1), ref.model.embed_tokens(ids)], dim=1)
+        slot, text0, length = 1 + N, 2 + N, 2 + N + 10
+        full_mask = torch.cat([torch.ones(3, 1, dtype=torch.long), has_image.long()[:, None].expand(3, N + 1), mask], 1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        keep = torch.ones(length, length).tril().bool()[None, None] & full_mask.bool()[:, None, None, :]
+        keep[:, :, 1:, 0] = False
+        hidden_slot = keep.clone()
+        hidden_slot[:, :, slot + 1:, slot] = False
+        rotary = ref.model.rotary_emb(h, positions)
+        for i, block in enumerate(ref.model.layers):
+            if i == layer:
+                for row in (0, 1):
+                    prompt = [text0 + j for j in range(first[row] + 1, prompt_end[row] + 1)]
+                    q = gen.query(h[row, prompt].mean(0))
+                    k, v = gen.key(feats[row]), gen.value(feats[row])
+                    heads = gen.heads
+                    scores = torch.einsum("hd,nhd->hn", q.view(heads, -1), k.view(N, heads, -1)) / (q.shape[0] // heads) ** 0.5
+                    h[row, slot] = gen.out(torch.einsum("hn,nhd->hd", scores.softmax(-1), v.view(N, heads, -1)).reshape(-1))
+            h = block(h, attention_mask=_additive(hidden_slot if i < layer else keep), position_ids=positions,
+                      position_embeddings=rotary)
+        expected = ref.lm_head(ref.model.norm(h))[:, text0:]
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], expected[valid], atol=2e-5, rtol=1e-4)
+    assert isinstance(gen.query_norm, torch.nn.Identity)

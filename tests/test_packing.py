@@ -16,8 +16,10 @@ SHAPES = [(40, True), (9, False), (14, True), (30, True), (5, True), (21, False)
 # Every strategy and variant: the tiny models have 2 layers, so DVP's slot at layer 1 is hidden in layer 0.
 STRATEGY_CASES = [("memvp", []), ("input_prefix", []), ("memvp", ["model.skip.layers=[0]"]),
                   ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
-                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"]), ("lavin", [])]
-CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "lavin"]
+                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"]), ("lavin", []),
+                  ("dvp", ["model.dvp.base=lavin"])]
+CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "lavin", "dvp_lavin"]
+DVP_TOKEN = ("dvp", "dvp_lavin")
 
 
 def _samples(seed=0, shapes=SHAPES):
@@ -258,8 +260,8 @@ def test_trainer_counts_the_positions_a_strategy_computes_for_mfu():
     assert (window.samples, window.tokens) == (2 * len(samples), 2 * text)
 
 
-@pytest.mark.parametrize("strategy,overrides", [c for c, i in zip(STRATEGY_CASES, CASE_IDS) if i != "dvp"],
-                         ids=[i for i in CASE_IDS if i != "dvp"])  # DVP's token refuses flash attention
+@pytest.mark.parametrize("strategy,overrides", [c for c, i in zip(STRATEGY_CASES, CASE_IDS) if i not in DVP_TOKEN],
+                         ids=[i for i in CASE_IDS if i not in DVP_TOKEN])  # DVP's token refuses flash attention
 def test_rows_flattened_as_flash_attention_runs_them_equal_padded(strategy, overrides, monkeypatch):
     """flash attention runs packed rows flattened into one (1, R*L) sequence; on CPU sdpa takes the same
     flattened layout (position-id resets within one row), so every strategy's packed path is checked in it."""

@@ -35,7 +35,7 @@ from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy
 from memvp_ds.model.strategies.input_prefix import prepend_visual_tokens
 
-_MODALITY_PASS = "lavin_modality_pass"
+MODALITY_PASS = "lavin_modality_pass"
 """Keyword the blocks pass on to their attention during the modality token's own pass (``_route``)."""
 
 
@@ -119,22 +119,22 @@ class LavinStrategy(VisualStrategy):
         weights: List[Optional[torch.Tensor]] = []
         for layer in decoder.layers:
             out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rotary,
-                        **{_MODALITY_PASS: True})
+                        **{MODALITY_PASS: True})
             h, w = out if isinstance(out, tuple) else (out, None)  # a DAS-skipped block returns h alone
             weights.append(w)
         return weights
 
     def _emit_weights(self, index: int, block: nn.Module, args: tuple, kwargs: dict, output):
-        if not kwargs.get(_MODALITY_PASS):
+        if not kwargs.get(MODALITY_PASS):
             return output
         return (output[0] if isinstance(output, tuple) else output, self._pass_weights[index])
 
     def _adapt_attention_input(self, index: int, attention: nn.Module, args: tuple, kwargs: dict):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         adapter = self.adapters[index]
-        if kwargs.get(_MODALITY_PASS):
+        if kwargs.get(MODALITY_PASS):
             # The official router reads token 0 of the adapter's input: here the modality token itself.
-            kwargs = {k: v for k, v in kwargs.items() if k != _MODALITY_PASS}
+            kwargs = {k: v for k, v in kwargs.items() if k != MODALITY_PASS}
             weights = self._pass_weights[index] = adapter.route(hidden[:, 0])
             weights = weights[:, None]
         elif self._weights is None:
