@@ -35,12 +35,19 @@ def _official_adapter(adapter, x):
     return out.transpose(1, 2)
 
 
-def _official_logits(cfg, strategy, ids, feats, has_image):
+def _official_logits(cfg, strategy, ids, feats, has_image, replaced=None):
     """Per sample, LaVIN's sequence [modality token, visual tokens (image samples only), text] with the
     modality token masked from every later position, adapters on each block's attention input; the text's
-    logits."""
+    logits. ``replaced`` {layer: RoutedAdapter}: LaVIN-DAS skips that block, ``x + mix(attention_norm x)``
+    (the official RepAdapter_Router with res=False, routed by token 0)."""
     llm = load_frozen_llm(cfg.model.llm)
     llm.config._attn_implementation = "eager"
+    for index, adapter in (replaced or {}).items():
+        def skip(module, args, kwargs, output, a=adapter):
+            x = args[0] if args else kwargs["hidden_states"]
+            n = module.input_layernorm(x)
+            return x + (_official_adapter(a, n) - n)
+        llm.model.layers[index].register_forward_hook(skip, with_kwargs=True)
     for layer, adapter in zip(llm.model.layers, strategy.adapters):
         layer.self_attn.register_forward_pre_hook(
             lambda module, args, kwargs, a=adapter: (args, {**kwargs, "hidden_states": _official_adapter(
@@ -224,3 +231,23 @@ def test_dvp_on_lavin_equals_the_official_formulas(layer):
     valid = mask.bool()
     torch.testing.assert_close(ours[valid], expected[valid], atol=2e-5, rtol=1e-4)
     assert isinstance(gen.query_norm, torch.nn.Identity)
+
+
+def test_lavin_das_replacement_equals_the_official_formula():
+    """LaVIN-DAS (DoubtedSteam/DAS, LaVIN-DAS/das/mm_adapter.py): a skipped block becomes
+    x + RepAdapter_Router(attention_norm x, res=False), hidden 4 x 8, routed by the modality token."""
+    from memvp_ds.model.layer_skip import RoutedReplacement
+
+    cfg = tiny_config("lavin", "model.lavin.dropout=0.0", "model.skip.layers=[0]", "model.skip.adapter_dim=null")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    _randomise_trainable(model)
+    replacement = model.llm.model.layers[0].adapter
+    assert isinstance(replacement, RoutedReplacement) and replacement.adapter.down.out_features == 32
+    g = torch.Generator().manual_seed(0)
+    ids, feats = torch.randint(4, 512, (B, T), generator=g), torch.randn(B, N, C, generator=g)
+    has_image = torch.tensor([True, False, True])
+    with torch.no_grad():
+        ours = model(ids, image_features=feats, has_image=has_image).logits
+    reference = _official_logits(cfg, model.strategy, ids, feats, has_image, {0: replacement.adapter})
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)

@@ -273,7 +273,7 @@ def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPrompt
         raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
     llm = load_frozen_llm(cfg.llm)
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
-    skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg.skip.adapter_dim)
+    skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg)
     vision = build_vision_tower(cfg.vision) if cfg.vision.online else None
     if vision is not None and (vision.tokens, vision.dim) != (cfg.visual_tokens, cfg.visual_dim):
         raise ValueError(f"model.vision.recipe: {cfg.vision.recipe.model} makes {vision.tokens} x {vision.dim} "

@@ -38,12 +38,13 @@ class RoutedAdapter(nn.Module):
         logits = self.router(modality.to(self.router.weight.dtype))
         return torch.softmax(logits / self.temperature, dim=-1)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``x`` (..., d); ``weights`` (..., 2) broadcastable against x's leading dimensions."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, residual: bool = True) -> torch.Tensor:
+        """``x`` (..., d); ``weights`` (..., 2) broadcastable against x's leading dimensions. ``residual=False``
+        returns the expert mix alone (LaVIN-DAS's replacement of a skipped block, ``res=False``)."""
         hidden = self.dropout(self.down(x.to(self.down.weight.dtype)))
         weights = weights.to(hidden.dtype)
-        mixed = self.expert_b(hidden) * weights[..., :1] + self.expert_d(hidden) * weights[..., 1:]
-        return x + (self.scale * mixed).to(x.dtype)
+        mixed = (self.scale * (self.expert_b(hidden) * weights[..., :1] + self.expert_d(hidden) * weights[..., 1:]))
+        return x + mixed.to(x.dtype) if residual else mixed.to(x.dtype)
 
 
 class GroupedLinear(nn.Module):

@@ -30,13 +30,12 @@ from transformers import PreTrainedModel
 
 from memvp_ds.config import ConfigError, ModelConfig, check_at_least
 from memvp_ds.vision.routed_adapter import RoutedAdapter
+from memvp_ds.model.layer_skip import MODALITY_PASS, RoutedReplacement
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
 from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy
 from memvp_ds.model.strategies.input_prefix import prepend_visual_tokens
 
-MODALITY_PASS = "lavin_modality_pass"
-"""Keyword the blocks pass on to their attention during the modality token's own pass (``_route``)."""
 
 
 @dataclass
@@ -100,12 +99,15 @@ class LavinStrategy(VisualStrategy):
             indicator = has_image.long()
         self._layout = layout
         self._weights = self._route(self.modality(indicator)[:, None])
+        for layer, weights in zip(self._decoder[0].layers, self._weights):
+            if getattr(layer, "skipped", False) and isinstance(layer.adapter, RoutedReplacement):
+                layer.adapter.set_routing(partial(self._per_position, weights))  # LaVIN-DAS's replacement
         return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,
                                      image_features, has_image, layout)
 
     def _route(self, token: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """The modality token's pass through the decoder blocks, alone at position 0: (B, 1, d) -> each block's
-        (B, 2) expert weights (None for a block DAS skips: it has no routed adapter).
+        (B, 2) expert weights (a DAS-skipped block's are its LaVIN-DAS replacement's, or None for another form).
 
         The blocks are called whole, with a keyword their attention pre-hook and their forward hook
         recognise (also when a checkpointed block is recomputed in backward); each block then returns its
@@ -120,7 +122,7 @@ class LavinStrategy(VisualStrategy):
         for layer in decoder.layers:
             out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rotary,
                         **{MODALITY_PASS: True})
-            h, w = out if isinstance(out, tuple) else (out, None)  # a DAS-skipped block returns h alone
+            h, w = out if isinstance(out, tuple) else (out, None)  # unrouted DAS replacements return h alone
             weights.append(w)
         return weights
 
@@ -139,16 +141,19 @@ class LavinStrategy(VisualStrategy):
             weights = weights[:, None]
         elif self._weights is None:
             raise RuntimeError("LaVIN adapters used before the strategy's forward computed the routing")
-        elif self._layout is not None:
-            # Each position of a packed row takes its own sample's weights (the rows may arrive flattened
-            # into one sequence, for flash attention).
-            weights = self._layout.per_position(self._weights[index]).reshape(*hidden.shape[:-1], -1)
         else:
-            weights = self._weights[index][:, None]
+            weights = self._per_position(self._weights[index], hidden)
         adapted = adapter(hidden, weights)
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": adapted}
         return (adapted, *args[1:]), kwargs
+
+    def _per_position(self, weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 2) per-sample weights, broadcastable against ``hidden``: each position of a packed row takes its
+        own sample's (the rows may arrive flattened into one sequence, for flash attention)."""
+        if self._layout is None:
+            return weights[:, None]
+        return self._layout.per_position(weights).reshape(*hidden.shape[:-1], -1)
 
     def prefix_positions(self) -> int:
         return self.cfg.visual_tokens
