@@ -69,7 +69,10 @@ PRESETS = {
                        "ViT-L-14", 24, 224),
 }
 VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", "memvp_online")
-EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp_residual": ("dvp", ["model.dvp.insert=residual"])}
+EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]),
+         # The plain-LLM forms of DVP (its default base is LaVIN, whose own cost is the lavin variant's).
+         "dvp": ("dvp", ["model.dvp.base=plain"]),
+         "dvp_residual": ("dvp", ["model.dvp.base=plain", "model.dvp.insert=residual"])}
 """Variants that are another option of a strategy: (strategy, overrides)."""
 
 
