@@ -19,4 +19,3 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(nn.functional.silu(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
-
