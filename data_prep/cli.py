@@ -7,6 +7,7 @@ import logging
 import sys
 
 from memvp_ds.cli import HelpFormatter, add_debug_option, command
+from memvp_ds.data.shard_format import MANIFEST
 
 DESCRIPTION = """\
 Extract CLIP features once and write verified WebDataset shards for memvp_ds training.
@@ -26,7 +27,7 @@ def _add_extract(sub) -> None:
         "extract",
         help="dataset -> shards of CLIP features (resumable, splittable into parts)",
         description="Read a dataset, extract CLIP patch features with the MemVP recipe and write "
-        "{split}-{index:06d}.tar shards plus manifest.json. Rerunning skips shards that are complete and "
+        f"{{split}}-{{index:06d}}.tar shards plus {MANIFEST}. Rerunning skips shards that are complete and "
         "intact. Missing or corrupt images are counted, listed in errors.jsonl and their samples kept "
         "text-only (or dropped).",
         formatter_class=HelpFormatter,
@@ -160,7 +161,7 @@ def cmd_merge(args) -> int:
     from data_prep.verify import merge
 
     merged = merge(args.dir)
-    print(f"merged {merged['merged_from']} parts: {len(merged['shards'])} shards -> {args.dir}/manifest.json")
+    print(f"merged {merged['merged_from']} parts: {len(merged['shards'])} shards -> {args.dir}/{MANIFEST}")
     return 0
 
 
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", "re-read every shard: count, sha256, feature shape and dtype, image size against the manifest; "
                    "exit 1 on any mismatch"),
         ("inspect", "print counts per split, the feature recipe and one sample"),
-        ("merge", "combine manifest.part-i-of-n.json of all parts into manifest.json"),
+        ("merge", "combine manifest.part-i-of-n.json of all parts into " + MANIFEST),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         add_debug_option(p)

@@ -17,16 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memvp_ds.config import Config, config_to_dict
+from memvp_ds.run_folder import TRAINABLE, RunFolder
 
-EXPORT_DIR = "export"
-TRAINABLE = "trainable.safetensors"
 CONFIG_KEY = "memvp_ds_config"
 RECIPE_KEY = "feature_recipe"
 
 
 def export_path(run_dir: str) -> str:
     """Where a run's export lives inside its output folder."""
-    return os.path.join(run_dir, EXPORT_DIR, TRAINABLE)
+    return RunFolder(run_dir).export
 
 
 def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None) -> Dict[str, str]:

@@ -70,7 +70,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
-    from memvp_ds.engine.preflight import check_vocab_fits
+    from memvp_ds.model.llm import check_vocab_fits
 
     picture = read_image(image) if image is not None else None
     online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)

@@ -150,7 +150,7 @@ def resolve_split(cfg: Config, split: str, manifest: Optional[Dict[str, Any]] = 
 def plan_data(cfg: Config, world_size: int) -> DataPlan:
     """Check shards and manifest against the config and size the run; no model is touched."""
     if not cfg.data.shards and not cfg.data.train_shards:
-        raise ConfigError("data.shards: not set (the data_prep output folder holding manifest.json)")
+        raise ConfigError(f"data.shards: not set (the data_prep output folder holding {MANIFEST})")
     manifest = load_checked_manifest(cfg)
     splits = {split: shards for split in SPLITS if (shards := resolve_split(cfg, split, manifest)) is not None}
     if "train" not in splits or splits["train"].samples_used == 0:

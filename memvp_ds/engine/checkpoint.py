@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from memvp_ds.atomic_io import atomic_open
 from memvp_ds.config import Config, ConfigError, config_to_dict
 from memvp_ds.distributed import DistInfo, barrier
-from memvp_ds.export import TRAINABLE, write_export
+from memvp_ds.export import write_export
+from memvp_ds.run_folder import TRAINABLE, RunFolder
 
 log = logging.getLogger("memvp_ds")
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.json"
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -95,7 +95,7 @@ def _rng_state() -> Dict[str, torch.Tensor]:
 def save_checkpoint(model, optimizer, dist_info: DistInfo, output_dir: str, step: int, state: Dict[str, Any],
                     keep_last: int) -> str:
     """Write ``step-<step>`` atomically on a shared file system; every rank must call this."""
-    root = os.path.join(output_dir, CHECKPOINTS)
+    root = RunFolder(output_dir).checkpoints
     name = f"step-{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
     tensors = _gather_trainable(model, optimizer)
@@ -192,7 +192,7 @@ def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
         if problem:
             raise ConfigError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
         return resume
-    root = os.path.join(output_dir, CHECKPOINTS)
+    root = RunFolder(output_dir).checkpoints
     pointer = os.path.join(root, LATEST)
     steps = _step_dirs(root)
     if os.path.isfile(pointer):

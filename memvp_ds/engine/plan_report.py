@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from memvp_ds.config import Config, ConfigError
+from memvp_ds.config import Config
 from memvp_ds.data.collate import SampleEncoder
 from memvp_ds.data.plan import plan_data
 from memvp_ds.data.prompts import IGNORE_INDEX
@@ -14,18 +14,8 @@ from memvp_ds.data.shard_format import read_raw_samples
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
 from memvp_ds.recipes import resolve_ds_config
+from memvp_ds.run_folder import check_writable
 from memvp_ds.evaluation.run import answer_tokens, eval_encoder
-
-
-def check_writable(output_dir: str) -> str:
-    """The absolute output folder, if it exists writable or could be created; ConfigError otherwise."""
-    path = os.path.abspath(output_dir)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir: {path} is not writable ({existing} is not a writable folder)")
-    return path
 
 
 def _decode(tokenizer, ids: List[int]) -> str:
@@ -58,7 +48,7 @@ def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
     ds = build_ds_config(cfg, world_size)
     plan = plan_data(cfg, world_size)
     tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
-    output_dir = check_writable(cfg.train.output_dir)
+    output_dir = check_writable(cfg.train.output_dir, "train.output_dir", create=False)
     data = cfg.data
     train_encoder = SampleEncoder(tokenizer, data.prompt_format, data.max_seq_len, cfg.model.visual_tokens,
                                   cfg.model.visual_dim, with_target=True, use_images=data.use_images)

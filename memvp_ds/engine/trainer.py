@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import signal
 import time
 import uuid
@@ -14,7 +13,6 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
@@ -23,30 +21,28 @@ from memvp_ds.data.stream import ErrorBudget, build_train_loader, close_loader, 
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine import checkpoint as ckpt
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
-from memvp_ds.engine.preflight import check_vocab_fits, check_writable
+from memvp_ds.model.llm import check_vocab_fits
 from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from memvp_ds.engine.metrics import (
-    ScalarLogger,
     max_memory_gb,
     peak_flops,
     resident_memory_gb,
     training_flops_per_position,
 )
-from memvp_ds.engine.schedule import lr_at
 from memvp_ds.engine.summary import end_summary, start_summary
 from memvp_ds.engine.zero3_gradients import clear_gradient_partitions
 from memvp_ds.engine.zero3_leaves import mark_frozen_blocks_as_zero3_leaves
 from memvp_ds.evaluation.run import evaluate_split
-from memvp_ds.export import export_path
 from memvp_ds.progress import progress
+from memvp_ds.run_folder import RunFolder, check_writable
+from memvp_ds.scalar_logger import ScalarLogger
+from memvp_ds.schedule import lr_at
 from memvp_ds.model import build_model
 from memvp_ds.search import build_search, heldout_batch_index, skippable_layers
-from memvp_ds.search.result import write_search_result
 
 log = logging.getLogger("memvp_ds")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "images", "has_image", "segment_ids")
 """Batch entries the model takes; a batch carries either image_features or images (online vision tower)."""
-STATUS = "status.json"
 
 
 def _param_groups(model, weight_decay: float):
@@ -126,6 +122,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.out = cfg.train.output_dir
+        self.run = RunFolder(self.out)
         # Pre-flight first: configs, DeepSpeed JSON, shards, manifest, output folder, tokenizer, checkpoint.
         # Then the heavy parts.
         self.ds_config = build_ds_config(cfg, dist_info.world_size)
@@ -202,11 +199,9 @@ class Trainer:
         """Run to the planned step (or to a stop signal, after saving); one finish path for every outcome."""
         step, micro_batches = self._resume()
         if self.dist.is_main:
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                f.write(to_yaml(self.cfg))
+            self.run.write_config(to_yaml(self.cfg))
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
-        logger = ScalarLogger(os.path.join(self.out, "tb"), self.cfg.logging.tensorboard and self.dist.is_main,
+        logger = ScalarLogger(self.run.tensorboard, self.cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
         if self.dist.is_main:
             log.info("\n%s", start_summary(self.cfg, self.plan, self.dist.world_size, self.model, self.resume_from))
@@ -314,7 +309,7 @@ class Trainer:
             return {}
         metrics = self.evaluate_loss() if self.plan.val_urls else {}
         logger.log(metrics, step)
-        ckpt.export_trainable(self.model, self.dist, self.cfg, export_path(self.out),
+        ckpt.export_trainable(self.model, self.dist, self.cfg, self.run.export,
                               feature_recipe=self.plan.feature_recipe)
         return metrics
 
@@ -363,8 +358,7 @@ class Trainer:
 
     def _write_status(self, status: str, step: int) -> None:
         if self.dist.is_main:
-            write_json_atomic(os.path.join(self.out, STATUS),
-                              {"status": status, "step": step, "total_steps": self.plan.total_steps})
+            self.run.write_status(status, step, self.plan.total_steps)
         barrier()
 
     # -- architecture search -----------------------------------------------------------------------------
@@ -405,7 +399,7 @@ class Trainer:
         digests = all_gather_objects(self.search.choice_digest())
         if self.dist.is_main:
             result = self.search.result()
-            write_search_result(self.out, {**result, "steps": step, "choice_digest_per_rank": digests})
+            self.run.write_search_result({**result, "steps": step, "choice_digest_per_rank": digests})
             log.info("search result: %s", {k: v for k, v in result.items() if k != "history"})
 
     @torch.no_grad()

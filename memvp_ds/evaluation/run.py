@@ -87,9 +87,14 @@ def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size
     return records, {**task_metrics(cfg.data.prompt_format, records), **_protocol(cfg, records)}
 
 
+def predictions_path(out_dir: str, split: str) -> str:
+    """The predictions JSONL that ``write_results`` writes for ``split``."""
+    return os.path.join(out_dir, f"predictions_{split}.jsonl")
+
+
 def write_results(out_dir: str, split: str, records: List[Dict[str, Any]], metrics: Dict[str, float]) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    with atomic_open(os.path.join(out_dir, f"predictions_{split}.jsonl")) as f:
+    with atomic_open(predictions_path(out_dir, split)) as f:
         for record in records:
             f.write(json.dumps({k: record.get(k) for k in ("id", "prompt", "output", "parsed", "gold")}) + "\n")
     write_json_atomic(os.path.join(out_dir, f"metrics_{split}.json"), metrics)
