@@ -120,7 +120,7 @@ def main(argv) -> int:
                     args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)
     if args.choices:
-        from memvp_ds.evaluation.scienceqa import parse_answer
+        from memvp_ds.scoring.scienceqa import parse_answer
 
         index = parse_answer(output, len(args.choices))
         print(f"parsed answer: {args.choices[index] if index is not None else 'none'}")

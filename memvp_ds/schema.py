@@ -20,6 +20,7 @@ from memvp_ds.config import (
     extend_schema,
     merge_config,
 )
+from memvp_ds.data.prompts import prompt_format
 from memvp_ds.model.layer_skip import SkipOptions
 from memvp_ds.recipes import resolve_config_path
 from memvp_ds.model.strategies import STRATEGIES
@@ -52,6 +53,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     """
     cfg = merge_config(RunConfig, resolve_config_path(path) if path else None, overrides, stored)
     check_choice("model.strategy", cfg.model.strategy, sorted(STRATEGIES))
+    prompt_format(cfg.data.prompt_format)  # a registered one (data/prompts.py)
     apply_search_results(cfg)
     for groups, parent in ((MODEL_GROUPS, cfg.model), (SEARCH_GROUPS, cfg.search)):
         for name in groups:

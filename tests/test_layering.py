@@ -18,7 +18,7 @@ PACKAGES = ("memvp_ds", "data_prep", "memvp_demo")
 LAYERS = [
     ("memvp_ds.config", "memvp_ds.atomic_io", "memvp_ds.distributed", "memvp_ds.recipes", "memvp_ds.cli",
      "memvp_ds.progress", "memvp_ds.schedule", "memvp_ds.scalar_logger"),
-    ("memvp_ds.run_folder",),
+    ("memvp_ds.run_folder", "memvp_ds.scoring"),
     ("memvp_ds.vision",),
     ("memvp_ds.model", "memvp_ds.data"),
     ("memvp_ds.search",),
@@ -148,6 +148,17 @@ def test_each_folder_name_is_spelled_in_one_module():
                     if literal in text:
                         spelled_in[literal].add(_module_name(path))
     assert all(len(modules) == 1 for modules in spelled_in.values()), spelled_in
+
+
+def test_prompt_formats_are_compared_by_name_only_in_their_module():
+    """A format's behaviour lives in its class (memvp_ds/data/prompts.py); nobody else switches on its name."""
+    import re
+
+    comparison = re.compile(r"prompt_format\w*\s*[!=]=|[!=]=\s*[\w.]*prompt_format")
+    found = [f"{path.relative_to(REPO)}: {line.strip()}" for package in PACKAGES
+             for path in sorted((REPO / package).rglob("*.py")) if path != REPO / "memvp_ds/data/prompts.py"
+             for line in path.read_text().splitlines() if comparison.search(line)]
+    assert not found, "format names compared outside memvp_ds/data/prompts.py:\n" + "\n".join(found)
 
 
 def test_light_modules_do_not_load_torch():

@@ -9,13 +9,13 @@ from typing import Any, Dict, List, Optional
 from memvp_ds.config import Config
 from memvp_ds.data.collate import SampleEncoder
 from memvp_ds.data.plan import plan_data
-from memvp_ds.data.prompts import IGNORE_INDEX
+from memvp_ds.data.prompts import IGNORE_INDEX, prompt_format
 from memvp_ds.data.shard_format import read_raw_samples
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
 from memvp_ds.recipes import resolve_ds_config
 from memvp_ds.run_folder import check_writable
-from memvp_ds.evaluation.run import answer_tokens, eval_encoder
+from memvp_ds.evaluation.run import eval_encoder
 
 
 def _decode(tokenizer, ids: List[int]) -> str:
@@ -75,9 +75,7 @@ def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
         "output_dir": output_dir,
         "example": _training_example(train_encoder, first) if first is not None else None,
     }
-    evaluation: Dict[str, Any] = {"split": cfg.eval.split, "answer_tokens": answer_tokens(cfg)}
-    if data.prompt_format == "qcm_a":
-        evaluation["use_caption"] = cfg.eval.use_caption
+    evaluation: Dict[str, Any] = {"split": cfg.eval.split, **prompt_format(data.prompt_format).settings(cfg.eval)}
     eval_split = plan.splits.get(cfg.eval.split)
     eval_first = _first_sample(eval_split.urls) if eval_split else None
     if eval_first is not None:
