@@ -97,6 +97,7 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     from data_prep.sources import ScienceQASource
     from data_prep.synthetic import described_scene_problems, make_synthetic_scienceqa
     from memvp_ds.data.prompts import build_segments
+    from memvp_ds.data.shard_format import Manifest, split_urls
     from memvp_ds.data.tokenizer import train_tokenizer
     from memvp_ds.vision.clip_features import FeatureRecipe
 
@@ -111,7 +112,8 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     recipe = FeatureRecipe(model="tiny-vit", pretrained="random", image_size=64)
     manifest = run_extract(ScienceQASource(str(sqa)), recipe,
                            ExtractOptions(out_dir=str(shards), samples_per_shard=250, num_workers=1, batch_size=64))
-    stages.end(f"{manifest['recipe']['tokens']} x {manifest['recipe']['dim']} per image")
+    stored = Manifest(manifest).recipe
+    stages.end(f"{stored['tokens']} x {stored['dim']} per image")
     base = out / "base_llm"
     stages.begin("base LLM", f"tokenizer and a tiny LLaMA-architecture model pre-trained on text alone -> {base}")
     with open(sqa / "problems.json") as f:
@@ -122,7 +124,7 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     train_tokenizer(["".join(t for t, _ in segments) for segments in corpus], str(tokenizer), vocab_size=400)
     loss = pretrain_base_llm(corpus, str(tokenizer), str(base))
     stages.end(f"{len(corpus)} text problems ({len(reading)} of them described scenes), final loss {loss:.3f}")
-    by_split = lambda split: "::".join(str(shards / s["name"]) for s in manifest["shards"] if s["split"] == split)
+    by_split = lambda split: "::".join(split_urls(str(shards), split))
     return {"train": by_split("train"), "val": by_split("val"), "test": by_split("test"), "tokenizer": str(tokenizer),
             "llm": str(base)}
 
