@@ -61,4 +61,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
-__all__ = ["ConfigError", "RunConfig", "load_config"]
+def config_reference() -> str:
+    """Every option of the run schema: ``key (type, default: value)`` and its docstring, one block each
+    (memvp-train --help-config)."""
+    import textwrap
+
+    from memvp_ds.config import describe_fields
+
+    blocks = []
+    for key, type_name, default, doc in describe_fields(RunConfig):
+        body = textwrap.indent(textwrap.fill(doc, 100), "    ") if doc else "    (undocumented)"
+        blocks.append(f"{key} ({type_name}, default: {default!r})\n{body}")
+    return "\n".join(blocks)
+
+
+__all__ = ["ConfigError", "RunConfig", "config_reference", "load_config"]

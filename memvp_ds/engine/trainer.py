@@ -16,12 +16,10 @@ import torch
 from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
-from memvp_ds.data.plan import plan_data
 from memvp_ds.data.stream import ErrorBudget, build_train_loader, close_loader, iterate_eval_batches
-from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
 from memvp_ds.engine import checkpoint as ckpt
-from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
-from memvp_ds.model.llm import check_vocab_fits
+from memvp_ds.engine.deepspeed_config import zero_stage
+from memvp_ds.engine.preflight import preflight
 from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from memvp_ds.engine.metrics import (
     max_memory_gb,
@@ -34,7 +32,7 @@ from memvp_ds.engine.zero3_gradients import clear_gradient_partitions
 from memvp_ds.engine.zero3_leaves import mark_frozen_blocks_as_zero3_leaves
 from memvp_ds.evaluation.run import evaluate_split
 from memvp_ds.progress import progress
-from memvp_ds.run_folder import RunFolder, check_writable
+from memvp_ds.run_folder import RunFolder
 from memvp_ds.scalar_logger import ScalarLogger
 from memvp_ds.schedule import lr_at
 from memvp_ds.model import build_model
@@ -125,17 +123,12 @@ class Trainer:
         self.run = RunFolder(self.out)
         # Pre-flight first: configs, DeepSpeed JSON, shards, manifest, output folder, tokenizer, checkpoint.
         # Then the heavy parts.
-        self.ds_config = build_ds_config(cfg, dist_info.world_size)
-        self.plan = plan_data(cfg, dist_info.world_size)
-        check_writable(self.out, "train.output_dir")
-        tokenizer_dir = tokenizer_path(cfg)
-        self.tokenizer = load_tokenizer(tokenizer_dir, cfg.model.llm.trust_remote_code)
-        check_vocab_fits(len(self.tokenizer), tokenizer_dir, cfg.model.llm)
-        self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
+        checked = preflight(cfg, dist_info.world_size)
+        self.ds_config, self.plan, self.tokenizer = checked.ds_config, checked.data, checked.tokenizer
+        self.resume_from = checked.resume_from
         # A run id marks the checkpoints this run (and its resumptions) wrote: only those are ever pruned.
         self.run_id = uuid.uuid4().hex
         if self.resume_from:
-            ckpt.check_compatible(self.resume_from, cfg)
             self.run_id = ckpt.read_state(self.resume_from).get("run_id", self.run_id)
         self.engine = self._build_engine()
         self.model = self.engine.module
