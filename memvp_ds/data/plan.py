@@ -119,7 +119,7 @@ def _check_sizes(urls: List[str], listed: Dict[str, ShardEntry]) -> None:
     """A local shard whose size differs from the manifest's is damaged or from another extraction."""
     for url in urls:
         entry = listed.get(os.path.basename(url))
-        if entry and os.path.isfile(url) and os.path.getsize(url) != entry.bytes:
+        if entry and entry.bytes is not None and os.path.isfile(url) and os.path.getsize(url) != entry.bytes:
             raise ConfigError(f"{url}: {os.path.getsize(url)} bytes, the manifest lists {entry.bytes} "
                               f"(truncated? run memvp-prep verify)")
 

@@ -90,9 +90,10 @@ class ShardEntry:
     name: str
     split: str
     samples: int
-    with_image: int
-    bytes: int
-    sha256: str
+    with_image: Optional[int] = None
+    bytes: Optional[int] = None
+    sha256: Optional[str] = None
+    """None where a hand-written manifest leaves the entry out (data_prep always writes it)."""
     errors: Tuple[Dict[str, str], ...] = ()
     """Images that could not be read while the shard was written (key, image, reason)."""
 
@@ -108,8 +109,9 @@ class Manifest:
     @property
     def shards(self) -> List[ShardEntry]:
         """Every listed shard, in the stored order."""
-        return [ShardEntry(entry["name"], entry["split"], entry["samples"], entry["with_image"], entry["bytes"],
-                           entry["sha256"], tuple(entry.get("errors", ()))) for entry in self.data.get("shards", [])]
+        return [ShardEntry(entry["name"], entry["split"], entry["samples"], entry.get("with_image"),
+                           entry.get("bytes"), entry.get("sha256"), tuple(entry.get("errors", ())))
+                for entry in self.data.get("shards", [])]
 
     def shards_of(self, split: str) -> List[ShardEntry]:
         """The shards of ``split``, in name order."""
