@@ -61,7 +61,6 @@ def check_finite(cfg: Any, prefix: str = "") -> None:
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 PROJECTOR_ACTIVATIONS = ("silu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_MODES = ("train", "dvp_search", "das_search")
 EVAL_SPLITS = ("train", "val", "test")
@@ -180,7 +179,6 @@ class DataConfig:
     batches."""
 
     def __post_init__(self) -> None:
-        check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
             check_at_least(f"data.{key}", getattr(self, key), 1)
         check_at_least("data.num_workers", self.num_workers, 0)

@@ -56,10 +56,11 @@ def test_fp16_gives_deepspeed_dynamic_loss_scaling_like_the_official_gradscaler(
 
 
 def test_a_relative_ds_config_is_found_from_any_directory(tmp_path, monkeypatch):
-    from memvp_ds.recipes import RECIPES_DIR, resolve_ds_config
+    from memvp_ds.recipes import resolve_ds_config
+    from tests.helpers import REPO
 
     monkeypatch.chdir(tmp_path)
-    shipped = os.path.join(RECIPES_DIR, "ds_configs", "zero3.json")
+    shipped = os.path.join(REPO, "ds_configs", "zero3.json")  # a checkout: the one copy at the top
     assert resolve_ds_config("ds_configs/zero3.json") == resolve_ds_config("zero3") == shipped
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero3.json").write_text("{}")

@@ -105,7 +105,7 @@ def test_dry_run_of_the_13b_recipe_from_another_directory(full_size, tokenizer_d
     assert plan["eval"] == {"split": "test", "answer_tokens": 1, "use_caption": True,
                             "example_prompt": STATES_EVAL_PROMPT}
     # the recipe names the shipped zero2: found from any directory
-    assert plan["ds_config"]["path"] == str(REPO / "memvp_ds" / "recipes" / "ds_configs" / "zero2.json")
+    assert plan["ds_config"]["path"] == str(REPO / "ds_configs" / "zero2.json")
     assert plan["ds_config"]["zero_stage"] == 2
     assert not (tmp_path / "run").exists(), "a dry run creates nothing"
 

@@ -225,13 +225,14 @@ def test_packed_loader_yields_the_same_samples_as_the_padded_one(dataset):
     """Packing changes the layout, never which samples a micro-batch holds: steps and epochs count samples."""
     from memvp_ds.data.collate import SampleEncoder
     from memvp_ds.data.shard_format import shard_urls
-    from memvp_ds.data.stream import build_train_loader
+    from memvp_ds.data.stream import LoaderOptions, build_train_loader
     from memvp_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(dataset["tokenizer"])
     encoder = SampleEncoder(tokenizer, "qcm_a", 128, N, C)
-    loaders = [build_train_loader(shard_urls(dataset["train"]), encoder, 8, tokenizer.pad_token_id, 8, 0, 0, 1, 0, 64,
-                                  0, {}, packing=packing, visual_positions=N) for packing in (False, True)]
+    loaders = [build_train_loader(shard_urls(dataset["train"]), encoder,
+                                  LoaderOptions(8, tokenizer.pad_token_id, 8, 0, 0, 1, 0, 64, {}, packing=packing,
+                                                visual_positions=N)) for packing in (False, True)]
     rows = 0
     for _, padded, packed in zip(range(6), *(iter(loader) for loader in loaders)):
         assert packed["keys"] == padded["keys"] and len(packed["keys"]) == 8
