@@ -12,7 +12,8 @@ head on labelled positions). Per strategy and mode: rows, positions processed, p
 processed positions that hold no sample: right padding, and input_prefix's masked visual slots of text-only
 samples), step time, text tokens/s and the speed-up over ``padded_full_head``. On a CPU the times are the
 process's CPU time with one torch thread (``--threads``): on a shared machine wall time measures the
-neighbours; on a GPU they are wall time after synchronising.
+neighbours; on a GPU they are wall time after synchronising. Last, MemVP's packed step time over each other
+method's (memvp_over_X).
 
 Lengths: ``scienceqa`` draws prompts from a log-normal (median 120 tokens) clipped to 60-500, with an
 8-token answer and an image on half of the samples, matching ScienceQA's QCM-A prompts under the LLaMA
@@ -44,9 +45,9 @@ from speed import PRESETS, Preset, build  # noqa: E402
 from memvp_ds.data.collate import TokenizedSample, collate, pack  # noqa: E402
 from memvp_ds.data.prompts import IGNORE_INDEX  # noqa: E402
 
-VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "dvp", "memvp_skip")
+VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "dvp", "llava_lora", "memvp_skip")
 """Every strategy packs exactly; apt and dvp are their official variants (visual tokens in the sequence; the
-token slot)."""
+token slot); llava_lora is input_prefix plus LoRA (speed.py's preset rank)."""
 MODES = ("padded_full_head", "padded", "packed")
 ANSWER_TOKENS = 8
 PAD = 0
@@ -191,12 +192,19 @@ def main(argv=None) -> int:
         for mode, row in modes.items():
             print(f"{name:<14}{mode:<18}{row['rows']:>6}{row['positions']:>11}{row['padding_fraction']:>9.3f}"
                   f"{row['step_s']:>9.3f}{row['tokens_per_s']:>10.0f}{row['speedup']:>9.2f}")
+    # MemVP against every other method (its own variants excepted), each in its best mode (packed).
+    ratios = {f"memvp_over_{name}": results["memvp"]["packed"]["step_s"] / modes["packed"]["step_s"]
+              for name, modes in results.items() if "memvp" in results and not name.startswith("memvp")}
+    if ratios:
+        print("\npacked step time ratios:")
+        for key, ratio in ratios.items():
+            print(f"  {key:<28}{ratio:>8.3f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"preset": args.preset, "device": str(device), "attn": args.attn, "config": asdict(preset),
                                "lengths": {"distribution": args.lengths, "values": lengths},
                                "micro_batch": args.micro_batch, "micro_batches": args.micro_batches,
-                               "max_seq_len": args.max_seq_len, **results}, indent=2))
+                               "max_seq_len": args.max_seq_len, **results, "ratios": ratios}, indent=2))
     print(f"written {out}")
     return 0
 

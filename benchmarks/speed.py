@@ -7,13 +7,16 @@
 Variants: memvp, input_prefix (the baseline), lavin (LaVIN: visual tokens in the input plus routed
 adapters in every block; the preset's visual tokens, its CLIP not run), apt (official setup: visual tokens in the sequence plus
 approximated prompts), apt_rows (the visual features as APT prompt rows instead), dvp (the prompt as a token
-at the middle layer, with adapters), dvp_residual (added to the residual stream), memvp_skip (MemVP with
-DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters run
+at the middle layer, with adapters), dvp_residual (added to the residual stream), llava_lora (the visual tokens
+in the sequence plus LoRA on every Linear of the LLM, rank scaled to the preset's width, and LLaVA's
+mlp2x_gelu projector), memvp_skip (MemVP with DAS skipping ``--skip`` layers) and memvp_online (MemVP with the frozen CLIP and its trainable adapters run
 inside the model on pixels: model.vision.online; a ViT whose output has the preset's visual shape, ViT-L/14
 for llama13b). Prints a table and writes JSON with, per variant: train step time, model FLOPs per step
 (memvp_online adds the CLIP's), tokens/s, prefill latency, decode ms/token, peak memory, MFU; plus each
-variant's ratio to input_prefix, and memvp_skip's and memvp_online's ratios to memvp. Weights are random
-(speed only).
+variant's ratio to input_prefix, MemVP's ratio to each other method (memvp_over_X; the paper at 7B: 0.72
+against LaVIN, 0.57 against LLaVA-LoRA in training step time), and memvp_skip's and memvp_online's ratios to
+memvp. Weights are random (speed only). Model FLOPs count the weight matmuls that run (engine/metrics.py:
+MatmulFlopCounter), the online CLIP tower's included, plus attention.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memvp_ds.schema import load_config  # noqa: E402
-from memvp_ds.engine.metrics import max_memory_gb, peak_flops, training_flops_per_position  # noqa: E402
+from memvp_ds.engine.metrics import (  # noqa: E402
+    MatmulFlopCounter,
+    attention_flops_per_position,
+    max_memory_gb,
+    peak_flops,
+)
 from memvp_ds.model import build_model  # noqa: E402
 
 
@@ -61,14 +69,17 @@ class Preset:
     clip_layers: int
     """Blocks of that generated ViT (the last one is not run: penultimate-layer features)."""
     clip_image_size: int
+    lora_rank: int
+    """llava_lora's LoRA rank: LLaVA's 128 at d = 4096-5120, scaled down with the width for small presets."""
 
 
 PRESETS = {
-    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64, "", 5, 128),
+    "cpu-small": Preset(256, 688, 4, 4, 1000, 2, 64, 64, 80, 128, "float32", 8, 3, 16, 4, 64, "", 5, 128, 8),
     "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512,
-                       "ViT-L-14", 24, 224),
+                       "ViT-L-14", 24, 224, 128),
 }
-VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "apt_rows", "dvp", "dvp_residual", "memvp_skip", "memvp_online")
+VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "apt_rows", "dvp", "dvp_residual", "llava_lora", "memvp_skip",
+            "memvp_online")
 EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]),
          # The plain-LLM forms of DVP (its default base is LaVIN, whose own cost is the lavin variant's).
          "dvp": ("dvp", ["model.dvp.base=plain"]),
@@ -89,17 +100,6 @@ def clip_model(p: Preset) -> str:
     return str(path)
 
 
-def clip_train_flops(model, p: Preset) -> float:
-    """Frozen CLIP forward + input-gradient backward (4 FLOPs per weight and token, attention tripled) plus
-    the adapters (6 per weight and token), per training step."""
-    tower = model.vision
-    tokens = tower.tokens + (0 if tower.recipe.keep_cls else 1)
-    frozen = sum(q.numel() for n, q in tower.blocks.named_parameters() if ".adapter." not in n)
-    adapters = sum(q.numel() for n, q in tower.blocks.named_parameters() if ".adapter." in n)
-    attention = 3 * 4 * tokens * tokens * tower.dim * len(tower.blocks)
-    return p.batch * (tokens * (4 * frozen + 6 * adapters) + attention)
-
-
 def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
     if variant == "memvp_skip":
         return ["model.strategy=memvp", f"model.skip.layers={list(range(1, 1 + skip))}"]
@@ -110,6 +110,9 @@ def variant_overrides(variant: str, p: Preset, skip: int) -> List[str]:
     overrides = [f"model.strategy={strategy}", *overrides]
     if strategy == "apt":
         overrides.append(f"model.apt.prompts={p.apt_prompts}")
+    if strategy == "llava_lora":
+        overrides += [f"model.lora.rank={p.lora_rank}", f"model.lora.alpha={2 * p.lora_rank}",
+                      f"model.projector.hidden_dim={p.hidden}", "model.projector.activation=gelu"]
     if strategy == "dvp":
         overrides += [f"model.dvp.layer={p.layers // 2}", f"model.dvp.heads={p.dvp_heads}",
                       f"model.dvp.inner_dim={p.dvp_inner}"]
@@ -197,9 +200,11 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
     decode = _decode_seconds(model, lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens,
                                                            stop_when_done=False), p.repeats, device)
     positions = p.text_tokens + model.strategy.prefix_positions()  # visual tokens / DVP's slot in the sequence
-    flops = training_flops_per_position(model, positions) * positions * p.batch
-    if model.vision is not None:
-        flops += clip_train_flops(model, p)
+    counter = MatmulFlopCounter(model)  # hooked in after the timings, which its hooks would slow
+    model.train()
+    with torch.no_grad(), counter.counting():
+        model(ids, labels=ids, **visual)
+    flops = counter.take() + attention_flops_per_position(model, positions) * positions * p.batch
     return {
         "train_step_s": step,
         "train_gflops_per_step": flops / 1e9,
@@ -228,7 +233,8 @@ def main(argv=None) -> int:
     peak = peak_flops(args.peak_tflops)
     results = {name: measure(name, preset, device, peak, args.skip) for name in args.variants}
     ratios = {f"{name}_over_input_prefix": (name, "input_prefix") for name in results if name != "input_prefix"}
-    ratios["memvp_over_lavin"] = ("memvp", "lavin")
+    # MemVP against every other method (its own variants, memvp_skip and memvp_online, excepted).
+    ratios.update({f"memvp_over_{name}": ("memvp", name) for name in results if not name.startswith("memvp")})
     ratios["memvp_skip_over_memvp"] = ("memvp_skip", "memvp")
     ratios["memvp_online_over_memvp"] = ("memvp_online", "memvp")
     ratios = {key: {metric: results[a][metric] / results[b][metric] for metric in results[a]}

@@ -7,14 +7,20 @@ memvp-demo all use the same rules.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
+import signal
 import sys
 import textwrap
 from typing import Callable, List, Optional
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 """What bad input raises in this project (ConfigError is a ValueError): reported as one line, not a traceback."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""OSErrors that are the machine's state, not a bug: no space, quota exceeded, file-size limit (one line too)."""
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+"""Exit code of an interrupted command, as a shell reports it."""
 DEBUG_HELP = "show the full traceback of an error (also: MEMVP_DEBUG=1)"
 
 
@@ -31,16 +37,24 @@ def error_line(err: BaseException) -> str:
 
 def command(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]], int]:
     """Decorate a CLI's ``main(argv) -> exit code``: the project's own errors become one ``error: ...`` line
-    on stderr (rank 0 only, so a multi-rank job does not print it once per rank) and exit code 2. With
-    --debug or MEMVP_DEBUG=1 the exception propagates with its traceback."""
+    on stderr (rank 0 only, so a multi-rank job does not print it once per rank) and exit code 2; so does a
+    full disk. Ctrl-C that reaches here (a second one, while a run saves) is ``error: interrupted`` and exit
+    code 130. With --debug or MEMVP_DEBUG=1 the exception propagates with its traceback."""
 
     @functools.wraps(main)
     def run(argv: Optional[List[str]] = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in argv or os.environ.get("MEMVP_DEBUG", "0") not in ("", "0")
         try:
             return main(argv)
-        except USER_ERRORS as err:
-            if "--debug" in argv or os.environ.get("MEMVP_DEBUG", "0") not in ("", "0"):
+        except KeyboardInterrupt as err:
+            if debug:
+                raise
+            if _is_rank_zero():
+                print(f"error: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT_CODE
+        except (*USER_ERRORS, OSError) as err:
+            if debug or (not isinstance(err, USER_ERRORS) and err.errno not in DISK_FULL):
                 raise
             if _is_rank_zero():
                 print(error_line(err), file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import ast
 import copy
 import dataclasses
 import inspect
+import math
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -39,9 +40,27 @@ def check_at_least(key: str, value: Optional[float], minimum: float) -> None:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
 
 
+def check_above(key: str, value: Optional[float], bound: float) -> None:
+    if value is not None and not value > bound:
+        raise ConfigError(f"{key} must be > {bound}, got {value}")
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """Raise ConfigError naming the key of the first NaN or infinite number in the dataclass tree ``cfg``
+    (NaN passes every range check, since it compares false with everything)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key + ".")
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+
+
 LLM_DTYPES = ("float32", "bfloat16", "float16")
+PROJECTOR_ACTIVATIONS = ("silu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_MODES = ("train", "dvp_search", "das_search")
 EVAL_SPLITS = ("train", "val", "test")
@@ -71,12 +90,18 @@ class LLMConfig:
 
 @dataclass
 class ProjectorConfig:
-    """Visual projector shared by all strategies: Linear(C -> hidden) -> SiLU -> Linear(hidden -> d), x scale."""
+    """Visual projector shared by all strategies: Linear(C -> hidden) -> activation -> Linear(hidden -> d), x scale."""
 
     hidden_dim: int = 128
     """Width of the projector's hidden layer (official: 128)."""
     output_scale: float = 0.01
     """Factor on the projector's output (official: 0.01, so the visual term starts small)."""
+    activation: str = "silu"
+    """silu (MemVP's projector) or gelu (LLaVA-1.5's mlp2x_gelu, with hidden_dim = d and output_scale 1)."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.projector.activation", self.activation, PROJECTOR_ACTIVATIONS)
+        check_at_least("model.projector.hidden_dim", self.hidden_dim, 1)
 
 
 @dataclass
@@ -88,7 +113,8 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     """The frozen language model."""
     strategy: str = "memvp"
-    """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp, lavin)."""
+    """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp,
+    lavin, llava_lora)."""
     visual_dim: int = 1024
     """C: channel width of the pre-extracted visual features (1024 for CLIP ViT-L/14)."""
     visual_tokens: int = 256
@@ -153,7 +179,6 @@ class DataConfig:
     batches."""
 
     def __post_init__(self) -> None:
-        check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
             check_at_least(f"data.{key}", getattr(self, key), 1)
         check_at_least("data.num_workers", self.num_workers, 0)
@@ -221,8 +246,21 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum_steps", "save_interval", "keep_last", "max_nonfinite_steps"):
             check_at_least(f"train.{name}", getattr(self, name), 1)
         check_at_least("train.max_steps", self.max_steps, 1)
+        check_above("train.epochs", self.epochs, 0)  # zero epochs would "complete" untrained and export
+        check_above("train.blr", self.blr, 0)
+        for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip"):
+            check_at_least(f"train.{name}", getattr(self, name), 0)
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas needs two values, got {self.adam_betas}")
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must lie in [0, 1), got {self.adam_betas}")
+
+    def check_min_lr(self, world_size: int) -> None:
+        """min_lr is where the cosine decay ends, so it may not exceed the peak lr of this world size."""
+        if self.min_lr > self.lr(world_size):
+            raise ConfigError(f"train.min_lr={self.min_lr} is above the learning rate it decays from, "
+                              f"{self.lr(world_size):.4g} (train.blr * global batch {self.global_batch(world_size)} "
+                              "/ 256): lower train.min_lr or raise train.blr")
 
     def global_batch(self, world_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * world_size
@@ -258,6 +296,7 @@ class EvalConfig:
         check_at_least("eval.batch_size", self.batch_size, 1)
         check_at_least("eval.max_new_tokens", self.max_new_tokens, 1)
         check_at_least("eval.max_samples", self.max_samples, 1)
+        check_at_least("eval.interval", self.interval, 0)
 
 
 @dataclass
@@ -270,6 +309,10 @@ class LoggingConfig:
     """Write TensorBoard event files to <output_dir>/tb."""
     peak_tflops: Optional[float] = None
     """Per-device peak for train/mfu; default: looked up from the GPU name (none on CPU, so no MFU there)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("logging.log_interval", self.log_interval, 1)
+        check_above("logging.peak_tflops", self.peak_tflops, 0)
 
 
 @dataclass
@@ -396,7 +439,9 @@ def merge_config(schema_cls: Type, path: Optional[str] = None, overrides: Option
             raise ConfigError(f"override '{item}' is not of the form key=value")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
+        check_finite(cfg)
+        return cfg
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
     except OmegaConfBaseException as err:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +25,34 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+ORPHAN_GRACE_S = 300.0
+"""Seconds a rank whose launcher died has to save and exit after its SIGTERM, before it ends itself."""
+
+
+def exit_with_launcher(poll_s: float = 1.0, grace_s: float = ORPHAN_GRACE_S) -> None:
+    """A rank started by a launcher (torchrun, deepspeed, srun: LOCAL_RANK or SLURM_PROCID is set) stops when
+    the launcher dies, instead of training on as an orphan beside the run a restart would start.
+
+    A daemon thread watches the parent pid. When it changes, the rank sends itself SIGTERM (the stop
+    signal: it saves at the next step boundary and exits); if it is still alive ``grace_s`` later (blocked
+    in a collective with a peer that is gone), it exits at once. A plain single process has no launcher
+    to watch (its parent may be a shell the user left on purpose, under nohup).
+    """
+    if "LOCAL_RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logging.getLogger("memvp_ds").warning("the launcher (pid %d) is gone: stopping this rank", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _free_port() -> int:

@@ -56,11 +56,14 @@ def main(argv) -> int:
     from memvp_ds.data.plan import resolve_split
     from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
     from memvp_ds.distributed import destroy, init_distributed
-    from memvp_ds.export import load_trainable_weights, read_export_metadata
-    from memvp_ds.engine.metrics import ScalarLogger
-    from memvp_ds.engine.preflight import check_vocab_fits, check_writable
+    from memvp_ds.data.plan import manifest_path
+    from memvp_ds.export import load_trainable_weights, read_export_metadata, read_provenance
+    from memvp_ds.provenance import collect as collect_provenance, file_sha256
     from memvp_ds.evaluation.run import evaluate_split, write_results
     from memvp_ds.model import build_model
+    from memvp_ds.model.llm import check_vocab_fits
+    from memvp_ds.run_folder import RunFolder, check_writable
+    from memvp_ds.scalar_logger import ScalarLogger
     from memvp_ds.schema import load_config
 
     if not os.path.exists(args.weights):
@@ -82,8 +85,8 @@ def main(argv) -> int:
                           f"or set data.shards in --config; shards stored in an export are never used")
     if not args.output and not args.config:
         raise ConfigError("--output is required without --config (an export's stored output_dir is never used)")
-    out_dir = args.output or os.path.join(cfg.train.output_dir, "eval")
-    tb_dir = os.path.join(cfg.train.output_dir if args.config else out_dir, "tb")
+    out_dir = args.output or RunFolder(cfg.train.output_dir).eval
+    tb_dir = RunFolder(cfg.train.output_dir if args.config else out_dir).tensorboard
     urls = shards.urls
     tokenizer_dir = tokenizer_path(cfg)
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.llm.trust_remote_code)
@@ -101,7 +104,13 @@ def main(argv) -> int:
     model.to(device)
     records, metrics = evaluate_split(cfg, model, tokenizer, urls, dist_info.rank, dist_info.world_size, device=device)
     if dist_info.is_main:
-        write_results(out_dir, split, records, metrics)
+        exported = os.path.isfile(args.weights)
+        write_results(out_dir, split, records, metrics, provenance={
+            "weights": os.path.abspath(args.weights),
+            "weights_sha256": file_sha256(args.weights) if exported else None,
+            "trained": read_provenance(args.weights) if exported else None,  # a checkpoint's is in its state.json
+            "evaluated": collect_provenance(cfg, manifest_path(cfg)),
+        })
         logger = ScalarLogger(tb_dir, cfg.logging.tensorboard)
         logger.log({f"eval_{split}/{k}": v for k, v in metrics.items() if k.startswith("acc/")}, 0)
         logger.close()

@@ -48,8 +48,7 @@ def extract_image_features(recipe_dict: dict, image, clip_pretrained: Optional[s
     to its storage dtype)."""
     from memvp_ds.vision.clip_features import ClipFeatureExtractor, FeatureRecipe, image_transform, load_clip_visual
 
-    fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
-    recipe = FeatureRecipe(**{**fields, **({"pretrained": clip_pretrained} if clip_pretrained else {})})
+    recipe = FeatureRecipe.from_stored(recipe_dict, **({"pretrained": clip_pretrained} if clip_pretrained else {}))
     extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
     pixels = image_transform(recipe)(read_image(image) if isinstance(image, str) else image)[None]
     return extractor(pixels).to(getattr(torch, recipe.dtype))
@@ -59,8 +58,8 @@ def image_pixels_for(recipe_dict: dict, image) -> torch.Tensor:
     """(1, 3, S, S) uint8 pixels of one image, resized as data_prep stores them for an online vision tower."""
     from memvp_ds.vision.clip_features import FeatureRecipe, image_pixels
 
-    fields = {k: v for k, v in recipe_dict.items() if k in FeatureRecipe.__dataclass_fields__}
-    return image_pixels(read_image(image) if isinstance(image, str) else image, FeatureRecipe(**fields))[None]
+    picture = read_image(image) if isinstance(image, str) else image
+    return image_pixels(picture, FeatureRecipe.from_stored(recipe_dict))[None]
 
 
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
@@ -70,7 +69,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
-    from memvp_ds.engine.preflight import check_vocab_fits
+    from memvp_ds.model.llm import check_vocab_fits
 
     picture = read_image(image) if image is not None else None
     online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)
@@ -113,14 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Arguments that would fail only after the model is loaded, checked before (one line each)."""
+    from memvp_ds.config import check_at_least
+    from memvp_ds.data.prompts import check_choice_count
+
+    check_at_least("--max-new-tokens", args.max_new_tokens, 1)
+    check_choice_count(args.choices or [], "--choices")
+
+
 @command
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    check_arguments(args)
     output = answer(args.weights, args.image, args.question, args.choices, args.hint, args.clip_pretrained,
                     args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)
     if args.choices:
-        from memvp_ds.evaluation.scienceqa import parse_answer
+        from memvp_ds.scoring.scienceqa import parse_answer
 
         index = parse_answer(output, len(args.choices))
         print(f"parsed answer: {args.choices[index] if index is not None else 'none'}")

@@ -141,7 +141,7 @@ def test_resume_after_kill_gives_identical_shards(sqa_root, tmp_path, monkeypatc
     monkeypatch.setattr(extract_module, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         _extract(sqa_root, tmp_path / "resumed")
-    assert len(read_manifest(str(tmp_path / "resumed"))["shards"]) == 2
+    assert len(read_manifest(str(tmp_path / "resumed")).shards) == 2
     monkeypatch.setattr(extract_module, "write_shard", real_write)
     calls.clear()
     monkeypatch.setattr(extract_module, "write_shard", lambda p, s: (calls.append(p), real_write(p, s))[1])

@@ -105,7 +105,7 @@ def test_dry_run_of_the_13b_recipe_from_another_directory(full_size, tokenizer_d
     assert plan["eval"] == {"split": "test", "answer_tokens": 1, "use_caption": True,
                             "example_prompt": STATES_EVAL_PROMPT}
     # the recipe names the shipped zero2: found from any directory
-    assert plan["ds_config"]["path"] == str(REPO / "memvp_ds" / "recipes" / "ds_configs" / "zero2.json")
+    assert plan["ds_config"]["path"] == str(REPO / "ds_configs" / "zero2.json")
     assert plan["ds_config"]["zero_stage"] == 2
     assert not (tmp_path / "run").exists(), "a dry run creates nothing"
 
@@ -130,6 +130,21 @@ def test_dry_run_plans_the_official_lavin_runs(full_size, tokenizer_dir, tmp_pat
     assert plan["steps_per_epoch"] == 397 and plan["total_steps"] == 7940 and plan["warmup_steps"] == 794
     assert plan["lr"] == pytest.approx(9e-3 * 32 / 256, rel=1e-12)
     assert plan["eval"]["use_caption"] is False
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_llava_lora_recipes_plan_the_memvp_schedule_with_llavas_lr(full_size, tokenizer_dir, tmp_path, size):
+    """The baseline runs on MemVP's data, batch and epochs; its lr is LLaVA's LoRA 2e-4 at global batch 128
+    by the linear scaling rule."""
+    from memvp_ds.engine.plan_report import dry_run_report
+
+    cfg = load_config(str(CONFIGS / f"llava_lora_llama{size}_sqa.yaml"),
+                      _overrides(full_size, tokenizer_dir, tmp_path / "o"))
+    plan = dry_run_report(cfg, 8)
+    assert cfg.model.strategy == "llava_lora" and cfg.model.lora.rank == 128 and cfg.model.lora.alpha == 256
+    assert plan["global_batch"] == 32 and plan["total_steps"] == 7940 and plan["warmup_steps"] == 794
+    assert plan["lr"] == pytest.approx(2e-4 * 32 / 128, rel=1e-12)
+    assert plan["example"]["prompt"] == FISH_PROMPT
 
 
 def test_an_explicit_subset_is_reported_as_such(full_size, tokenizer_dir, tmp_path):

@@ -1,13 +1,18 @@
 """Metrics against hand-computed cases; evaluation does not depend on batch size or rank count."""
 
+import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from memvp_ds.evaluation.scienceqa import parse_answer, scienceqa_metrics
-from memvp_ds.evaluation.vqa import normalize_answer, vqa_accuracy
+from memvp_ds.export import read_export_metadata, read_provenance
+from memvp_ds.provenance import config_sha256
+from memvp_ds.schema import load_config
+from memvp_ds.scoring.scienceqa import parse_answer, scienceqa_metrics
+from memvp_ds.scoring.vqa import normalize_answer, vqa_accuracy
 from tests.helpers import REPO, run_train, train_overrides
 
 
@@ -98,6 +103,36 @@ def test_predictions_do_not_depend_on_batch_size_or_ranks(dataset, trained, tmp_
     assert metrics == metrics2
     assert {"acc/overall", "acc/IMG", "count/parse_failures"} <= set(metrics)
     assert metrics["answer_tokens"] == 1 and metrics["use_caption"] is True
+    # memvp-eval writes what it scored, on what, by which code next to the metrics.
+    provenance = json.loads((tmp_path / "b1" / "provenance_test.json").read_text())
+    assert provenance["weights_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+    assert provenance["trained"] == read_provenance(str(trained)) and provenance["trained"]["seed"] == 0
+
+
+def test_export_and_checkpoint_record_where_they_came_from_and_memvp_info_prints_it(dataset, trained):
+    recorded = read_provenance(str(trained))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert recorded["git_commit"] == head and isinstance(recorded["git_dirty"], bool)
+    assert recorded["versions"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+    manifest = dataset["root"] / "shards" / "manifest.json"
+    assert recorded["data_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    state = json.loads(next((trained.parent.parent / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["provenance"] == recorded  # checkpoints carry the same record
+    # The config hash names what is learned, not where things are: a moved run keeps it, another lr does not.
+    cfg = load_config(None, overrides=[], stored=read_export_metadata(str(trained)))
+    assert recorded["config_sha256"] == config_sha256(cfg)
+    moved = load_config(None, overrides=["train.output_dir=/elsewhere", "data.tokenizer=/other/tok"],
+                        stored=read_export_metadata(str(trained)))
+    relearned = load_config(None, overrides=["train.blr=0.5"], stored=read_export_metadata(str(trained)))
+    assert config_sha256(moved) == recorded["config_sha256"] != config_sha256(relearned)
+    text = subprocess.run(["memvp-info", str(trained)], capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert f"code: {head}" in text.stdout and f"config sha256: {recorded['config_sha256']}" in text.stdout
+    as_json = subprocess.run(["memvp-info", str(trained), "--json"], capture_output=True, text=True, timeout=120)
+    info = json.loads(as_json.stdout)
+    assert info["provenance"] == recorded and info["strategy"] == "memvp" and info["trainable_parameters"] > 0
+    missing = subprocess.run(["memvp-info", "/nonexistent.safetensors"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: /nonexistent.safetensors")
 
 
 def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, trained):
@@ -129,7 +164,7 @@ def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, traine
 
 
 def test_caption_metrics_match_hand_computation():
-    from memvp_ds.evaluation.captioning import caption_metrics
+    from memvp_ds.scoring.captioning import caption_metrics
 
     m = caption_metrics([("A red circle.", ["a red ball"]), ("a blue square", ["a blue square"])])
     # unigrams: 2 of 3 + 3 of 3 match -> 5/6; lengths equal -> no brevity penalty

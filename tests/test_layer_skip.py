@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from memvp_ds.config import ConfigError
-from memvp_ds.engine.metrics import training_flops_per_position
+from memvp_ds.engine.metrics import MatmulFlopCounter, attention_flops_per_position
 from tests.conftest import tiny_config, tiny_model
 
 N, C = 16, 32
@@ -57,15 +57,22 @@ def test_skipped_layers_are_not_computed_in_training_generation_or_the_cache():
     generated = model.eval().generate(ids, image_features=torch.randn(2, N, C), max_new_tokens=3)
     assert generated.shape == (2, 3) and mlp_calls == [4]  # prefill + 2 decode steps, layer 1 only
     assert layers[1].self_attn.layer_idx == 0, "cache slot 0 belongs to the first computed layer"
-    frozen_layer = sum(p.numel() for p in tiny_model("memvp").llm.model.layers[0].parameters())
-    plain_flops = training_flops_per_position(tiny_model("memvp"), 32)
-    skipped_flops = training_flops_per_position(model, 32)
-    width, adapter = 64, sum(p.numel() for p in layers[0].adapter.parameters())
+    ids, feats = torch.randint(4, 512, (2, 32)), torch.randn(2, N, C)
+
+    def step_flops(m):
+        counter = MatmulFlopCounter(m)
+        with torch.no_grad(), counter.counting():
+            m.train()(ids, labels=ids, image_features=feats)
+        return counter.take() + attention_flops_per_position(m, 32) * ids.numel()
+
+    plain = tiny_model("memvp")
+    frozen_matmuls = sum(p.numel() for n, p in plain.llm.model.layers[0].named_parameters() if p.dim() == 2)
+    width, adapter = 64, sum(p.numel() for p in layers[0].adapter.parameters() if p.dim() == 2)
     memory = 4 * width * 24  # MemVP's per-layer term, M = 24
-    # Saved: the layer's frozen weights except its input norm (the adapter reads it), its attention and
-    # memory terms; added: the adapter's trainable weights.
-    saved = 4 * (frozen_layer - width) + 3 * (4 * width * 32 + memory) - 6 * adapter / 32
-    assert plain_flops - skipped_flops == pytest.approx(saved, rel=1e-9)
+    # Saved at every position: the layer's frozen matmuls, its attention and memory terms; added: the
+    # adapter's trainable matmuls.
+    saved = ids.numel() * (4 * frozen_matmuls + 3 * (4 * width * 32 + memory) - 6 * adapter)
+    assert step_flops(plain) - step_flops(model) == pytest.approx(saved, rel=1e-9)
 
 
 def test_search_model_toggles_layers_and_renumbers_the_cache():

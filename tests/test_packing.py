@@ -17,8 +17,10 @@ SHAPES = [(40, True), (9, False), (14, True), (30, True), (5, True), (21, False)
 STRATEGY_CASES = [("memvp", []), ("input_prefix", []), ("memvp", ["model.skip.layers=[0]"]),
                   ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
                   ("dvp", []), ("dvp", ["model.dvp.insert=residual"]), ("lavin", []),
-                  ("dvp", ["model.dvp.base=lavin"])]
-CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "lavin", "dvp_lavin"]
+                  ("dvp", ["model.dvp.base=lavin"]), ("llava_lora", []),
+                  ("memvp", ["model.lora.enabled=true", "model.lora.rank=4"])]
+CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "lavin", "dvp_lavin",
+            "llava_lora", "memvp_lora"]
 DVP_TOKEN = ("dvp", "dvp_lavin")
 
 
@@ -36,6 +38,7 @@ def _samples(seed=0, shapes=SHAPES):
 
 def _model(strategy, overrides, attn="sdpa"):
     model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", "model.lavin.dropout=0.0",
+                       "model.lora.dropout=0.0",
                        f"model.llm.attn_implementation={attn}", *overrides)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every trainable tensor non-trivial (zero-initialised output maps included)
@@ -226,13 +229,14 @@ def test_packed_loader_yields_the_same_samples_as_the_padded_one(dataset):
     """Packing changes the layout, never which samples a micro-batch holds: steps and epochs count samples."""
     from memvp_ds.data.collate import SampleEncoder
     from memvp_ds.data.shard_format import shard_urls
-    from memvp_ds.data.stream import build_train_loader
+    from memvp_ds.data.stream import LoaderOptions, build_train_loader
     from memvp_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(dataset["tokenizer"])
     encoder = SampleEncoder(tokenizer, "qcm_a", 128, N, C)
-    loaders = [build_train_loader(shard_urls(dataset["train"]), encoder, 8, tokenizer.pad_token_id, 8, 0, 0, 1, 0, 64,
-                                  0, {}, packing=packing, visual_positions=N) for packing in (False, True)]
+    loaders = [build_train_loader(shard_urls(dataset["train"]), encoder,
+                                  LoaderOptions(8, tokenizer.pad_token_id, 8, 0, 0, 1, 0, 64, {}, packing=packing,
+                                                visual_positions=N)) for packing in (False, True)]
     rows = 0
     for _, padded, packed in zip(range(6), *(iter(loader) for loader in loaders)):
         assert packed["keys"] == padded["keys"] and len(packed["keys"]) == 8

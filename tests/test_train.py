@@ -78,12 +78,16 @@ def test_two_rank_zero3_with_gradient_checkpointing_matches_single_process(runs)
     assert three == pytest.approx(one, rel=1e-2)
 
 
-def test_zero3_engine_gradients_equal_plain_pytorch_bit_for_bit(dataset, tmp_path):
+@pytest.mark.parametrize("config,trainable,tolerance", [("tiny_memvp", 6, 0.0), ("tiny_llava_lora", 32, 1e-6)])
+def test_zero3_engine_gradients_equal_plain_pytorch_bit_for_bit(dataset, tmp_path, config, trainable, tolerance):
     """One micro-batch through a one-rank ZeRO-3 engine gives exactly the gradients plain PyTorch computes
     for the same model (torch's own F.linear, which ZeRO-3 replaces globally). ZeRO-3's per-module hooks
     reordered autograd's sums by the last bit, which Adam grew into percent-level loss differences within
-    ten steps; frozen decoder blocks are now ZeRO-3 leaf modules (memvp_ds/engine/zero3_leaves.py)."""
-    overrides = train_overrides(dataset, tmp_path, NO_DROPOUT, "train.ds_config=ds_configs/zero3.json")
+    ten steps; frozen decoder blocks are now ZeRO-3 leaf modules (memvp_ds/engine/zero3_leaves.py). Blocks
+    with LoRA tensors keep ZeRO-3's per-parameter gradient reduction and its per-module hooks: their
+    gradients (checked here for every LoRA tensor, with LoRA's dropout off) equal PyTorch's to rounding."""
+    overrides = train_overrides(dataset, tmp_path, NO_DROPOUT, "model.lora.dropout=0.0",
+                                "train.ds_config=ds_configs/zero3.json")
     script = f"""
 import sys; sys.argv = ["x"]
 import torch
@@ -95,7 +99,7 @@ from memvp_ds.engine.trainer import Trainer
 from memvp_ds.model import build_model
 from memvp_ds.search import skippable_layers
 torch_linear = F.linear
-cfg = load_config("configs/tiny_memvp.yaml", {overrides!r})
+cfg = load_config({config!r}, {overrides!r})
 trainer = Trainer(cfg, init_distributed())
 torch.manual_seed(cfg.train.seed)  # the engine's model was built from the same seed
 plain = build_model(cfg.model, skippable_layers(cfg))
@@ -112,11 +116,12 @@ F.linear = deepspeed_linear
 assert torch.equal(loss.detach(), reference.detach()), (loss.item(), reference.item())
 assert set(zero3) == set(grads), (sorted(zero3), sorted(grads))
 for name in grads:
-    assert torch.equal(zero3[name], grads[name]), (name, (zero3[name] - grads[name]).abs().max().item())
+    error = (zero3[name] - grads[name]).abs().max().item()
+    assert error <= {tolerance!r} * grads[name].abs().max().item(), (name, error)
 print("EQUAL", len(grads))
 """
     proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert "EQUAL 6" in proc.stdout, proc.stderr[-3000:]
+    assert f"EQUAL {trainable}" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_zero3_gives_a_parameter_unused_in_a_step_a_zero_gradient():
@@ -207,16 +212,19 @@ def test_export_reloads_to_identical_logits_without_deepspeed(runs):
     assert not torch.count_nonzero(model.strategy.memory.memory_values) == 0, "export holds trained weights"
 
 
-def test_kill_and_resume_on_two_ranks_is_exact(dataset, tmp_path):
+@pytest.mark.parametrize("config,extra", [("tiny_memvp", ("model.memvp.dropout=0.1", "train.ds_config=zero2")),
+                                          ("tiny_llava_lora", ("train.ds_config=zero3",))], ids=["memvp", "llava_lora"])
+def test_kill_and_resume_on_two_ranks_is_exact(dataset, tmp_path, config, extra):
     """SIGKILL the whole 2-rank job after its step-4 checkpoint, resume: the losses of every later step
-    equal those of an uninterrupted run (same data order, same dropout masks, same optimizer state)."""
+    equal those of an uninterrupted run (same data order, same dropout masks, same optimizer state). LLaVA-LoRA
+    runs on ZeRO-3 with LoRA's dropout (0.05) on, its LoRA tensors sharded inside the decoder blocks; its
+    export then reloads without DeepSpeed to the final checkpoint's outputs."""
     out = tmp_path / "killed"
-    common = (f"train.max_steps={STEPS}", "train.save_interval=4", "model.memvp.dropout=0.1",
-              "train.ds_config=zero2")
-    run_train(train_overrides(dataset, tmp_path / "uninterrupted", *common), ranks=2)
+    common = (f"train.max_steps={STEPS}", "train.save_interval=4", *extra)
+    run_train(train_overrides(dataset, tmp_path / "uninterrupted", *common), ranks=2, config=config)
     overrides = train_overrides(dataset, out, *common)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 100), "memvp_ds/train.py",
-           "--config", "tiny_memvp", *overrides]
+           "--config", config, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     # The pointer moves after the checkpoint folder is renamed into place: wait for both.
@@ -227,12 +235,30 @@ def test_kill_and_resume_on_two_ranks_is_exact(dataset, tmp_path):
     proc.wait()
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert json.loads((out / "status.json").read_text() if (out / "status.json").exists() else "{}") == {}
-    run_train(overrides, ranks=2)
+    run_train(overrides, ranks=2, config=config)
     resumed_from = int(latest.split("-")[1])
     reference, resumed = scalars(tmp_path / "uninterrupted", "train/loss"), scalars(out, "train/loss")
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(resumed_from + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    if config == "tiny_llava_lora":
+        _assert_export_reloads_to_the_final_checkpoint(out)
+
+
+def _assert_export_reloads_to_the_final_checkpoint(out):
+    from memvp_ds import build_model
+    from memvp_ds.export import load_exported
+
+    model, cfg = load_exported(str(out / "export" / "trainable.safetensors"))
+    final = load_file(out / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors")
+    reference = build_model(cfg.model)
+    reference.load_trainable({k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("param/")})
+    lora_b = [p for name, p in model.trainable_parameters().items() if ".lora_B." in name]
+    assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b), "LoRA's B (zero at start) trained"
+    ids, feats = torch.randint(4, 300, (2, 10)), torch.randn(2, 16, 32)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, image_features=feats).logits, reference(ids, image_features=feats).logits)
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(dataset, runs, tmp_path):
@@ -247,13 +273,14 @@ from memvp_ds.schema import load_config
 from memvp_ds.distributed import init_distributed
 from memvp_ds.engine.trainer import Trainer
 from memvp_ds.engine import checkpoint as ckpt
+from memvp_ds.engine.zero_state import gather_trainable
 from safetensors.torch import load_file
 import torch
 cfg = load_config("tiny_memvp", {train_overrides(dataset, out, 'train.max_steps=12', NO_DROPOUT)!r})
 trainer = Trainer(cfg, init_distributed())
 state = ckpt.load_checkpoint(trainer.model, trainer.engine.optimizer, trainer.dist, trainer.resume_from, 0)
 stored = load_file(trainer.resume_from + "/trainable.safetensors")
-gathered = ckpt._gather_trainable(trainer.model, trainer.engine.optimizer)
+gathered = gather_trainable(trainer.model, trainer.engine.optimizer)
 assert state["step"] == 8 and state["world_size"] == 2
 assert set(stored) == set(gathered), (sorted(stored), sorted(gathered))
 for key in stored:

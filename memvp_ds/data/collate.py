@@ -64,6 +64,8 @@ class SampleEncoder:
         encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
         ids, labels = encoded.input_ids, encoded.labels
         if self.with_target:
+            if all(label == IGNORE_INDEX for label in labels):  # nothing to learn from: unusable, counted
+                raise ValueError(f"no answer token is left after truncation to data.max_seq_len={self.max_seq_len}")
             # Nothing after the last labelled token contributes to the loss: cut it off.
             last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=len(ids) - 1)
             ids, labels = ids[: last + 1], labels[: last + 1]

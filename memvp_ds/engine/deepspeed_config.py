@@ -30,6 +30,7 @@ FP16_DYNAMIC_LOSS_SCALE = {"loss_scale": 0, "initial_scale_power": 16, "loss_sca
 
 def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     """The DeepSpeed JSON of train.ds_config with its "auto" values filled from the config."""
+    cfg.train.check_min_lr(world_size)  # a relation that needs the world size: checked with the JSON
     try:
         path = resolve_ds_config(cfg.train.ds_config)
     except FileNotFoundError as err:  # a config value, so a config error (one line naming the option)

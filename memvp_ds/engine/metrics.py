@@ -1,13 +1,14 @@
-"""Throughput, model FLOPs utilisation and memory, plus the rank-0 TensorBoard writer."""
+"""Throughput, model FLOPs utilisation and memory."""
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
+from torch import nn
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -25,27 +26,72 @@ def peak_flops(override_tflops: Optional[float]) -> Optional[float]:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def training_flops_per_position(model, positions_per_row: int) -> float:
-    """Model FLOPs per processed position for one training step (forward + backward).
+def attention_flops_per_position(model, context: int) -> float:
+    """Model FLOPs per processed position of one training step that no weight matmul accounts for: attention
+    (QK^T and AV, 4 * width * context per computed layer) and the strategy's own per-layer terms (e.g.
+    MemVP's (T x d) @ (d x M) and (T x M) @ (M x d)), forward tripled for backward. ``context`` is the
+    row length when padded, about a sample's length when packed."""
+    per_layer = 4 * model.llm.config.hidden_size * context + model.strategy.forward_flops_per_position_and_layer()
+    return 3 * model.computed_layers * per_layer
 
-    The LLM is frozen, so its backward computes input gradients only: 2N forward + 2N backward for its N
-    matmul weights in computed layers (embeddings and skipped layers excluded), against the usual 6N when
-    weights train too. Attention adds 4 * layers * width * T forward (QK^T and AV), tripled for backward.
-    The trainable part is counted at 6 FLOPs per weight, and the strategy's own per-token terms in each
-    computed layer (e.g. MemVP's (T x d) @ (d x M) and (T x M) @ (M x d)) are tripled for backward.
+
+class MatmulFlopCounter:
+    """Model FLOPs of the weight matmuls that really run in the forward passes inside ``counting()``.
+
+    Every ``nn.Linear`` and ``nn.Conv1d`` counts by the rows it processes, so each part of the model costs what
+    it does: the LM head only at labelled positions, the projector on visual tokens, adapters and LoRA at
+    every position of the layers that run (none in a skipped layer), the online CLIP tower on its tokens;
+    ``nn.MultiheadAttention`` (the online CLIP's) counts its fused projections and its attention. A frozen
+    weight costs 4 FLOPs per weight and row (forward and input gradient: frozen weights get no weight
+    gradient), a trainable one 6. Gradient checkpointing's recomputation runs outside ``counting()`` and is
+    not counted: this is MFU, not hardware FLOPs.
     """
-    cfg = model.llm.config
-    width, layers = cfg.hidden_size, model.computed_layers
-    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-    not_computed = {id(model.llm.get_input_embeddings().weight)}
-    if model.skipping:
-        for i in model.skipping.skipped:
-            inner = model.skipping.layers[i].layer
-            not_computed |= {id(p) for p in inner.parameters()} if inner is not None else set()
-    frozen = sum(numel(p) for p in model.llm.parameters() if not p.requires_grad and id(p) not in not_computed)
-    trainable = sum(numel(p) for p in model.trainable_parameters().values())
-    flops = 4 * frozen + 3 * layers * (4 * width * positions_per_row + model.strategy.forward_flops_per_position_and_layer())
-    return flops + 6 * trainable / max(positions_per_row, 1)
+
+    def __init__(self, model: nn.Module):
+        self.flops = 0.0
+        self._active = False
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.register_forward_hook(self._count_weight)
+            elif isinstance(module, nn.MultiheadAttention):
+                module.register_forward_hook(self._count_attention)
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def take(self) -> float:
+        """FLOPs counted since the last call."""
+        flops, self.flops = self.flops, 0.0
+        return flops
+
+    def _count_weight(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if self._active:
+            out_dim = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            rows = output.numel() // out_dim
+            self.flops += _flops_per_weight_and_row(module.weight) * _full_numel(module.weight) * rows
+
+    def _count_attention(self, module: nn.MultiheadAttention, inputs, output) -> None:
+        if self._active:
+            query = inputs[0]
+            width = module.embed_dim
+            length = query.shape[1] if module.batch_first or query.dim() == 2 else query.shape[0]
+            rows = query.numel() // width
+            per_weight = _flops_per_weight_and_row(module.in_proj_weight if module.in_proj_weight is not None
+                                                   else module.q_proj_weight)
+            self.flops += rows * (per_weight * 4 * width * width + 3 * 4 * width * length)
+
+
+def _full_numel(param: torch.Tensor) -> int:
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()  # ZeRO-3 partitions it
+
+
+def _flops_per_weight_and_row(param: torch.Tensor) -> int:
+    return 6 if param.requires_grad else 4
 
 
 def max_memory_gb() -> float:
@@ -69,26 +115,3 @@ def resident_memory_gb() -> float:
         # mapped; trim them so that RSS shows what is actually held.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     return psutil.Process().memory_info().rss / 2**30
-
-
-class ScalarLogger:
-    """TensorBoard on rank 0 (a no-op elsewhere); the run directory persists across resumes."""
-
-    def __init__(self, log_dir: str, enabled: bool, purge_step: Optional[int] = None):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            os.makedirs(log_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
-
-    def log(self, scalars: Dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

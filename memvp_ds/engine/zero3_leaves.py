@@ -23,9 +23,12 @@ def mark_frozen_blocks_as_zero3_leaves(model: nn.Module) -> int:
     stage3_max_live_parameters (1e9).
 
     Blocks holding trainable tensors keep per-module hooks: ZeRO-3 reduces a leaf's gradients from a module
-    backward hook rather than per parameter, a path we do not rely on. That includes DAS's skippable
-    wrappers (trainable adapter), whose frozen block inside stays fine-grained too: the wrapper also calls
-    that block's input norm on its own when it skips the block.
+    backward hook rather than per parameter, a path we do not rely on (for a block whose input needs no
+    gradient, PyTorch runs that hook once the output gradient exists, before the weight gradients inside are
+    computed, so ZeRO-3 would reduce zeros). That includes DAS's
+    skippable wrappers (trainable adapter), whose frozen block inside stays fine-grained too: the wrapper also
+    calls that block's input norm on its own when it skips the block, and blocks with LoRA (``model.lora``),
+    whose gradients then equal plain PyTorch's to rounding rather than bit for bit (tests/test_train.py).
     """
     from deepspeed.utils import set_z3_leaf_module
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from functools import cached_property
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from transformers import DynamicCache, PreTrainedModel
 from memvp_ds.config import ModelConfig
 from memvp_ds.model.layer_skip import LayerSkipping, install_layer_skipping
 from memvp_ds.model.llm import load_frozen_llm
+from memvp_ds.model.lora import install_lora
 from memvp_ds.model.strategies import STRATEGIES, DecoderInputs, VisualStrategy
 from memvp_ds.model.strategies.base import PackedLayout
 from memvp_ds.vision.tower import OnlineClipTower, build_vision_tower
@@ -197,38 +198,59 @@ class VisualPromptedLM(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate expects left-padded prompts: attention_mask[:, -1] must be 1 for every row")
-        image_features = self._visual_features(image_features, images)
-        inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
-                               last_prompt_positions(attention_mask, None))
-        # With skipped layers the cache slots are renumbered, so the config's per-layer cache types (sliding
-        # window or full) would no longer line up: let the cache create plain slots as layers use them.
-        cache = DynamicCache() if self.skipping and self.skipping.skipped else DynamicCache(config=self.llm.config)
-        mask = inputs.attention_mask
-        hidden = self._run_decoder(inputs, **{self._cache_argument: cache}, use_cache=True)
-        self.strategy.prefill_finished()
+        hidden, cache, mask = self.prefill(input_ids, attention_mask, image_features, has_image, images)
         lm_head = self.llm.get_output_embeddings()
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         new_tokens = []
         for step in range(max_new_tokens):
-            next_token = lm_head(hidden[:, -1]).argmax(-1)
+            next_token = lm_head(hidden).argmax(-1)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
                 finished |= next_token == eos_token_id
             new_tokens.append(next_token)
             if step == max_new_tokens - 1 or (stop_when_done and bool(finished.all())):
                 break
-            positions = positions_from_mask(mask)[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            hidden = self._decoder(
-                input_ids=next_token[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                **{self._cache_argument: cache},
-                use_cache=True,
-            ).last_hidden_state
+            hidden, mask = self.decode_step(next_token, mask, cache)
         return torch.stack(new_tokens, dim=1)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache for this model."""
+        # With skipped layers the cache slots are renumbered, so the config's per-layer cache types (sliding
+        # window or full) would no longer line up: let the cache create plain slots as layers use them.
+        return DynamicCache() if self.skipping and self.skipping.skipped else DynamicCache(config=self.llm.config)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_features: Optional[torch.Tensor] = None, has_image: Optional[torch.Tensor] = None,
+                images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """The prompt pass of greedy decoding (left-padded prompts): (B, d) hidden state of each row's last
+        token, the KV cache, and the cache's (B, S) attention mask (visual prefix included). The strategy
+        is then in decoding mode (``prefill_finished``) for these rows."""
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate expects left-padded prompts: attention_mask[:, -1] must be 1 for every row")
+        image_features = self._visual_features(image_features, images)
+        inputs = self.strategy(input_ids, attention_mask, image_features, has_image,
+                               last_prompt_positions(attention_mask, None))
+        cache = self.new_cache()
+        hidden = self._run_decoder(inputs, **{self._cache_argument: cache}, use_cache=True)
+        self.strategy.prefill_finished()
+        return hidden[:, -1], cache, inputs.attention_mask
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One decoded token per row from the KV cache: (B,) ``tokens`` -> their (B, d) hidden states and
+        the mask grown by one column. ``mask`` (B, S) marks the attended cache columns of each row."""
+        positions = positions_from_mask(mask)[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        hidden = self._decoder(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            **{self._cache_argument: cache},
+            use_cache=True,
+        ).last_hidden_state
+        return hidden[:, -1], mask
 
     def enable_gradient_checkpointing(self) -> None:
         """Non-reentrant checkpointing of every decoder block.
@@ -266,13 +288,16 @@ class VisualPromptedLM(nn.Module):
 
 def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPromptedLM:
     """Load the frozen LLM named by ``cfg.llm``, attach the strategy ``cfg.strategy`` and drop the layers in
-    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle. With
-    ``cfg.vision.online`` the frozen CLIP with its adapters comes last, so the strategy's initialisation is
-    the same in both modes."""
+    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle. LoRA
+    (``cfg.lora``) goes on the LLM's Linears after the strategy and before layer skipping, so the strategy's
+    initialisation is the same with and without it. With ``cfg.vision.online`` the frozen CLIP with its
+    adapters comes last, so the strategy's initialisation is the same in both modes."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
     llm = load_frozen_llm(cfg.llm)
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
+    if cfg.lora.active(strategy.has_lora):
+        install_lora(llm, cfg.lora)
     skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg)
     vision = build_vision_tower(cfg.vision) if cfg.vision.online else None
     if vision is not None and (vision.tokens, vision.dim) != (cfg.visual_tokens, cfg.visual_dim):

@@ -60,6 +60,13 @@ class FeatureRecipe:
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_stored(cls, stored: Dict[str, Any], **overrides: Any) -> "FeatureRecipe":
+        """The recipe in a stored dict (an export's or a manifest's, which also hold derived entries such as
+        the token count), with ``overrides`` on top."""
+        names = cls.__dataclass_fields__
+        return cls(**{**{k: v for k, v in stored.items() if k in names}, **overrides})
+
 
 def resize_image(image: Image.Image, recipe: FeatureRecipe) -> Image.Image:
     """The recipe's resize: the whole image squashed to image_size x image_size, bicubic (PIL)."""

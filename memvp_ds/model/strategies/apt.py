@@ -153,6 +153,15 @@ class APTStrategy(VisualStrategy):
         out = (attn_out + weight * sum(terms)) * scales[index]
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
+    def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        visual, visual_keys = self._terms[:2]
+        # Visual keys are (layers, B, N, d): batch first for the server, back in set_decoding_rows.
+        return () if visual is None else (visual, visual_keys.transpose(0, 1))
+
+    def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        if rows:  # the prompt rows are the same for every row
+            self._terms = (rows[0], rows[1].transpose(0, 1), *self._terms[2:])
+
     def prefix_positions(self) -> int:
         return self.cfg.visual_tokens if self.in_sequence else 0
 

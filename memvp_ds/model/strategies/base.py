@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Tuple
 
 import torch
 from torch import nn
@@ -157,6 +157,8 @@ class VisualStrategy(nn.Module):
     name: ClassVar[str]
     options: ClassVar[Optional[type]] = None
     """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
+    has_lora: ClassVar[bool] = False
+    """Whether the method is defined with LoRA on the LLM (``model.lora``, on unless set otherwise)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()
@@ -184,6 +186,21 @@ class VisualStrategy(nn.Module):
     def prefill_finished(self) -> None:
         """``generate`` calls this after the prompt pass, before decoding from the KV cache. Strategies whose
         term applies to prompt positions only (DVP) stop applying it; the others keep theirs."""
+
+    def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        """The per-row tensors that decoding from the KV cache reads after ``prefill_finished`` (batch
+        first; default none). A server decoding rows prefilled in different calls together (continuous
+        batching, memvp_ds.serve) slices and concatenates them and hands them back to
+        ``set_decoding_rows`` before each step."""
+        return ()
+
+    def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        """Decode the rows whose ``decoding_rows`` are ``rows`` (concatenated in the batch's order)."""
+
+    def leading_cache_columns(self) -> int:
+        """KV-cache columns that must stay first in every row while decoding (DVP's token slot, which its
+        layers below K find at key 0); a server that aligns rows of different lengths pads after them."""
+        return 0
 
     def prefix_positions(self) -> int:
         """Positions the strategy puts in front of each image sample's text (input-space strategies: its N

@@ -289,6 +289,25 @@ class DVPStrategy(VisualStrategy):
         slot's cached K/V) or is the one made in the prefill (residual)."""
         self._state = None
 
+    def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        # The lavin base's routing first; the token's prompt is in the KV cache.
+        base = self.base.decoding_rows() if self.on_lavin else ()
+        if self.as_token or self._decoding_prompt is None:
+            return base
+        return (*base, self._decoding_prompt)
+
+    def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        if self.on_lavin:
+            routed = len(self.base.decoding_rows())
+            self.base.set_decoding_rows(rows[:routed])
+            rows = rows[routed:]
+        if not self.as_token:
+            self._decoding_prompt = rows[0] if rows else None
+
+    def leading_cache_columns(self) -> int:
+        # Layers below K hide the slot's key by its index: everything up to it stays in place.
+        return self.slot_index + 1 if self.as_token and self._has_slot else 0
+
     def prefix_positions(self) -> int:
         return self.slot_index + 1 if self.as_token else 0
 

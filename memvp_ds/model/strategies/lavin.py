@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,12 +98,26 @@ class LavinStrategy(VisualStrategy):
         else:
             indicator = has_image.long()
         self._layout = layout
-        self._weights = self._route(self.modality(indicator)[:, None])
-        for layer, weights in zip(self._decoder[0].layers, self._weights):
-            if getattr(layer, "skipped", False) and isinstance(layer.adapter, RoutedReplacement):
-                layer.adapter.set_routing(partial(self._per_position, weights))  # LaVIN-DAS's replacement
+        self._use_weights(self._route(self.modality(indicator)[:, None]))
         return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,
                                      image_features, has_image, layout)
+
+    def _use_weights(self, weights: List[Optional[torch.Tensor]]) -> None:
+        """Route with ``weights`` (per layer (B, 2), None for an unrouted DAS replacement) from now on."""
+        self._weights = weights
+        for layer, layer_weights in zip(self._decoder[0].layers, weights):
+            if getattr(layer, "skipped", False) and isinstance(layer.adapter, RoutedReplacement):
+                layer.adapter.set_routing(partial(self._per_position, layer_weights))  # LaVIN-DAS's replacement
+
+    def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        """Each routed layer's (B, 2) expert weights: decoded tokens keep their sample's routing."""
+        return tuple(w for w in self._weights or () if w is not None)
+
+    def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        if self._weights is None:
+            raise RuntimeError("LaVIN decoding rows set before a prefill computed the routing")
+        given = iter(rows)
+        self._use_weights([next(given) if w is not None else None for w in self._weights])
 
     def _route(self, token: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """The modality token's pass through the decoder blocks, alone at position 0: (B, 1, d) -> each block's

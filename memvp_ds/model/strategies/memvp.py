@@ -93,6 +93,12 @@ class MemVPStrategy(VisualStrategy):
         self._layout = layout
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
 
+    def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        return self._keys, self._values
+
+    def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        self._keys, self._values = rows
+
     def forward_flops_per_position_and_layer(self) -> float:
         rows, width = self.memory.memory_keys.shape[1:]
         return 4.0 * width * rows  # (T x d) @ (d x M) and (T x M) @ (M x d)
