@@ -43,8 +43,11 @@ def _add_extract(sub) -> None:
     p.add_argument("--allow-download", action="store_true", help="let open_clip download pretrained weights")
     p.add_argument("--image-size", type=int,
                    help="input size in pixels (default: the CLIP model's own, e.g. 224 for ViT-L-14)")
-    p.add_argument("--layer", choices=["penultimate", "last"], default="penultimate", help="transformer block")
+    p.add_argument("--layer", choices=["penultimate", "last", "cls_every_4"], default="penultimate",
+                   help="transformer block; cls_every_4: the CLS token after every 4th block (LaVIN's 6 tokens)")
     p.add_argument("--keep-cls", action="store_true", help="keep the CLS token (not the official recipe)")
+    p.add_argument("--no-ln-post", action="store_true",
+                   help="skip CLIP's final LayerNorm (LaVIN's tokens; DVP-SQA's last-block tokens with CLS)")
     p.add_argument("--no-quick-gelu", action="store_true", help="the weights use GELU rather than QuickGELU")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file")
     p.add_argument("--shard-size-mb", type=float, help="target shard size (default: unset, --samples-per-shard decides)")
@@ -100,7 +103,7 @@ def cmd_extract(args) -> int:
     image_size = native_image_size(args.clip_model) if args.image_size is None else args.image_size
     recipe = FeatureRecipe(
         model=args.clip_model, pretrained=args.clip_pretrained, image_size=image_size, layer=args.layer,
-        keep_cls=args.keep_cls, quick_gelu=not args.no_quick_gelu,
+        keep_cls=args.keep_cls, ln_post=not args.no_ln_post, quick_gelu=not args.no_quick_gelu,
     )
     index, count = _parse_part(args.part)
     opts = ExtractOptions(

@@ -7,8 +7,8 @@ Stages (each through the real tools):
      reading corpus of described scenes (the stand-in for LLaMA's language skills);
   4. training through memvp_ds/train.py (deepspeed, 2 CPU ranks, ZeRO-2) of the frozen base LLM with MemVP,
      the input-space baseline (visual tokens in front of the text) and a text-only control (MemVP with the
-     image features dropped); ``--all`` adds LLaVA-LoRA (the visual tokens plus LoRA on the LLM), APT, DVP
-     (its layer found by a KAB-APP search run first) and MemVP with DAS layer skipping (skip list found by a
+     image features dropped); ``--all`` adds LaVIN, LLaVA-LoRA (the visual tokens plus LoRA on the LLM), APT,
+     DVP (its layer found by a KAB-APP search run first) and MemVP with DAS layer skipping (skip list found by a
      DAS search run first);
   5. greedy evaluation on the test split;
   6. a text table, a PNG figure (loss curves, accuracy per question type with the chance level) and
@@ -53,6 +53,7 @@ SEARCHES = {
 RUNS = {
     "memvp": Run("tiny_memvp"),
     "input_prefix": Run("tiny_input_prefix"),
+    "lavin": Run("tiny_lavin"),
     "llava_lora": Run("tiny_llava_lora"),
     "apt": Run("tiny_apt"),
     "dvp": Run("tiny_dvp", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),

@@ -114,7 +114,7 @@ class ModelConfig:
     """The frozen language model."""
     strategy: str = "memvp"
     """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp,
-    llava_lora)."""
+    lavin, llava_lora)."""
     visual_dim: int = 1024
     """C: channel width of the pre-extracted visual features (1024 for CLIP ViT-L/14)."""
     visual_tokens: int = 256

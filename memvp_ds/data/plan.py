@@ -22,7 +22,7 @@ from memvp_ds.data.shard_format import (
 )
 
 SPLITS = ("train", "val", "test")
-ONLINE_RECIPE_KEYS = ("image_size", "mean", "std", "layer", "keep_cls")
+ONLINE_RECIPE_KEYS = ("image_size", "mean", "std", "layer", "keep_cls", "ln_post")
 """Recipe entries the shards' manifest and an online vision tower (model.vision.recipe) must agree on."""
 
 
@@ -110,8 +110,8 @@ def _check_store(cfg: Config, path: str, manifest: Manifest) -> None:
                           "(extract with memvp-prep extract --store images|both)")
     recipe = manifest.recipe
     for key in ONLINE_RECIPE_KEYS:
-        if recipe[key] != getattr(vision.recipe, key):
-            raise ConfigError(f"{path}: shards were made with {key}={recipe[key]} but model.vision.recipe.{key} "
+        if recipe.get(key, True) != getattr(vision.recipe, key):  # manifests before ln_post: applied
+            raise ConfigError(f"{path}: shards were made with {key}={recipe.get(key, True)} but model.vision.recipe.{key} "
                               f"is {getattr(vision.recipe, key)}")
 
 
