@@ -45,7 +45,7 @@ from speed import PRESETS, Preset, build  # noqa: E402
 from memvp_ds.data.collate import TokenizedSample, collate, pack  # noqa: E402
 from memvp_ds.data.prompts import IGNORE_INDEX  # noqa: E402
 
-VARIANTS = ("memvp", "input_prefix", "apt", "dvp", "llava_lora", "memvp_skip")
+VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "dvp", "llava_lora", "memvp_skip")
 """Every strategy packs exactly; apt and dvp are their official variants (visual tokens in the sequence; the
 token slot); llava_lora is input_prefix plus LoRA (speed.py's preset rank)."""
 MODES = ("padded_full_head", "padded", "packed")

@@ -4,7 +4,8 @@
     python benchmarks/speed.py --preset llama13b       # 13B layer shapes, bf16, on a GPU (--layers to fit)
     python benchmarks/speed.py --json out.json
 
-Variants: memvp, input_prefix (the baseline), apt (official setup: visual tokens in the sequence plus
+Variants: memvp, input_prefix (the baseline), lavin (LaVIN: visual tokens in the input plus routed
+adapters in every block; the preset's visual tokens, its CLIP not run), apt (official setup: visual tokens in the sequence plus
 approximated prompts), apt_rows (the visual features as APT prompt rows instead), dvp (the prompt as a token
 at the middle layer, with adapters), dvp_residual (added to the residual stream), llava_lora (the visual tokens
 in the sequence plus LoRA on every Linear of the LLM, rank scaled to the preset's width, and LLaVA's
@@ -77,9 +78,12 @@ PRESETS = {
     "llama13b": Preset(5120, 13824, 4, 40, 32000, 4, 256, 256, 400, 1024, "bfloat16", 32, 5, 200, 16, 512,
                        "ViT-L-14", 24, 224, 128),
 }
-VARIANTS = ("memvp", "input_prefix", "apt", "apt_rows", "dvp", "dvp_residual", "llava_lora", "memvp_skip",
+VARIANTS = ("memvp", "input_prefix", "lavin", "apt", "apt_rows", "dvp", "dvp_residual", "llava_lora", "memvp_skip",
             "memvp_online")
-EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]), "dvp_residual": ("dvp", ["model.dvp.insert=residual"])}
+EXTRA = {"apt_rows": ("apt", ["model.apt.visual=prompt_rows"]),
+         # The plain-LLM forms of DVP (its default base is LaVIN, whose own cost is the lavin variant's).
+         "dvp": ("dvp", ["model.dvp.base=plain"]),
+         "dvp_residual": ("dvp", ["model.dvp.base=plain", "model.dvp.insert=residual"])}
 """Variants that are another option of a strategy: (strategy, overrides)."""
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from memvp_ds.cli import HelpFormatter, add_debug_option, command
+from memvp_ds.data.shard_format import MANIFEST, Manifest, split_urls
 
 DESCRIPTION = """\
 Extract CLIP features once and write verified WebDataset shards for memvp_ds training.
@@ -26,7 +28,7 @@ def _add_extract(sub) -> None:
         "extract",
         help="dataset -> shards of CLIP features (resumable, splittable into parts)",
         description="Read a dataset, extract CLIP patch features with the MemVP recipe and write "
-        "{split}-{index:06d}.tar shards plus manifest.json. Rerunning skips shards that are complete and "
+        f"{{split}}-{{index:06d}}.tar shards plus {MANIFEST}. Rerunning skips shards that are complete and "
         "intact. Missing or corrupt images are counted, listed in errors.jsonl and their samples kept "
         "text-only (or dropped).",
         formatter_class=HelpFormatter,
@@ -41,8 +43,11 @@ def _add_extract(sub) -> None:
     p.add_argument("--allow-download", action="store_true", help="let open_clip download pretrained weights")
     p.add_argument("--image-size", type=int,
                    help="input size in pixels (default: the CLIP model's own, e.g. 224 for ViT-L-14)")
-    p.add_argument("--layer", choices=["penultimate", "last"], default="penultimate", help="transformer block")
+    p.add_argument("--layer", choices=["penultimate", "last", "cls_every_4"], default="penultimate",
+                   help="transformer block; cls_every_4: the CLS token after every 4th block (LaVIN's 6 tokens)")
     p.add_argument("--keep-cls", action="store_true", help="keep the CLS token (not the official recipe)")
+    p.add_argument("--no-ln-post", action="store_true",
+                   help="skip CLIP's final LayerNorm (LaVIN's tokens; DVP-SQA's last-block tokens with CLS)")
     p.add_argument("--no-quick-gelu", action="store_true", help="the weights use GELU rather than QuickGELU")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file")
     p.add_argument("--shard-size-mb", type=float, help="target shard size (default: unset, --samples-per-shard decides)")
@@ -98,7 +103,7 @@ def cmd_extract(args) -> int:
     image_size = native_image_size(args.clip_model) if args.image_size is None else args.image_size
     recipe = FeatureRecipe(
         model=args.clip_model, pretrained=args.clip_pretrained, image_size=image_size, layer=args.layer,
-        keep_cls=args.keep_cls, quick_gelu=not args.no_quick_gelu,
+        keep_cls=args.keep_cls, ln_post=not args.no_ln_post, quick_gelu=not args.no_quick_gelu,
     )
     index, count = _parse_part(args.part)
     opts = ExtractOptions(
@@ -106,9 +111,9 @@ def cmd_extract(args) -> int:
         batch_size=args.batch_size, num_workers=args.workers, part_index=index, part_count=count,
         on_bad_image=args.on_bad_image, device=args.device, allow_download=args.allow_download, store=args.store,
     )
-    manifest = run_extract(_build_source(args), recipe, opts)
-    errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
-    for split, counts in manifest["splits"].items():
+    manifest = Manifest(run_extract(_build_source(args), recipe, opts))
+    errors = manifest.bad_images
+    for split, counts in manifest.split_counts().items():
         print(f"{split}: {counts['samples']} samples ({counts['with_image']} with image) in {counts['shards']} shards: "
               f"data.{split}_shards={shard_spec(args.out, manifest, split)}")
     print(f"bad images: {errors} ({'kept text-only' if opts.on_bad_image == 'text-only' else 'dropped'}); see errors.jsonl"
@@ -116,9 +121,9 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def shard_spec(out_dir: str, manifest: dict, split: str) -> str:
+def shard_spec(out_dir: str, manifest: Manifest, split: str) -> str:
     """The shard pattern of ``split`` to give to memvp-train (a brace range over the shard indices)."""
-    names = sorted(s["name"] for s in manifest["shards"] if s["split"] == split)
+    names = [os.path.basename(url) for url in split_urls(out_dir, split, manifest)]
     first, last = names[0].rsplit("-", 1)[1][:-4], names[-1].rsplit("-", 1)[1][:-4]
     index = first if first == last else "{" + f"{first}..{last}" + "}"
     return f"{out_dir.rstrip('/')}/{split}-{index}.tar"
@@ -160,7 +165,7 @@ def cmd_merge(args) -> int:
     from data_prep.verify import merge
 
     merged = merge(args.dir)
-    print(f"merged {merged['merged_from']} parts: {len(merged['shards'])} shards -> {args.dir}/manifest.json")
+    print(f"merged {merged['merged_from']} parts: {len(merged['shards'])} shards -> {args.dir}/{MANIFEST}")
     return 0
 
 
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", "re-read every shard: count, sha256, feature shape and dtype, image size against the manifest; "
                    "exit 1 on any mismatch"),
         ("inspect", "print counts per split, the feature recipe and one sample"),
-        ("merge", "combine manifest.part-i-of-n.json of all parts into manifest.json"),
+        ("merge", "combine manifest.part-i-of-n.json of all parts into " + MANIFEST),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         add_debug_option(p)

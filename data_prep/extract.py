@@ -123,14 +123,14 @@ def _load_resumable(path: str, header: Dict[str, Any], out_dir: str) -> Dict[str
     if not os.path.isfile(path):
         return {}
     previous = read_manifest(path)
-    if any(previous.get(k) != v for k, v in header.items()):
+    if any(previous.data.get(k) != v for k, v in header.items()):
         log.warning("%s was written with different settings; starting over", path)
         return {}
     intact = {}
-    for entry in previous.get("shards", []):
-        shard_path = os.path.join(out_dir, entry["name"])
-        if os.path.isfile(shard_path) and os.path.getsize(shard_path) == entry["bytes"] and sha256_of(shard_path) == entry["sha256"]:
-            intact[entry["name"]] = entry
+    for entry, stored in zip(previous.shards, previous.data.get("shards", [])):
+        shard_path = os.path.join(out_dir, entry.name)
+        if os.path.isfile(shard_path) and os.path.getsize(shard_path) == entry.bytes and sha256_of(shard_path) == entry.sha256:
+            intact[entry.name] = stored
     return intact
 
 
@@ -165,7 +165,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     extractor = ClipFeatureExtractor(load_visual(recipe, opts.allow_download), recipe).to(device)
     samples_per_shard = opts.samples_per_shard
     if opts.shard_size_mb:
-        members = stored_members({"store": opts.store})
+        members = stored_members(opts.store)
         bytes_per_sample = 2048 + (FEATURES_MEMBER in members) * extractor.tokens * extractor.dim * np.dtype(
             recipe.dtype).itemsize + (IMAGE_MEMBER in members) * 3 * recipe.image_size**2  # PNG: at most raw size
         samples_per_shard = max(1, int(opts.shard_size_mb * 2**20 // bytes_per_sample))
@@ -201,7 +201,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     )
     dtype = getattr(np, recipe.dtype)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    members = stored_members({"store": opts.store})
+    members = stored_members(opts.store)
     pending: List[Tuple[str, Dict[str, Any], Optional[np.ndarray], Optional[np.ndarray]]] = []
     pending_errors: List[Dict[str, str]] = []
     plan_iter = iter(todo)

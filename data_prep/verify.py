@@ -20,7 +20,6 @@ from memvp_ds.data.shard_format import (
     read_shard,
     sha256_of,
     split_counts,
-    stored_members,
 )
 
 _PART = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
@@ -36,20 +35,20 @@ def verify(out_dir: str) -> List[str]:
     """Problems found (empty when every shard matches the manifest in count, checksum, feature shape and
     dtype, and image size, and every feature value is finite)."""
     manifest = read_manifest(out_dir)
-    recipe = manifest["recipe"]
+    recipe = manifest.recipe
     expected_shape = (recipe["tokens"], recipe["dim"])
     image_shape = (recipe["image_size"], recipe["image_size"], 3)
-    members = stored_members(manifest)
+    members = manifest.members
     problems: List[str] = []
-    if not manifest.get("complete"):
+    if not manifest.complete:
         problems.append(f"{out_dir}: manifest is not complete (extraction unfinished or parts not merged)")
-    for entry in manifest["shards"]:
-        path = os.path.join(out_dir, entry["name"])
+    for entry in manifest.shards:
+        path = os.path.join(out_dir, entry.name)
         if not os.path.isfile(path):
-            problems.append(f"{entry['name']}: missing")
+            problems.append(f"{entry.name}: missing")
             continue
-        if os.path.getsize(path) != entry["bytes"] or sha256_of(path) != entry["sha256"]:
-            problems.append(f"{entry['name']}: size or sha256 differs from the manifest (corrupt or truncated)")
+        if os.path.getsize(path) != entry.bytes or sha256_of(path) != entry.sha256:
+            problems.append(f"{entry.name}: size or sha256 differs from the manifest (corrupt or truncated)")
         try:
             count = with_image = 0
             for key, fields, features, image in read_shard(path, with_images=True):
@@ -57,29 +56,29 @@ def verify(out_dir: str) -> List[str]:
                 if features is not None:
                     if features.shape != expected_shape or str(features.dtype) != recipe["dtype"]:
                         problems.append(
-                            f"{entry['name']}: sample {key} has features {features.shape} {features.dtype}, "
+                            f"{entry.name}: sample {key} has features {features.shape} {features.dtype}, "
                             f"expected {expected_shape} {recipe['dtype']}"
                         )
                     non_finite = _non_finite_values(features)
                     if non_finite:
-                        problems.append(f"{entry['name']}: sample {key} has {non_finite}")
+                        problems.append(f"{entry.name}: sample {key} has {non_finite}")
                 if image is not None and image.shape != image_shape:
-                    problems.append(f"{entry['name']}: sample {key} has a {image.shape} image, expected {image_shape}")
+                    problems.append(f"{entry.name}: sample {key} has a {image.shape} image, expected {image_shape}")
                 with_image += features is not None or image is not None
                 present = {FEATURES_MEMBER: features is not None, IMAGE_MEMBER: image is not None}
                 for member in (FEATURES_MEMBER, IMAGE_MEMBER):
                     expected = bool(fields.get("has_image")) and member in members
                     if present[member] != expected:
-                        problems.append(f"{entry['name']}: sample {key} {'has' if present[member] else 'lacks'} "
+                        problems.append(f"{entry.name}: sample {key} {'has' if present[member] else 'lacks'} "
                                         f"a .{member} member (has_image {fields.get('has_image')}, store "
-                                        f"{manifest.get('store', 'features')})")
+                                        f"{manifest.store})")
         except Exception as err:
-            problems.append(f"{entry['name']}: unreadable ({type(err).__name__}: {err})")
+            problems.append(f"{entry.name}: unreadable ({type(err).__name__}: {err})")
             continue
-        if (count, with_image) != (entry["samples"], entry["with_image"]):
+        if (count, with_image) != (entry.samples, entry.with_image):
             problems.append(
-                f"{entry['name']}: {count} samples ({with_image} with image), manifest says "
-                f"{entry['samples']} ({entry['with_image']})"
+                f"{entry.name}: {count} samples ({with_image} with image), manifest says "
+                f"{entry.samples} ({entry.with_image})"
             )
     return problems
 
@@ -87,20 +86,19 @@ def verify(out_dir: str) -> List[str]:
 def inspect(out_dir: str) -> str:
     """A short human-readable description: recipe, counts per split, errors, one sample."""
     manifest = read_manifest(out_dir)
-    recipe = manifest["recipe"]
+    recipe = manifest.recipe
     lines = [
-        f"source: {manifest['source']}",
+        f"source: {manifest.source}",
         f"recipe: {recipe['model']} ({recipe['pretrained']}), {recipe['layer']} layer, "
         f"{recipe['tokens']} x {recipe['dim']} {recipe['dtype']}",
         f"preprocessing: {preprocessing_summary(recipe)}",
-        f"store: {manifest.get('store', 'features')} (image {recipe['image_size']} px)",
+        f"store: {manifest.store} (image {recipe['image_size']} px)",
     ]
-    for split, counts in sorted(split_counts(manifest["shards"]).items()):
+    for split, counts in sorted(manifest.split_counts().items()):
         lines.append(f"{split}: {counts['samples']} samples, {counts['with_image']} with image, {counts['shards']} shards")
-    errors = sum(len(s.get("errors", [])) for s in manifest["shards"])
-    lines.append(f"image errors: {errors}")
-    if manifest["shards"]:
-        key, fields, features, image = next(read_shard(os.path.join(out_dir, manifest["shards"][0]["name"]),
+    lines.append(f"image errors: {manifest.bad_images}")
+    if manifest.shards:
+        key, fields, features, image = next(read_shard(os.path.join(out_dir, manifest.shards[0].name),
                                                        with_images=True))
         shape = "none" if features is None else f"{features.shape} {features.dtype}"
         pixels = "none" if image is None else f"{image.shape} {image.dtype}"
@@ -113,7 +111,7 @@ def merge(out_dir: str) -> Dict[str, Any]:
     parts = {}
     for path in glob.glob(os.path.join(out_dir, "manifest.part-*-of-*.json")):
         index, count = map(int, _PART.search(path).groups())
-        parts[index] = (count, read_manifest(path))
+        parts[index] = (count, read_manifest(path).data)
     if not parts:
         raise FileNotFoundError(f"no manifest.part-*-of-*.json in {out_dir}")
     counts = {count for count, _ in parts.values()}

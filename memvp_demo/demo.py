@@ -7,8 +7,8 @@ Stages (each through the real tools):
      reading corpus of described scenes (the stand-in for LLaMA's language skills);
   4. training through memvp_ds/train.py (deepspeed, 2 CPU ranks, ZeRO-2) of the frozen base LLM with MemVP,
      the input-space baseline (visual tokens in front of the text) and a text-only control (MemVP with the
-     image features dropped); ``--all`` adds LLaVA-LoRA (the visual tokens plus LoRA on the LLM), APT, DVP
-     (its layer found by a KAB-APP search run first) and MemVP with DAS layer skipping (skip list found by a
+     image features dropped); ``--all`` adds LaVIN, LLaVA-LoRA (the visual tokens plus LoRA on the LLM), APT,
+     DVP (its layer found by a KAB-APP search run first) and MemVP with DAS layer skipping (skip list found by a
      DAS search run first);
   5. greedy evaluation on the test split;
   6. a text table, a PNG figure (loss curves, accuracy per question type with the chance level) and
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from memvp_ds.cli import command, parser as cli_parser
+from memvp_ds.run_folder import RunFolder
 
 
 @dataclass
@@ -52,6 +53,7 @@ SEARCHES = {
 RUNS = {
     "memvp": Run("tiny_memvp"),
     "input_prefix": Run("tiny_input_prefix"),
+    "lavin": Run("tiny_lavin"),
     "llava_lora": Run("tiny_llava_lora"),
     "apt": Run("tiny_apt"),
     "dvp": Run("tiny_dvp", ["model.dvp.layer=null", "model.dvp.from_search={out}/dvp_search"], "dvp_search"),
@@ -98,6 +100,7 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     from data_prep.sources import ScienceQASource
     from data_prep.synthetic import described_scene_problems, make_synthetic_scienceqa
     from memvp_ds.data.prompts import build_segments
+    from memvp_ds.data.shard_format import Manifest, split_urls
     from memvp_ds.data.tokenizer import train_tokenizer
     from memvp_ds.vision.clip_features import FeatureRecipe
 
@@ -112,7 +115,8 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     recipe = FeatureRecipe(model="tiny-vit", pretrained="random", image_size=64)
     manifest = run_extract(ScienceQASource(str(sqa)), recipe,
                            ExtractOptions(out_dir=str(shards), samples_per_shard=250, num_workers=1, batch_size=64))
-    stages.end(f"{manifest['recipe']['tokens']} x {manifest['recipe']['dim']} per image")
+    stored = Manifest(manifest).recipe
+    stages.end(f"{stored['tokens']} x {stored['dim']} per image")
     base = out / "base_llm"
     stages.begin("base LLM", f"tokenizer and a tiny LLaMA-architecture model pre-trained on text alone -> {base}")
     with open(sqa / "problems.json") as f:
@@ -123,7 +127,7 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     train_tokenizer(["".join(t for t, _ in segments) for segments in corpus], str(tokenizer), vocab_size=400)
     loss = pretrain_base_llm(corpus, str(tokenizer), str(base))
     stages.end(f"{len(corpus)} text problems ({len(reading)} of them described scenes), final loss {loss:.3f}")
-    by_split = lambda split: "::".join(str(shards / s["name"]) for s in manifest["shards"] if s["split"] == split)
+    by_split = lambda split: "::".join(split_urls(str(shards), split))
     return {"train": by_split("train"), "val": by_split("val"), "test": by_split("test"), "tokenizer": str(tokenizer),
             "llm": str(base)}
 
@@ -146,7 +150,7 @@ def pretrain_base_llm(conversations: List[list], tokenizer_dir: str, out_dir: st
     from memvp_ds.data.collate import TokenizedSample, collate
     from memvp_ds.data.prompts import encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.engine.schedule import lr_at
+    from memvp_ds.schedule import lr_at
 
     tokenizer = load_tokenizer(tokenizer_dir)
     inline = dict(load_config("tiny_memvp").model.llm.config)
@@ -231,18 +235,18 @@ def evaluate_run(name: str, out: Path, test_shards: str) -> Dict[str, float]:
     from memvp_ds.export import load_exported
     from memvp_ds.evaluation.run import evaluate_split, write_results
 
-    model, cfg = load_exported(str(out / name / "export" / "trainable.safetensors"))
+    model, cfg = load_exported(RunFolder(str(out / name)).export)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg.eval.batch_size = 50  # the tiny model answers 50 questions per forward as fast as 8
     records, metrics = evaluate_split(cfg, model, tokenizer, shard_urls(test_shards), 0, 1)
-    write_results(str(out / name / "eval"), "test", records, metrics)
+    write_results(RunFolder(str(out / name)).eval, "test", records, metrics)
     return metrics
 
 
 def scalar_series(run_dir: Path, tag: str) -> Dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(RunFolder(str(run_dir)).tensorboard, size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
 
@@ -308,7 +312,9 @@ def results_table(results: Dict[str, Dict[str, float]], chance: Dict[str, float]
 def add_question_types(out: Path, name: str, metrics: Dict[str, float]) -> None:
     """Accuracy per synthetic question type (the 'category' field), from the predictions written."""
     totals: Dict[str, List[int]] = {}
-    records = [json.loads(line) for line in open(out / name / "eval" / "predictions_test.jsonl")]
+    from memvp_ds.evaluation.run import predictions_path
+
+    records = [json.loads(line) for line in open(predictions_path(RunFolder(str(out / name)).eval, "test"))]
     with open(out / "sqa" / "problems.json") as f:
         problems = json.load(f)
     for record in records:
@@ -366,7 +372,7 @@ def main(argv) -> int:
         if run.search and run.search not in searched:
             print(f"      search {run.search} ({steps // 2} steps) for {name} ...", flush=True)
             train_run(run.search, SEARCHES[run.search], data, out, args.ranks, steps // 2)
-            searched[run.search] = json.loads((out / run.search / "search.json").read_text())
+            searched[run.search] = RunFolder(str(out / run.search)).read_search_result()
         print(f"      run {i + 1} of {len(methods)}: {name}", flush=True)
         seconds[name] = train_run(name, run, data, out, args.ranks, steps)
     stages.end()

@@ -61,7 +61,6 @@ def check_finite(cfg: Any, prefix: str = "") -> None:
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 PROJECTOR_ACTIVATIONS = ("silu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-PROMPT_FORMATS = ("qcm_a", "conversation", "qa")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_MODES = ("train", "dvp_search", "das_search")
 EVAL_SPLITS = ("train", "val", "test")
@@ -115,7 +114,7 @@ class ModelConfig:
     """The frozen language model."""
     strategy: str = "memvp"
     """Visual prompting strategy: one of memvp_ds.model.strategies.STRATEGIES (memvp, input_prefix, apt, dvp,
-    llava_lora)."""
+    lavin, llava_lora)."""
     visual_dim: int = 1024
     """C: channel width of the pre-extracted visual features (1024 for CLIP ViT-L/14)."""
     visual_tokens: int = 256
@@ -180,7 +179,6 @@ class DataConfig:
     batches."""
 
     def __post_init__(self) -> None:
-        check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
             check_at_least(f"data.{key}", getattr(self, key), 1)
         check_at_least("data.num_workers", self.num_workers, 0)

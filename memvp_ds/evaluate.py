@@ -59,10 +59,11 @@ def main(argv) -> int:
     from memvp_ds.data.plan import manifest_path
     from memvp_ds.export import load_trainable_weights, read_export_metadata, read_provenance
     from memvp_ds.provenance import collect as collect_provenance, file_sha256
-    from memvp_ds.engine.metrics import ScalarLogger
-    from memvp_ds.engine.preflight import check_vocab_fits, check_writable
     from memvp_ds.evaluation.run import evaluate_split, write_results
     from memvp_ds.model import build_model
+    from memvp_ds.model.llm import check_vocab_fits
+    from memvp_ds.run_folder import RunFolder, check_writable
+    from memvp_ds.scalar_logger import ScalarLogger
     from memvp_ds.schema import load_config
 
     if not os.path.exists(args.weights):
@@ -84,8 +85,8 @@ def main(argv) -> int:
                           f"or set data.shards in --config; shards stored in an export are never used")
     if not args.output and not args.config:
         raise ConfigError("--output is required without --config (an export's stored output_dir is never used)")
-    out_dir = args.output or os.path.join(cfg.train.output_dir, "eval")
-    tb_dir = os.path.join(cfg.train.output_dir if args.config else out_dir, "tb")
+    out_dir = args.output or RunFolder(cfg.train.output_dir).eval
+    tb_dir = RunFolder(cfg.train.output_dir if args.config else out_dir).tensorboard
     urls = shards.urls
     tokenizer_dir = tokenizer_path(cfg)
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.llm.trust_remote_code)

@@ -18,17 +18,11 @@ from safetensors.torch import load_file
 
 from memvp_ds.atomic_io import write_safetensors
 from memvp_ds.config import Config, config_to_dict
+from memvp_ds.run_folder import TRAINABLE
 
-EXPORT_DIR = "export"
-TRAINABLE = "trainable.safetensors"
 CONFIG_KEY = "memvp_ds_config"
 RECIPE_KEY = "feature_recipe"
 PROVENANCE_KEY = "provenance"
-
-
-def export_path(run_dir: str) -> str:
-    """Where a run's export lives inside its output folder."""
-    return os.path.join(run_dir, EXPORT_DIR, TRAINABLE)
 
 
 def export_metadata(cfg: Config, feature_recipe: Optional[Dict[str, Any]] = None,

@@ -69,7 +69,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
-    from memvp_ds.engine.preflight import check_vocab_fits
+    from memvp_ds.model.llm import check_vocab_fits
 
     picture = read_image(image) if image is not None else None
     online = read_export_metadata(weights)["model"].get("vision", {}).get("online", False)
@@ -129,7 +129,7 @@ def main(argv) -> int:
                     args.max_new_tokens, llm_path_overrides(args.llm_path) + args.overrides)
     print(output)
     if args.choices:
-        from memvp_ds.evaluation.scienceqa import parse_answer
+        from memvp_ds.scoring.scienceqa import parse_answer
 
         index = parse_answer(output, len(args.choices))
         print(f"parsed answer: {args.choices[index] if index is not None else 'none'}")

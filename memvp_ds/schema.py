@@ -20,6 +20,7 @@ from memvp_ds.config import (
     extend_schema,
     merge_config,
 )
+from memvp_ds.data.prompts import prompt_format
 from memvp_ds.model.layer_skip import SkipOptions
 from memvp_ds.model.lora import LoRAOptions
 from memvp_ds.recipes import resolve_config_path
@@ -54,6 +55,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     """
     cfg = merge_config(RunConfig, resolve_config_path(path) if path else None, overrides, stored)
     check_choice("model.strategy", cfg.model.strategy, sorted(STRATEGIES))
+    prompt_format(cfg.data.prompt_format)  # a registered one (data/prompts.py)
     apply_search_results(cfg)
     for groups, parent in ((MODEL_GROUPS, cfg.model), (SEARCH_GROUPS, cfg.search)):
         for name in groups:
@@ -61,4 +63,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
-__all__ = ["ConfigError", "RunConfig", "load_config"]
+def config_reference() -> str:
+    """Every option of the run schema: ``key (type, default: value)`` and its docstring, one block each
+    (memvp-train --help-config)."""
+    import textwrap
+
+    from memvp_ds.config import describe_fields
+
+    blocks = []
+    for key, type_name, default, doc in describe_fields(RunConfig):
+        body = textwrap.indent(textwrap.fill(doc, 100), "    ") if doc else "    (undocumented)"
+        blocks.append(f"{key} ({type_name}, default: {default!r})\n{body}")
+    return "\n".join(blocks)
+
+
+__all__ = ["ConfigError", "RunConfig", "config_reference", "load_config"]

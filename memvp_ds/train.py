@@ -44,37 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def config_reference() -> str:
-    """Every option of the run schema: ``key (type, default: value)`` and its docstring, one block each."""
-    import textwrap
-
-    from memvp_ds.config import describe_fields
-    from memvp_ds.schema import RunConfig
-
-    blocks = []
-    for key, type_name, default, doc in describe_fields(RunConfig):
-        body = textwrap.indent(textwrap.fill(doc, 100), "    ") if doc else "    (undocumented)"
-        blocks.append(f"{key} ({type_name}, default: {default!r})\n{body}")
-    return "\n".join(blocks)
-
-
-def print_plan(cfg, world_size=None) -> int:
-    """--dry-run: the run's plan as one JSON object on stdout."""
-    import json
-
-    from memvp_ds.config import check_at_least
-    from memvp_ds.engine.plan_report import dry_run_report
-
-    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    check_at_least("--world-size", world_size, 1)
-    print(json.dumps(dry_run_report(cfg, world_size), indent=2))
-    return 0
-
-
 @command
 def main(argv) -> int:
     STOP.install()  # first: a stop signal during start-up ends the run cleanly, never by default action
@@ -85,31 +54,33 @@ def main(argv) -> int:
 
 
 def _main(argv) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from memvp_ds.schema import config_reference, load_config
+
     if args.help_config:
         STOP.release()
         print(config_reference())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from memvp_ds.config import to_yaml
-    from memvp_ds.data.plan import plan_data
-    from memvp_ds.engine.deepspeed_config import build_ds_config
-    from memvp_ds.schema import load_config
-
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group or model exists
     if args.print_config or args.dry_run:
         STOP.release()  # these only read: Ctrl-C stops them at once
     if args.print_config:
+        from memvp_ds.config import to_yaml
+
         print(to_yaml(cfg), end="")
         return 0
     if args.dry_run:
-        return print_plan(cfg, args.world_size)
-    # Checks that need no process group, first: a wrong DeepSpeed JSON or shard set is reported before any rank
-    # starts one or builds the engine (Trainer repeats them, with the real world size, when used directly).
+        from memvp_ds.engine.plan_report import dry_run_json
+
+        print(dry_run_json(cfg, args.world_size))
+        return 0
+    from memvp_ds.engine.preflight import LAUNCH, preflight
+
+    # The checks that need no process group come first, with the launcher's world size: a wrong DeepSpeed JSON
+    # or shard set is reported before any rank starts one (the Trainer runs them all with the real one).
     slurm_ranks = os.environ.get("SLURM_NTASKS") if "SLURM_PROCID" in os.environ else None  # as init_distributed
-    world_size = int(os.environ.get("WORLD_SIZE") or slurm_ranks or 1)
-    build_ds_config(cfg, world_size)
-    plan_data(cfg, world_size)
+    preflight(cfg, int(os.environ.get("WORLD_SIZE") or slurm_ranks or 1), LAUNCH)
     from memvp_ds.engine.guarded_run import run_training
 
     return run_training(cfg)  # the run folder's lock, then the process group, the Trainer and its status

@@ -56,7 +56,7 @@ def test_recipes_resolve_by_short_name_and_former_path_from_any_directory(tmp_pa
     tiny = os.path.join(RECIPES_DIR, "configs", "tiny_memvp.yaml")
     assert resolve_config_path("tiny_memvp") == resolve_config_path("tiny_memvp.yaml") == tiny
     assert resolve_config_path("configs/tiny_memvp.yaml") == tiny  # the former repository path
-    assert resolve_ds_config("zero3") == os.path.join(RECIPES_DIR, "ds_configs", "zero3.json")
+    assert resolve_ds_config("zero3") == str(REPO / "ds_configs" / "zero3.json")  # a checkout: its one copy
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny_memvp.yaml").write_text("model: {strategy: apt}\n")
     assert resolve_config_path("configs/tiny_memvp.yaml") == "configs/tiny_memvp.yaml"  # a real file wins
@@ -168,8 +168,10 @@ def _readme_tiny_path():
     return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
 
 
-def _build_wheel(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
     """``pip wheel`` of a copy of the working tree (the build leaves nothing in the checkout)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source, wheels = tmp_path / "source", tmp_path / "wheels"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -183,15 +185,28 @@ def _build_wheel(tmp_path) -> Path:
     return next(wheels.glob("memvp_ds-*.whl"))
 
 
-@pytest.mark.slow
-def test_readme_tiny_path_runs_from_the_wheel_outside_the_repository(tmp_path):
-    """Build the wheel, check it holds the recipes and the tiny CLIP config, unpack it as site-packages would
-    and run the README's tiny path with only it importable, from an empty directory."""
-    wheel = _build_wheel(tmp_path)
+def test_the_wheel_carries_the_recipes_and_the_top_level_ds_configs(wheel, tmp_path):
+    """The recipes, the ZeRO settings (one copy, at the top of the repository) and the tiny CLIP config are in
+    the wheel, and an unpacked wheel resolves the short names from an empty directory."""
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"memvp_ds/recipes/configs/{n}" for n in os.listdir(REPO / "memvp_ds/recipes/configs")}
-    shipped |= {f"memvp_ds/recipes/ds_configs/{n}" for n in os.listdir(REPO / "memvp_ds/recipes/ds_configs")}
+    shipped |= {f"memvp_ds/recipes/ds_configs/{n}" for n in os.listdir(REPO / "ds_configs")}
+    assert {"memvp_ds/recipes/ds_configs/zero2.json", "memvp_ds/recipes/ds_configs/zero3.json",
+            "memvp_ds/recipes/ds_configs/zero3_offload.json"} <= shipped
     assert shipped | {"memvp_ds/vision/model_configs/tiny-vit.json"} <= names
+    site, work = tmp_path / "site", tmp_path / "work"
+    zipfile.ZipFile(wheel).extractall(site)
+    work.mkdir()
+    code = "from memvp_ds.recipes import resolve_ds_config as r; print(r('zero3')); print(r('ds_configs/zero2.json'))"
+    where = _run([sys.executable, "-c", code], work, {**os.environ, "PYTHONPATH": str(site)})
+    assert where.stdout.split() == [str(site / "memvp_ds/recipes/ds_configs" / name)
+                                    for name in ("zero3.json", "zero2.json")], where.stderr
+
+
+@pytest.mark.slow
+def test_readme_tiny_path_runs_from_the_wheel_outside_the_repository(wheel, tmp_path):
+    """Unpack the wheel as site-packages would and run the README's tiny path with only it importable, from
+    an empty directory."""
     site, work = tmp_path / "site", tmp_path / "work"
     zipfile.ZipFile(wheel).extractall(site)
     work.mkdir()

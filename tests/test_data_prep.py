@@ -99,6 +99,27 @@ def test_other_recipes_change_tokens():
     assert not torch.allclose(last(images), penultimate(images))
 
 
+def test_lavin_and_dvp_recipes_equal_open_clip_intermediates(tmp_path):
+    """cls_every_4 without ln_post: the CLS token after blocks 4 and 8 of an 8-block ViT (LaVIN's visual
+    tokens); last + keep_cls without ln_post: the last block's whole output (DVP-SQA's cross-attention
+    input). Reference: open_clip's own forward_intermediates."""
+    vit = json.loads(open(TINY_VIT).read())
+    vit["vision_cfg"]["layers"] = 8
+    (tmp_path / "tiny-vit-8.json").write_text(json.dumps(vit))
+    recipe = FeatureRecipe(model=str(tmp_path / "tiny-vit-8.json"), pretrained="random", image_size=64, ln_post=False)
+    visual = load_clip_visual(recipe)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = visual.forward_intermediates(images, indices=[3, 7], intermediates_only=True, output_fmt="NLC",
+                                           output_extra_tokens=True)
+        lavin = ClipFeatureExtractor(visual, FeatureRecipe(**{**recipe.to_dict(), "layer": "cls_every_4"}))
+        assert lavin.tokens == 2
+        torch.testing.assert_close(lavin(images), torch.cat(out["image_intermediates_prefix"], dim=1))
+        dvp = ClipFeatureExtractor(visual, FeatureRecipe(**{**recipe.to_dict(), "layer": "last", "keep_cls": True}))
+        last = torch.cat([out["image_intermediates_prefix"][1], out["image_intermediates"][1]], dim=1)
+        torch.testing.assert_close(dvp(images), last)
+
+
 def test_missing_clip_checkpoint_is_a_clear_error(tmp_path):
     recipe = FeatureRecipe(model=RECIPE.model, pretrained=str(tmp_path / "absent.bin"))
     with pytest.raises(FileNotFoundError, match="absent.bin"):
@@ -120,7 +141,7 @@ def test_resume_after_kill_gives_identical_shards(sqa_root, tmp_path, monkeypatc
     monkeypatch.setattr(extract_module, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         _extract(sqa_root, tmp_path / "resumed")
-    assert len(read_manifest(str(tmp_path / "resumed"))["shards"]) == 2
+    assert len(read_manifest(str(tmp_path / "resumed")).shards) == 2
     monkeypatch.setattr(extract_module, "write_shard", real_write)
     calls.clear()
     monkeypatch.setattr(extract_module, "write_shard", lambda p, s: (calls.append(p), real_write(p, s))[1])

@@ -105,7 +105,7 @@ def test_dry_run_of_the_13b_recipe_from_another_directory(full_size, tokenizer_d
     assert plan["eval"] == {"split": "test", "answer_tokens": 1, "use_caption": True,
                             "example_prompt": STATES_EVAL_PROMPT}
     # the recipe names the shipped zero2: found from any directory
-    assert plan["ds_config"]["path"] == str(REPO / "memvp_ds" / "recipes" / "ds_configs" / "zero2.json")
+    assert plan["ds_config"]["path"] == str(REPO / "ds_configs" / "zero2.json")
     assert plan["ds_config"]["zero_stage"] == 2
     assert not (tmp_path / "run").exists(), "a dry run creates nothing"
 
@@ -115,6 +115,21 @@ def _plan(full_size, tokenizer_dir, tmp_path, *extra, world_size=8):
 
     cfg = load_config(str(CONFIGS / "memvp_llama13b_sqa.yaml"), _overrides(full_size, tokenizer_dir, tmp_path / "o", *extra))
     return dry_run_report(cfg, world_size)
+
+
+@pytest.mark.parametrize("size,world_size,accum", [("7b", 2, 4), ("13b", 8, 1)])
+def test_dry_run_plans_the_official_lavin_runs(full_size, tokenizer_dir, tmp_path, size, world_size, accum):
+    """LaVIN's finetuning_sqa_{7b,13b}.sh: 2 GPUs x 4 x 4 accumulation / 8 GPUs x 4 = 32 per step, blr 9e-3,
+    20 epochs, 2 warm-up, wd 0.02; offline here (the shards hold features, not the images online CLIP reads)."""
+    from memvp_ds.engine.plan_report import dry_run_report
+
+    cfg = load_config(str(CONFIGS / f"lavin_llama{size}_sqa.yaml"),
+                      _overrides(full_size, tokenizer_dir, tmp_path / "o", "model.vision.online=false"))
+    plan = dry_run_report(cfg, world_size)
+    assert cfg.model.strategy == "lavin" and plan["grad_accum_steps"] == accum and plan["global_batch"] == 32
+    assert plan["steps_per_epoch"] == 397 and plan["total_steps"] == 7940 and plan["warmup_steps"] == 794
+    assert plan["lr"] == pytest.approx(9e-3 * 32 / 256, rel=1e-12)
+    assert plan["eval"]["use_caption"] is False
 
 
 @pytest.mark.parametrize("size", ["7b", "13b"])

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from memvp_ds.evaluation.scienceqa import parse_answer, scienceqa_metrics
-from memvp_ds.evaluation.vqa import normalize_answer, vqa_accuracy
 from memvp_ds.export import read_export_metadata, read_provenance
 from memvp_ds.provenance import config_sha256
 from memvp_ds.schema import load_config
+from memvp_ds.scoring.scienceqa import parse_answer, scienceqa_metrics
+from memvp_ds.scoring.vqa import normalize_answer, vqa_accuracy
 from tests.helpers import REPO, run_train, train_overrides
 
 
@@ -164,7 +164,7 @@ def test_predict_uses_the_same_features_as_data_prep_and_answers(dataset, traine
 
 
 def test_caption_metrics_match_hand_computation():
-    from memvp_ds.evaluation.captioning import caption_metrics
+    from memvp_ds.scoring.captioning import caption_metrics
 
     m = caption_metrics([("A red circle.", ["a red ball"]), ("a blue square", ["a blue square"])])
     # unigrams: 2 of 3 + 3 of 3 match -> 5/6; lengths equal -> no brevity penalty

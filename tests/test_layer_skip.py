@@ -18,8 +18,11 @@ def _count_calls(modules):
     return counts
 
 
-def test_skipped_layer_equals_adapter_on_the_normalised_input():
-    model = tiny_model("memvp", "model.skip.layers=[0]").eval()
+@pytest.mark.parametrize("form", ["llava", "bottleneck"])
+def test_skipped_layer_equals_adapter_on_the_normalised_input(form):
+    """LLaVA-DAS (DoubtedSteam/DAS, llava/train/das_adapter.py): h + n + up(ReLU(down n)), the default on a
+    plain LLM; this project's earlier bottleneck: h + up(SiLU(down n)); n = input_layernorm(h)."""
+    model = tiny_model("memvp", "model.skip.layers=[0]", f"model.skip.adapter={form}").eval()
     adapter = model.llm.model.layers[0].adapter
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -34,6 +37,8 @@ def test_skipped_layer_equals_adapter_on_the_normalised_input():
 
         def replace_layer(module, args, kwargs, output):
             h = args[0]
+            if form == "llava":
+                return h + norm(h) + adapter.up(F.relu(adapter.down(norm(h))))
             return h + adapter.up(F.silu(adapter.down(norm(h))))
 
         llm.model.layers[0].register_forward_hook(replace_layer, with_kwargs=True)

@@ -1,10 +1,10 @@
 """The import graph follows the architecture: every import points down the layers, and there is no cycle.
 
-Layers, bottom to top (docs/architecture.md): config and the leaf helpers; vision (the CLIP recipe and the
-online tower); model and data (which do not import each other; data does not import vision); search; schema
-and evaluation; the export format; engine; the applications (train, evaluate, predict, serve); the plug-ins
-for other tools (lmms-eval), built from the applications' parts; the data_prep tool; the demo. Every import
-counts, also those deferred into functions.
+Layers, bottom to top (docs/architecture.md): config and the leaf helpers; the run folder's layout and the
+answer scorers; vision (the CLIP recipe and the online tower); model and data (which do not import each other;
+data does not import vision); search; schema and evaluation; the export format; engine; the applications (train,
+evaluate, predict, serve); the plug-ins for other tools (lmms-eval), built from the applications' parts; the
+data_prep tool; the demo. Every import counts, also those deferred into functions.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ PACKAGES = ("memvp_ds", "data_prep", "memvp_demo")
 
 LAYERS = [
     ("memvp_ds.config", "memvp_ds.atomic_io", "memvp_ds.distributed", "memvp_ds.recipes", "memvp_ds.cli",
-     "memvp_ds.progress", "memvp_ds.run_lock", "memvp_ds.stop_signals"),
+     "memvp_ds.progress", "memvp_ds.run_lock", "memvp_ds.stop_signals", "memvp_ds.schedule",
+     "memvp_ds.scalar_logger"),
+    ("memvp_ds.run_folder", "memvp_ds.scoring"),
     ("memvp_ds.vision",),
     ("memvp_ds.model", "memvp_ds.data"),
     ("memvp_ds.search",),
@@ -34,6 +36,11 @@ LAYERS = [
 # Independent of each other: the model needs no data code and vice versa; the data stream delivers stored
 # pixels or features without CLIP code (the online tower normalises pixels itself).
 SIBLINGS_THAT_MUST_NOT_MEET = [("memvp_ds.model", "memvp_ds.data"), ("memvp_ds.data", "memvp_ds.vision")]
+# Readers of an export (evaluation, prediction, the demo) reach it through memvp_ds.export, never the training engine.
+ENGINE_FREE = ("memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.evaluation", "memvp_ds.serve", "memvp_ds.info",
+               "memvp_ds.integrations", "memvp_demo")
+# Each name of the run folder and the shard folder is spelled in one module, which everything else asks.
+OWNED_LITERALS = ("status.json", "trainable.safetensors", "search.json", "manifest.json", "config.yaml")
 
 
 def _module_name(path: Path) -> str:
@@ -120,6 +127,43 @@ def test_there_is_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_export_readers_do_not_import_the_engine():
+    graph = _import_graph_cache
+    found = [f"{module} -> {target}" for module, targets in graph.items() for target in targets
+             if _layer_of(module)[1] in ENGINE_FREE and _layer_of(_owning_module(target, graph))[1] == "memvp_ds.engine"]
+    assert not found, "imports of the training engine by export readers:\n" + "\n".join(sorted(found))
+
+
+def _code_strings(tree: ast.AST):
+    """String constants of code (f-string parts included), not docstrings or other bare string statements."""
+    documentation = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in documentation:
+            yield node.value
+
+
+def test_each_folder_name_is_spelled_in_one_module():
+    spelled_in: Dict[str, Set[str]] = {literal: set() for literal in OWNED_LITERALS}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for text in _code_strings(ast.parse(path.read_text())):
+                for literal in OWNED_LITERALS:
+                    if literal in text:
+                        spelled_in[literal].add(_module_name(path))
+    assert all(len(modules) == 1 for modules in spelled_in.values()), spelled_in
+
+
+def test_prompt_formats_are_compared_by_name_only_in_their_module():
+    """A format's behaviour lives in its class (memvp_ds/data/prompts.py); nobody else switches on its name."""
+    import re
+
+    comparison = re.compile(r"prompt_format\w*\s*[!=]=|[!=]=\s*[\w.]*prompt_format")
+    found = [f"{path.relative_to(REPO)}: {line.strip()}" for package in PACKAGES
+             for path in sorted((REPO / package).rglob("*.py")) if path != REPO / "memvp_ds/data/prompts.py"
+             for line in path.read_text().splitlines() if comparison.search(line)]
+    assert not found, "format names compared outside memvp_ds/data/prompts.py:\n" + "\n".join(found)
 
 
 def test_light_modules_do_not_load_torch():

@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from memvp_ds.data.prompts import OPTION_LETTERS
+from memvp_ds.scoring.scienceqa import OPTION_LETTERS
 from memvp_ds.integrations import LMMS_EVAL_TASKS
 from tests.conftest import prepare_dataset, tiny_config
 from tests.helpers import REPO

@@ -63,7 +63,8 @@ def _greedy_by_full_forwards(model, ids, feats, has_image, steps):
     ("memvp", []), ("input_prefix", []), ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
     ("dvp", ["model.dvp.layer=0"]), ("dvp", ["model.dvp.layer=1"]), ("dvp", ["model.llm.attn_implementation=eager"]),
     ("dvp", ["model.dvp.insert=residual"]), ("memvp", ["model.skip.layers=[0]"]), ("apt", ["model.skip.layers=[1]"]),
-    ("dvp", ["model.skip.layers=[0]"]),
+    ("dvp", ["model.skip.layers=[0]"]), ("lavin", []), ("lavin", ["model.skip.layers=[0]"]),
+    ("dvp", ["model.dvp.base=lavin", "model.dvp.layer=1"]),
 ])
 def test_generate_matches_repeated_full_forwards(strategy, overrides):
     """The KV-cache decode of every strategy (and of skipped layers, whose cache slots are renumbered)

@@ -166,6 +166,34 @@ def test_images_only_shards_verify_and_catch_a_missing_image(online_data, tmp_pa
     assert any("lacks a .png member" in problem for problem in verify(str(tmp_path)))
 
 
+def test_dry_run_of_an_online_recipe_on_image_only_shards_encodes_the_first_sample_as_training_does(
+        online_data, tmp_path):
+    """--dry-run encodes the first training sample with the training run's encoder: from its stored image
+    (shards without features) when the vision tower runs online."""
+    from data_prep.extract import ExtractOptions, run_extract
+    from data_prep.sources import ScienceQASource
+    from memvp_ds.data.collate import build_encoder
+    from memvp_ds.data.shard_format import read_raw_samples
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.engine.plan_report import dry_run_report
+    from memvp_ds.vision.clip_features import FeatureRecipe
+
+    recipe = FeatureRecipe(model=TINY_VIT, pretrained=online_data["weights"], image_size=64)
+    manifest = run_extract(ScienceQASource(str(online_data["root"] / "sqa")), recipe,
+                           ExtractOptions(out_dir=str(tmp_path / "shards"), samples_per_shard=12, num_workers=0,
+                                          store="images"))
+    first = next(read_raw_samples(str(tmp_path / "shards" / "train-000000.tar")))
+    assert manifest["store"] == "images" and json.loads(first["json"])["has_image"] and "npy" not in first
+    cfg = tiny_config("memvp", *_online(online_data["weights"]), f"data.shards={tmp_path / 'shards'}",
+                      f"data.tokenizer={online_data['tokenizer']}", f"train.output_dir={tmp_path / 'run'}")
+    report = dry_run_report(cfg, 1)
+    sample = build_encoder(cfg, load_tokenizer(online_data["tokenizer"]))(first)
+    assert sample.features.shape == (3, 64, 64)  # the stored image, as the online tower reads it
+    assert report["example"]["key"] == first["__key__"]
+    assert report["example"]["prompt_tokens"] + report["example"]["target_tokens"] == len(sample.input_ids)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_online_training_zero3_two_ranks_matches_one_process_resumes_exactly_and_predicts(online_data, tmp_path):
     """One small end-to-end check on the tiny CLIP + tiny LLM, dropout off so rank counts compare:

@@ -16,9 +16,12 @@ SHAPES = [(40, True), (9, False), (14, True), (30, True), (5, True), (21, False)
 # Every strategy and variant: the tiny models have 2 layers, so DVP's slot at layer 1 is hidden in layer 0.
 STRATEGY_CASES = [("memvp", []), ("input_prefix", []), ("memvp", ["model.skip.layers=[0]"]),
                   ("apt", []), ("apt", ["model.apt.visual=prompt_rows"]),
-                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"]), ("llava_lora", []),
+                  ("dvp", []), ("dvp", ["model.dvp.insert=residual"]), ("lavin", []),
+                  ("dvp", ["model.dvp.base=lavin"]), ("llava_lora", []),
                   ("memvp", ["model.lora.enabled=true", "model.lora.rank=4"])]
-CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "llava_lora", "memvp_lora"]
+CASE_IDS = ["memvp", "input_prefix", "memvp_skip", "apt", "apt_rows", "dvp", "dvp_residual", "lavin", "dvp_lavin",
+            "llava_lora", "memvp_lora"]
+DVP_TOKEN = ("dvp", "dvp_lavin")
 
 
 def _samples(seed=0, shapes=SHAPES):
@@ -34,7 +37,8 @@ def _samples(seed=0, shapes=SHAPES):
 
 
 def _model(strategy, overrides, attn="sdpa"):
-    model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", "model.lora.dropout=0.0",
+    model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", "model.lavin.dropout=0.0",
+                       "model.lora.dropout=0.0",
                        f"model.llm.attn_implementation={attn}", *overrides)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every trainable tensor non-trivial (zero-initialised output maps included)
@@ -225,13 +229,14 @@ def test_packed_loader_yields_the_same_samples_as_the_padded_one(dataset):
     """Packing changes the layout, never which samples a micro-batch holds: steps and epochs count samples."""
     from memvp_ds.data.collate import SampleEncoder
     from memvp_ds.data.shard_format import shard_urls
-    from memvp_ds.data.stream import build_train_loader
+    from memvp_ds.data.stream import LoaderOptions, build_train_loader
     from memvp_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(dataset["tokenizer"])
     encoder = SampleEncoder(tokenizer, "qcm_a", 128, N, C)
-    loaders = [build_train_loader(shard_urls(dataset["train"]), encoder, 8, tokenizer.pad_token_id, 8, 0, 0, 1, 0, 64,
-                                  0, {}, packing=packing, visual_positions=N) for packing in (False, True)]
+    loaders = [build_train_loader(shard_urls(dataset["train"]), encoder,
+                                  LoaderOptions(8, tokenizer.pad_token_id, 8, 0, 0, 1, 0, 64, {}, packing=packing,
+                                                visual_positions=N)) for packing in (False, True)]
     rows = 0
     for _, padded, packed in zip(range(6), *(iter(loader) for loader in loaders)):
         assert packed["keys"] == padded["keys"] and len(packed["keys"]) == 8
@@ -259,8 +264,8 @@ def test_trainer_counts_the_positions_a_strategy_computes_for_mfu():
     assert (window.samples, window.tokens) == (2 * len(samples), 2 * text)
 
 
-@pytest.mark.parametrize("strategy,overrides", [c for c, i in zip(STRATEGY_CASES, CASE_IDS) if i != "dvp"],
-                         ids=[i for i in CASE_IDS if i != "dvp"])  # DVP's token refuses flash attention
+@pytest.mark.parametrize("strategy,overrides", [c for c, i in zip(STRATEGY_CASES, CASE_IDS) if i not in DVP_TOKEN],
+                         ids=[i for i in CASE_IDS if i not in DVP_TOKEN])  # DVP's token refuses flash attention
 def test_rows_flattened_as_flash_attention_runs_them_equal_padded(strategy, overrides, monkeypatch):
     """flash attention runs packed rows flattened into one (1, R*L) sequence; on CPU sdpa takes the same
     flattened layout (position-id resets within one row), so every strategy's packed path is checked in it."""

@@ -25,7 +25,8 @@ from memvp_ds.data.stream import DataStreamError, ErrorBudget, TrainStream, _Col
 from memvp_ds.data.tokenizer import load_tokenizer
 from memvp_ds.export import export_metadata, read_export_metadata
 from memvp_ds.engine import checkpoint as ckpt
-from memvp_ds.engine.preflight import check_vocab_fits, check_writable
+from memvp_ds.model.llm import check_vocab_fits
+from memvp_ds.run_folder import check_writable
 from tests.conftest import tiny_config, tiny_model
 from tests.helpers import REPO, run_train, train_overrides
 

@@ -383,8 +383,8 @@ def test_export_write_is_durable_atomic_and_uses_the_umask(tmp_path, small_disk,
                           ("fsync", str(path.parent))], events
         assert stat.S_IMODE(path.stat().st_mode) == 0o664
         events.clear()
-        monkeypatch.setattr(ckpt, "_gather_trainable", lambda model, optimizer: {"param/x": torch.ones(4)})
-        monkeypatch.setattr(ckpt, "_rng_state", lambda: {"cpu": torch.zeros(2)})
+        monkeypatch.setattr(ckpt, "gather_trainable", lambda model, optimizer: {"param/x": torch.ones(4)})
+        monkeypatch.setattr(ckpt, "rng_state", lambda: {"cpu": torch.zeros(2)})
         ckpt.save_checkpoint(None, None, DistInfo(0, 1, 0), str(tmp_path), 3, {"optimizer_steps": 3}, keep_last=2)
     finally:
         os.umask(old)

@@ -94,7 +94,7 @@ def test_extract_array_job_matches_single_process(slurm, dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr
     array_id, merge_id = proc.stdout.split()[-2:]
     assert slurm.wait(merge_id, timeout=300) == "COMPLETED", proc.stdout
-    merged = read_manifest(str(tmp_path / "parts"))
+    merged = read_manifest(str(tmp_path / "parts")).data
     single = run_extract(ScienceQASource(str(sqa)), FeatureRecipe(model=TINY_VIT, pretrained="random", image_size=64),
                          ExtractOptions(out_dir=str(tmp_path / "single"), samples_per_shard=24, num_workers=0))
     assert merged["merged_from"] == 2 and verify(str(tmp_path / "parts")) == []

@@ -273,13 +273,14 @@ from memvp_ds.schema import load_config
 from memvp_ds.distributed import init_distributed
 from memvp_ds.engine.trainer import Trainer
 from memvp_ds.engine import checkpoint as ckpt
+from memvp_ds.engine.zero_state import gather_trainable
 from safetensors.torch import load_file
 import torch
 cfg = load_config("tiny_memvp", {train_overrides(dataset, out, 'train.max_steps=12', NO_DROPOUT)!r})
 trainer = Trainer(cfg, init_distributed())
 state = ckpt.load_checkpoint(trainer.model, trainer.engine.optimizer, trainer.dist, trainer.resume_from, 0)
 stored = load_file(trainer.resume_from + "/trainable.safetensors")
-gathered = ckpt._gather_trainable(trainer.model, trainer.engine.optimizer)
+gathered = gather_trainable(trainer.model, trainer.engine.optimizer)
 assert state["step"] == 8 and state["world_size"] == 2
 assert set(stored) == set(gathered), (sorted(stored), sorted(gathered))
 for key in stored:

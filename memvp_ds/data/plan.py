@@ -14,14 +14,15 @@ from memvp_ds.data.shard_format import (
     IMAGE_MEMBER,
     MANIFEST,
     REMOTE_PREFIXES,
+    Manifest,
+    ShardEntry,
     read_manifest,
     shard_urls,
     split_urls,
-    stored_members,
 )
 
 SPLITS = ("train", "val", "test")
-ONLINE_RECIPE_KEYS = ("image_size", "mean", "std", "layer", "keep_cls")
+ONLINE_RECIPE_KEYS = ("image_size", "mean", "std", "layer", "keep_cls", "ln_post")
 """Recipe entries the shards' manifest and an online vision tower (model.vision.recipe) must agree on."""
 
 
@@ -76,7 +77,7 @@ def manifest_path(cfg: Config) -> Optional[str]:
     return None
 
 
-def load_checked_manifest(cfg: Config) -> Dict[str, Any]:
+def load_checked_manifest(cfg: Config) -> Manifest:
     """The run's manifest, complete, with features of the shape the model expects."""
     path = manifest_path(cfg)
     if path is None:
@@ -84,9 +85,9 @@ def load_checked_manifest(cfg: Config) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"data.manifest: {path} not found (data_prep writes it next to the shards)")
     manifest = read_manifest(path)
-    if not manifest.get("complete", True):
+    if manifest.complete is False:
         raise ConfigError(f"{path}: the extraction is incomplete (still running, interrupted, or parts not merged)")
-    recipe = manifest["recipe"]
+    recipe = manifest.recipe
     if (recipe["tokens"], recipe["dim"]) != (cfg.model.visual_tokens, cfg.model.visual_dim):
         raise ConfigError(
             f"{path}: shards hold {recipe['tokens']} x {recipe['dim']} features but model.visual_tokens x "
@@ -96,34 +97,34 @@ def load_checked_manifest(cfg: Config) -> Dict[str, Any]:
     return manifest
 
 
-def _check_store(cfg: Config, path: str, manifest: Dict[str, Any]) -> None:
+def _check_store(cfg: Config, path: str, manifest: Manifest) -> None:
     """The shards carry what the model reads: features, or images made by the online tower's recipe."""
-    members, vision = stored_members(manifest), cfg.model.vision
+    members, vision = manifest.members, cfg.model.vision
     if not vision.online:
         if FEATURES_MEMBER not in members:
-            raise ConfigError(f"{path}: shards hold images only (store '{manifest['store']}'); set "
+            raise ConfigError(f"{path}: shards hold images only (store '{manifest.store}'); set "
                               "model.vision.online=true or extract with --store features|both")
         return
     if IMAGE_MEMBER not in members:
         raise ConfigError(f"{path}: model.vision.online needs shards with images; these hold features only "
                           "(extract with memvp-prep extract --store images|both)")
-    recipe = manifest["recipe"]
+    recipe = manifest.recipe
     for key in ONLINE_RECIPE_KEYS:
-        if recipe[key] != getattr(vision.recipe, key):
-            raise ConfigError(f"{path}: shards were made with {key}={recipe[key]} but model.vision.recipe.{key} "
+        if recipe.get(key, True) != getattr(vision.recipe, key):  # manifests before ln_post: applied
+            raise ConfigError(f"{path}: shards were made with {key}={recipe.get(key, True)} but model.vision.recipe.{key} "
                               f"is {getattr(vision.recipe, key)}")
 
 
-def _check_sizes(urls: List[str], listed: Dict[str, Dict[str, Any]]) -> None:
+def _check_sizes(urls: List[str], listed: Dict[str, ShardEntry]) -> None:
     """A local shard whose size differs from the manifest's is damaged or from another extraction."""
     for url in urls:
         entry = listed.get(os.path.basename(url))
-        if entry and os.path.isfile(url) and os.path.getsize(url) != entry["bytes"]:
-            raise ConfigError(f"{url}: {os.path.getsize(url)} bytes, the manifest lists {entry['bytes']} "
+        if entry and entry.bytes is not None and os.path.isfile(url) and os.path.getsize(url) != entry.bytes:
+            raise ConfigError(f"{url}: {os.path.getsize(url)} bytes, the manifest lists {entry.bytes} "
                               f"(truncated? run memvp-prep verify)")
 
 
-def resolve_split(cfg: Config, split: str, manifest: Optional[Dict[str, Any]] = None) -> Optional[SplitShards]:
+def resolve_split(cfg: Config, split: str, manifest: Optional[Manifest] = None) -> Optional[SplitShards]:
     """The shards ``split`` reads: data.<split>_shards when set, else every shard that the manifest in
     data.shards lists for the split. None when the split has no shards. Explicit shards must be listed in
     the manifest under that split."""
@@ -131,7 +132,7 @@ def resolve_split(cfg: Config, split: str, manifest: Optional[Dict[str, Any]] = 
     if not explicit and not cfg.data.shards:
         return None
     manifest = manifest if manifest is not None else load_checked_manifest(cfg)
-    listed = {s["name"]: s for s in manifest["shards"] if s["split"] == split}
+    listed = {s.name: s for s in manifest.shards_of(split)}
     if explicit:
         urls, source = shard_urls(explicit), "explicit"
         unknown = [u for u in urls if os.path.basename(u) not in listed]
@@ -143,14 +144,14 @@ def resolve_split(cfg: Config, split: str, manifest: Optional[Dict[str, Any]] = 
             return None
     _check_sizes(urls, listed)
     used = [listed[os.path.basename(u)] for u in urls]
-    return SplitShards(urls, source, len(used), len(listed), sum(s["samples"] for s in used),
-                       sum(s["samples"] for s in listed.values()))
+    return SplitShards(urls, source, len(used), len(listed), sum(s.samples for s in used),
+                       sum(s.samples for s in listed.values()))
 
 
 def plan_data(cfg: Config, world_size: int) -> DataPlan:
     """Check shards and manifest against the config and size the run; no model is touched."""
     if not cfg.data.shards and not cfg.data.train_shards:
-        raise ConfigError("data.shards: not set (the data_prep output folder holding manifest.json)")
+        raise ConfigError(f"data.shards: not set (the data_prep output folder holding {MANIFEST})")
     manifest = load_checked_manifest(cfg)
     splits = {split: shards for split in SPLITS if (shards := resolve_split(cfg, split, manifest)) is not None}
     if "train" not in splits or splits["train"].samples_used == 0:
@@ -163,5 +164,4 @@ def plan_data(cfg: Config, world_size: int) -> DataPlan:
     steps_per_epoch = max(1, samples // global_batch)
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     warmup = min(total, round(cfg.train.warmup_epochs * steps_per_epoch))
-    counts = {s["name"]: s["samples"] for s in manifest["shards"]}
-    return DataPlan(splits, samples, counts, manifest["recipe"], steps_per_epoch, total, warmup)
+    return DataPlan(splits, samples, manifest.sizes, manifest.recipe, steps_per_epoch, total, warmup)

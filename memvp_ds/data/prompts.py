@@ -1,7 +1,11 @@
-"""Prompt builders and the label mask: ScienceQA QCM-A (the official MemVP strings), generic QA and
+"""Prompt formats and the label mask: ScienceQA QCM-A (the official MemVP strings), generic QA and
 LLaVA/ShareGPT-style conversations.
 
-Every format is a list of segments (text, is_target). ``encode_segments`` tokenizes the concatenated text
+A prompt format is a registered class (``PROMPT_FORMATS``, like the strategies): it owns its segments, how
+many tokens an answer gets at evaluation, how answers are scored and what the evaluation reports about its
+protocol. Nothing else compares format names; a new format is one class plus its registry entry.
+
+Every format builds a list of segments (text, is_target). ``encode_segments`` tokenizes the concatenated text
 as ONE string, as the official code does (a byte-level BPE would otherwise split a word at a segment
 boundary), and puts the loss on the tokens of target segments; a segment's tokens are found by tokenizing
 the text up to its end alone. Training and evaluation use the same builders, so the prompt a model is
@@ -11,25 +15,27 @@ prefix).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from memvp_ds.config import PROMPT_FORMATS
+from memvp_ds.config import ConfigError, EvalConfig
+from memvp_ds.scoring.scienceqa import OPTION_LETTERS, scienceqa_metrics
 
+log = logging.getLogger("memvp_ds.evaluation")
 IGNORE_INDEX = -100
 """Label of a position without loss (prompt, padding). The model treats every negative label so."""
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ANSWER_PREFIX = "The answer is"
+"""What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
+Segment = Tuple[str, bool]
+_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 
 
 def check_choice_count(choices: Sequence[str], what: str = "choices") -> None:
     """Options are lettered A-Z (the answer is one capital letter): more than 26 cannot be asked."""
     if len(choices) > len(OPTION_LETTERS):
         raise ValueError(f"{what}: {len(choices)} options, at most {len(OPTION_LETTERS)} (A-Z) can be lettered")
-ANSWER_PREFIX = "The answer is"
-"""What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
-Segment = Tuple[str, bool]
-_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 
 
 @dataclass
@@ -145,30 +151,131 @@ def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) ->
     return EncodedText(input_ids=input_ids, labels=labels)
 
 
-def build_segments(fields: dict, prompt_format: str, with_target: bool = True,
-                   use_caption: bool = False) -> List[Segment]:
-    """Segments for one stored sample. ``with_target=False`` gives the prompt a model answers at eval time.
+class PromptFormat:
+    """One way of turning a stored sample into text, and of scoring the model's answers to it."""
 
-    qcm_a: the official ScienceQA prompt -> 'The answer is X.' (evaluation prompt: the prompt +
-    'The answer is'; ``use_caption`` adds the sample's ``caption`` field to the context, as the official
-    evaluation does); qa: generic question -> answer (with options when the sample has choices);
-    conversation: LLaVA turns (eval prompts end before the last answer).
-    """
-    if prompt_format == "qcm_a":
+    name: str
+    multi_turn = False
+    """Whether the format renders a whole conversation (a chat request keeps every turn) rather than one
+    question."""
+
+    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
+        """The sample's segments; ``with_target=False`` gives the prompt a model answers at eval time."""
+        raise NotImplementedError
+
+    def answer_tokens(self, eval_cfg: EvalConfig) -> int:
+        """New tokens generated per answer at evaluation."""
+        return eval_cfg.max_new_tokens
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
+        """Scores of generated answers (records with ``fields`` and ``output``; ``gold`` and, where the format
+        parses answers, ``parsed`` are added to each)."""
+        return {"count/overall": len(records)}
+
+    def settings(self, eval_cfg: EvalConfig) -> Dict[str, Any]:
+        """The evaluation settings this format uses (reported by the dry run and with the metrics)."""
+        return {"answer_tokens": self.answer_tokens(eval_cfg)}
+
+    def protocol(self, eval_cfg: EvalConfig, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """How the answers were obtained, reported with the metrics."""
+        return self.settings(eval_cfg)
+
+
+class ScienceQAFormat(PromptFormat):
+    """qcm_a: the official ScienceQA prompt -> 'The answer is X.'. The evaluation prompt is the prompt +
+    'The answer is', whose next token is the answer (ONE token, as the official protocol reads it);
+    ``use_caption`` adds the sample's ``caption`` field to the context, as the official evaluation does."""
+
+    name = "qcm_a"
+
+    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
         caption = fields.get("caption") if use_caption else None
         prompt = scienceqa_prompt(fields["question"], fields["choices"], fields.get("hint"), caption)
         if not with_target:
             return [(prompt + ANSWER_PREFIX, False)]
         return [(prompt, False), (scienceqa_target(int(fields["answer"])), True)]
-    if prompt_format == "qa":
+
+    def answer_tokens(self, eval_cfg: EvalConfig) -> int:
+        return 1
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
+        return scienceqa_metrics(records)
+
+    def settings(self, eval_cfg: EvalConfig) -> Dict[str, Any]:
+        return {"answer_tokens": 1, "use_caption": eval_cfg.use_caption}
+
+    def protocol(self, eval_cfg: EvalConfig, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+        captioned = sum(bool(r["fields"].get("caption")) for r in records) if eval_cfg.use_caption else 0
+        if eval_cfg.use_caption and not captioned:
+            log.warning("eval.use_caption is on but no sample has a caption (data_prep found no captions.json?)")
+        return {**self.settings(eval_cfg), "count/captioned": captioned}
+
+
+class QAFormat(PromptFormat):
+    """qa: generic question (with options when the sample has choices) -> 'Answer: ...', VQA scoring."""
+
+    name = "qa"
+
+    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
         prompt = f"Question: {fields['question']}\n"
         if fields.get("choices"):
             check_choice_count(fields["choices"])
             prompt += "Options: " + " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(fields["choices"])) + "\n"
         return [(prompt, False), (f"Answer: {fields['answer']}", True)] if with_target else [(prompt, False)]
-    if prompt_format == "conversation":
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
+        from memvp_ds.scoring.vqa import mean_vqa_accuracy
+
+        pairs = []
+        for record in records:
+            answers = record["fields"]["answer"]
+            answers = answers if isinstance(answers, list) else [answers]
+            record["output"] = record["output"].removeprefix("Answer:").strip()
+            record["gold"] = answers
+            pairs.append((record["output"], answers))
+        return {"acc/vqa": mean_vqa_accuracy(pairs), "count/overall": len(records)}
+
+
+class ConversationFormat(PromptFormat):
+    """conversation: LLaVA turns (eval prompts end before the last answer), scored by captioning metrics
+    against that last answer."""
+
+    name = "conversation"
+    multi_turn = True
+
+    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
         segments = conversation_segments(fields["conversations"])
         if with_target:
             return segments
         return segments[:-1] if segments and segments[-1][1] else segments
-    raise ValueError(f"data.prompt_format: unknown format '{prompt_format}'; choose one of {PROMPT_FORMATS}")
+
+    def metrics(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
+        from memvp_ds.scoring.captioning import caption_metrics
+
+        for record in records:  # the reference is the last answer, the one the prompt stops before
+            turns = [t["value"] for t in record["fields"]["conversations"] if t["from"] == "gpt"]
+            record["gold"] = turns[-1:]
+        pairs = [(r["output"], r["gold"]) for r in records if r["gold"]]
+        try:
+            return {**caption_metrics(pairs), "count/overall": len(records)}
+        except ImportError as err:
+            log.warning("%s; reporting predictions only", err)
+        return super().metrics(records)
+
+
+PROMPT_FORMATS: Dict[str, PromptFormat] = {f.name: f for f in (ScienceQAFormat(), ConversationFormat(), QAFormat())}
+"""The registry: data.prompt_format names one of these."""
+
+
+def prompt_format(name: str) -> PromptFormat:
+    """The registered format ``name``; ConfigError naming data.prompt_format otherwise."""
+    if name not in PROMPT_FORMATS:
+        raise ConfigError(f"data.prompt_format: '{name}' is not one of {', '.join(PROMPT_FORMATS)}")
+    return PROMPT_FORMATS[name]
+
+
+def build_segments(fields: dict, prompt_format_name: str, with_target: bool = True,
+                   use_caption: bool = False) -> List[Segment]:
+    """Segments for one stored sample in the format ``prompt_format_name`` (see PROMPT_FORMATS).
+    ``with_target=False`` gives the prompt a model answers at eval time."""
+    return prompt_format(prompt_format_name).segments(fields, with_target, use_caption)

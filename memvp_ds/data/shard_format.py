@@ -16,7 +16,8 @@ import io
 import json
 import os
 import tarfile
-from typing import Any, Dict, Iterable, Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import braceexpand
 import numpy as np
@@ -75,22 +76,91 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def stored_members(manifest: Dict[str, Any]) -> Tuple[str, ...]:
-    """The per-image member suffixes the manifest's shards carry."""
-    store = manifest.get("store", "features")
+def stored_members(store: str) -> Tuple[str, ...]:
+    """The per-image member suffixes of shards made with ``store`` (features, images or both)."""
     if store not in STORE_MODES:
         raise ValueError(f"manifest: unknown store '{store}' (one of {', '.join(STORE_MODES)})")
     return {"features": (FEATURES_MEMBER,), "images": (IMAGE_MEMBER,), "both": (FEATURES_MEMBER, IMAGE_MEMBER)}[store]
 
 
-def read_manifest(path: str) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the manifest lists it."""
+
+    name: str
+    split: str
+    samples: int
+    with_image: Optional[int] = None
+    bytes: Optional[int] = None
+    sha256: Optional[str] = None
+    """None where a hand-written manifest leaves the entry out (data_prep always writes it)."""
+    errors: Tuple[Dict[str, str], ...] = ()
+    """Images that could not be read while the shard was written (key, image, reason)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A data folder's manifest, as readers see it (the writers, data_prep's extract and merge, build the
+    stored JSON, ``data``, themselves)."""
+
+    data: Dict[str, Any]
+    path: str = ""
+
+    @property
+    def shards(self) -> List[ShardEntry]:
+        """Every listed shard, in the stored order."""
+        return [ShardEntry(entry["name"], entry["split"], entry["samples"], entry.get("with_image"),
+                           entry.get("bytes"), entry.get("sha256"), tuple(entry.get("errors", ())))
+                for entry in self.data.get("shards", [])]
+
+    def shards_of(self, split: str) -> List[ShardEntry]:
+        """The shards of ``split``, in name order."""
+        return sorted((s for s in self.shards if s.split == split), key=lambda s: s.name)
+
+    @property
+    def sizes(self) -> Dict[str, int]:
+        """Samples per shard name."""
+        return {s.name: s.samples for s in self.shards}
+
+    @property
+    def recipe(self) -> Dict[str, Any]:
+        """How the features (and stored images) were made: tokens, dim, dtype, model, image size, mean/std."""
+        return self.data["recipe"]
+
+    @property
+    def store(self) -> str:
+        return self.data.get("store", "features")
+
+    @property
+    def members(self) -> Tuple[str, ...]:
+        """The per-image member suffixes the shards carry."""
+        return stored_members(self.store)
+
+    @property
+    def complete(self) -> Optional[bool]:
+        """True once every planned shard is written (and parts merged); None in manifests from before the key."""
+        return self.data.get("complete")
+
+    @property
+    def source(self) -> Dict[str, Any]:
+        return self.data["source"]
+
+    def split_counts(self) -> Dict[str, Dict[str, int]]:
+        return split_counts(self.data["shards"])
+
+    @property
+    def bad_images(self) -> int:
+        return sum(len(s.errors) for s in self.shards)
+
+
+def read_manifest(path: str) -> Manifest:
     """The manifest at ``path``, or in the folder ``path``."""
     if os.path.isdir(path):
         path = os.path.join(path, MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
     with open(path) as f:
-        return json.load(f)
+        return Manifest(json.load(f), path)
 
 
 def split_counts(shards: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
@@ -104,11 +174,12 @@ def split_counts(shards: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
     return counts
 
 
-def split_urls(folder: str, split: str) -> List[str]:
-    """Paths of every shard that the manifest in ``folder`` lists for ``split``, in name order ([] when it
-    lists none). A listed shard missing from the folder is an error naming it."""
-    manifest = read_manifest(folder)
-    urls = [os.path.join(folder, name) for name in sorted(s["name"] for s in manifest["shards"] if s["split"] == split)]
+def split_urls(folder: str, split: str, manifest: Optional[Manifest] = None) -> List[str]:
+    """Paths of every shard that the manifest in ``folder`` (or ``manifest``, one read or written already)
+    lists for ``split``, in name order ([] when it lists none). A listed shard missing from the folder is an
+    error naming it."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    urls = [os.path.join(folder, s.name) for s in manifest.shards_of(split)]
     missing = [u for u in urls if not os.path.isfile(u)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) listed in {os.path.join(folder, MANIFEST)} not found, "

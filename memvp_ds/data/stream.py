@@ -19,7 +19,7 @@ import os
 import random
 import signal
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -247,24 +247,53 @@ def _shuffled(samples: Iterator[Dict[str, Any]], buffer_size: int, rng: random.R
     yield from buffer
 
 
-def build_train_loader(urls: List[str], encoder: SampleEncoder, micro_batch: int, pad_id: int, pad_to_multiple: int,
-                       seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                       skip_micro_batches: int, expected_counts: Dict[str, int],
-                       budget: ErrorBudget = ErrorBudget(), packing: bool = False,
-                       visual_positions: int = 0) -> DataLoader:
-    """Micro-batches of ``micro_batch`` samples, padded or (``packing``) packed into rows; see ``pack`` for
-    ``visual_positions``. Packing changes how the samples are laid out, never which samples a batch holds."""
-    if packing:
-        collate_fn = _Pack(pad_id, encoder.feature_shape, encoder.max_seq_len, pad_to_multiple, visual_positions)
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How one rank's training micro-batches are made from its shards."""
+
+    micro_batch: int
+    pad_id: int
+    pad_to_multiple: int
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    shuffle_buffer: int
+    expected_counts: Dict[str, int] = field(default_factory=dict)
+    """Samples per shard name, from the manifest (a shard yielding another number is reported)."""
+    budget: ErrorBudget = ErrorBudget()
+    packing: bool = False
+    visual_positions: int = 0
+    """Positions a packed row reserves per image sample (see ``pack``)."""
+
+    @classmethod
+    def of(cls, cfg, pad_id: int, rank: int, world_size: int, expected_counts: Dict[str, int],
+           visual_positions: int) -> "LoaderOptions":
+        """The options a run's config (``cfg``) sets for ``rank`` of ``world_size``."""
+        data = cfg.data
+        return cls(cfg.train.micro_batch_size, pad_id, data.pad_to_multiple, cfg.train.seed, rank, world_size,
+                   data.num_workers, data.shuffle_buffer, expected_counts, ErrorBudget.of(data), data.packing,
+                   visual_positions)
+
+
+def build_train_loader(urls: List[str], encoder: SampleEncoder, options: LoaderOptions,
+                       skip_micro_batches: int = 0) -> DataLoader:
+    """Micro-batches of ``options.micro_batch`` samples, padded or (``options.packing``) packed into rows,
+    after skipping ``skip_micro_batches`` (a resumed run's position). Packing changes how the samples are laid
+    out, never which samples a batch holds."""
+    o = options
+    if o.packing:
+        collate_fn = _Pack(o.pad_id, encoder.feature_shape, encoder.max_seq_len, o.pad_to_multiple, o.visual_positions)
     else:
-        collate_fn = _Collate(pad_id, encoder.feature_shape, pad_to_multiple, left_pad=False)
-    stream = TrainStream(urls, encoder, micro_batch, collate_fn, seed, rank, world_size, num_workers, shuffle_buffer,
-                         skip_micro_batches=skip_micro_batches, expected_counts=expected_counts, budget=budget)
+        collate_fn = _Collate(o.pad_id, encoder.feature_shape, o.pad_to_multiple, left_pad=False)
+    stream = TrainStream(urls, encoder, o.micro_batch, collate_fn, o.seed, o.rank, o.world_size, o.num_workers,
+                         o.shuffle_buffer, skip_micro_batches=skip_micro_batches, expected_counts=o.expected_counts,
+                         budget=o.budget)
     # Its own generator: creating the iterator must not draw from the global RNG, whose state (dropout)
     # a resumed run restores exactly.
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=ignore_stop_signals if num_workers else None)
+    return DataLoader(stream, batch_size=None, num_workers=o.num_workers, prefetch_factor=4 if o.num_workers else None,
+                      generator=torch.Generator().manual_seed(o.seed),
+                      worker_init_fn=ignore_stop_signals if o.num_workers else None)
 
 
 def close_loader(batches: Iterator[Dict[str, Any]]) -> None:

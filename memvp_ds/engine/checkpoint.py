@@ -1,4 +1,6 @@
-"""Checkpoints: resumable training state (the export format itself is memvp_ds/export.py).
+"""Checkpoints: resumable training state, and the policy of a run's checkpoints (``CheckpointManager``: when
+to save, what to keep, where ``latest`` points, what to resume). DeepSpeed's optimizer state is gathered and
+restored by memvp_ds/engine/zero_state.py; the export format is memvp_ds/export.py.
 
 Resumable state lives in ``<output_dir>/checkpoints/step-XXXXXXXX/`` and counts only once complete: it is
 written into a hidden temporary folder, renamed, and only then does the ``latest`` pointer move to it. It
@@ -17,95 +19,39 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file
 
 from memvp_ds.atomic_io import atomic_open, fsync_dir, write_json_atomic, write_safetensors
 from memvp_ds.config import Config, ConfigError, config_to_dict
+from memvp_ds.data.plan import manifest_path
 from memvp_ds.distributed import DistInfo, barrier
-from memvp_ds.export import TRAINABLE, write_export
+from memvp_ds.engine.zero_state import gather_trainable, restore_trainable, rng_state
+from memvp_ds.provenance import collect as collect_provenance
+from memvp_ds.run_folder import TRAINABLE, RunFolder
 
 log = logging.getLogger("memvp_ds")
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.json"
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-
-def _link_optimizer_states(optimizer) -> None:
-    """Work around DeepSpeed ZeRO-1/2 linking Adam states to parameters only for the param group that
-    stepped first (it links after the first group's step, then never again), which leaves the no-decay
-    group's moments invisible to safe_get/set_full_optimizer_state."""
-    if getattr(optimizer, "_hp_optimizer_states_linked", None) is not None and getattr(optimizer, "optimizer", None):
-        if all(optimizer.optimizer.state.get(p) for g in optimizer.optimizer.param_groups for p in g["params"]):
-            optimizer._hp_optimizer_states_linked = False
-            optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def _adam_params(optimizer) -> List[torch.Tensor]:
-    """The tensors the wrapped torch optimizer keeps Adam state for. ZeRO-3 puts its flat fp32 partitions
-    into the torch optimizer's param groups only for the duration of each step, so they are looked up on
-    the DeepSpeed optimizer itself."""
-    base = getattr(optimizer, "optimizer", optimizer)
-    params = [p for group in base.param_groups for p in group["params"]]
-    return params + list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
-
-
-def _ensure_adam_states(optimizer) -> None:
-    """Create torch AdamW's state (zeros, step 0) where it does not exist yet, as before the first update,
-    so that a checkpoint can be loaded into a freshly built engine."""
-    base = getattr(optimizer, "optimizer", optimizer)
-    on_param_device = base.defaults.get("fused") or base.defaults.get("capturable")
-    for param in _adam_params(optimizer):
-        if not base.state.get(param):
-            base.state[param] = {
-                "step": torch.tensor(0.0, dtype=torch.float32, device=param.device if on_param_device else "cpu"),
-                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-            }
-    _link_optimizer_states(optimizer)
-
-
-def _gather_trainable(model, optimizer) -> Dict[str, torch.Tensor]:
-    """Full fp32 weights and Adam moments of every trainable tensor (collective: call on all ranks)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    # Before the first successful update (the first steps, or every step skipped by an fp16 overflow) Adam
-    # has no state yet: the zeros it would start from are what a resume needs.
-    _ensure_adam_states(optimizer)
-    tensors = {}
-    for name, param in model.trainable_parameters().items():
-        tensors[f"param/{name}"] = safe_get_full_fp32_param(param).detach().float().cpu().contiguous()
-        for key in ADAM_STATES:
-            state = safe_get_full_optimizer_state(param, key)
-            if state is not None:
-                tensors[f"{key}/{name}"] = state.detach().float().cpu().contiguous()
-    return tensors
-
-
-def _rng_state() -> Dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def save_checkpoint(model, optimizer, dist_info: DistInfo, output_dir: str, step: int, state: Dict[str, Any],
                     keep_last: int) -> str:
     """Write ``step-<step>`` atomically on a shared file system; every rank must call this."""
-    root = os.path.join(output_dir, CHECKPOINTS)
+    root = RunFolder(output_dir).checkpoints
     name = f"step-{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
-    tensors = _gather_trainable(model, optimizer)
+    tensors = gather_trainable(model, optimizer)
     if dist_info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         write_safetensors(tensors, os.path.join(tmp, TRAINABLE))
     barrier()
     # Every file is on disk (written durably) before the folder is renamed into place and `latest` moves.
-    write_safetensors(_rng_state(), os.path.join(tmp, f"rng-rank{dist_info.rank}.safetensors"))
+    write_safetensors(rng_state(), os.path.join(tmp, f"rng-rank{dist_info.rank}.safetensors"))
     barrier()
     if dist_info.is_main:
         write_json_atomic(os.path.join(tmp, STATE), {**state, "step": step, "world_size": dist_info.world_size})
@@ -193,7 +139,7 @@ def find_resume_checkpoint(output_dir: str, resume: str) -> Optional[str]:
         if problem:
             raise ConfigError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
         return resume
-    root = os.path.join(output_dir, CHECKPOINTS)
+    root = RunFolder(output_dir).checkpoints
     pointer = os.path.join(root, LATEST)
     steps = _step_dirs(root)
     if os.path.isfile(pointer):
@@ -266,11 +212,8 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int) -> Dict[str, Any]:
     """Restore trainable weights, Adam moments and step count, and this rank's RNG; return the JSON state."""
-    import deepspeed
-
     state = read_state(path)
     tensors = load_file(os.path.join(path, TRAINABLE))
-    _ensure_adam_states(optimizer)
     params = model.trainable_parameters()
     stored = {key.split("/", 1)[1] for key in tensors if key.startswith("param/")}
     if stored != set(params):
@@ -280,16 +223,7 @@ def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int)
         if tuple(tensors[f"param/{name}"].shape) != shape:
             raise ValueError(f"{path}: tensor {name} has shape {tuple(tensors[f'param/{name}'].shape)}, the model's "
                              f"is {shape}")
-    for name, param in params.items():
-        weight = tensors[f"param/{name}"]
-        _set_full_fp32_state(param, weight, dist_info)
-        # The module's own (possibly low-precision, possibly partitioned) copy must match too.
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.copy_(weight.to(param.dtype))
-        for key in ADAM_STATES:
-            if f"{key}/{name}" in tensors:
-                _set_full_fp32_state(param, tensors[f"{key}/{name}"], dist_info, key)
-    _set_adam_step(optimizer, state["optimizer_steps"])
+    restore_trainable(model, optimizer, tensors, dist_info, state["optimizer_steps"])
     rng_file = os.path.join(path, f"rng-rank{dist_info.rank}.safetensors")
     if state["world_size"] == dist_info.world_size and os.path.isfile(rng_file):
         rng = load_file(rng_file)
@@ -301,54 +235,58 @@ def load_checkpoint(model, optimizer, dist_info: DistInfo, path: str, seed: int)
     return state
 
 
-def _set_full_fp32_state(param, value: torch.Tensor, dist_info: DistInfo, adam_key: Optional[str] = None) -> None:
-    """Give a trainable tensor's fp32 master copy (or its Adam state ``adam_key``) the full-size ``value``.
+class CheckpointManager:
+    """One run's checkpoint policy: a checkpoint every ``train.save_interval`` steps, at the last step and on a
+    stop signal, never of weights that produced a non-finite loss; the newest ``train.keep_last`` of this run
+    kept; resumption from the checkpoint pre-flight found, at the data position it recorded.
 
-    Under ZeRO-3 each rank sets its own partition: DeepSpeed's full-tensor setter (0.19) cuts the value
-    without the padding of the last partition, so it fails on every tensor whose size the world size does
-    not divide (a one-element bias on 2 ranks, 40 per-layer scales on 16). Partitions span all ranks: the
-    data-parallel group is the world.
+    A run id marks the checkpoints this run (and its resumptions) wrote: only those are ever pruned. Every
+    checkpoint carries the run's provenance (memvp_ds.provenance: code, packages, config and data hashes, seed).
     """
-    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                 safe_set_local_fp32_param, safe_set_local_optimizer_state)
 
-    if not hasattr(param, "ds_tensor"):  # ZeRO-1/2: DeepSpeed's setter handles the flat partitions
-        if adam_key is None:
-            safe_set_full_fp32_param(param, value)
-        else:
-            safe_set_full_optimizer_state(param, value, adam_key)
-        return
-    size = param.ds_tensor.numel()
-    flat = value.flatten()
-    padded = torch.cat([flat, flat.new_zeros(size * dist_info.world_size - flat.numel())])
-    local = padded.narrow(0, size * dist_info.rank, size)
-    if adam_key is None:
-        safe_set_local_fp32_param(param, local)
-    else:
-        safe_set_local_optimizer_state(param, local, adam_key)
+    def __init__(self, cfg: Config, dist_info: DistInfo, resume_from: Optional[str]):
+        self.cfg, self.dist, self.resume_from = cfg, dist_info, resume_from
+        self.run_id = uuid.uuid4().hex
+        self.provenance = collect_provenance(cfg, manifest_path(cfg))
+        if resume_from:
+            resumed = read_state(resume_from)
+            self.run_id = resumed.get("run_id", self.run_id)
+            if "provenance" in resumed:  # the code that trained the first steps may differ from this one's
+                self.provenance["started_by"] = resumed["provenance"].get("started_by", resumed["provenance"])
 
+    def due(self, step: int, total_steps: int, stopping: bool) -> bool:
+        """Whether the state after optimizer step ``step`` is saved."""
+        return step % self.cfg.train.save_interval == 0 or step == total_steps or stopping
 
-def _set_adam_step(optimizer, steps: int) -> None:
-    """Adam's bias correction depends on the number of updates; restore it in the wrapped torch optimizer."""
-    base = getattr(optimizer, "optimizer", optimizer)
-    for group in base.param_groups:
-        if "step" in group:
-            group["step"] = steps
-    for param in _adam_params(optimizer):
-        slot = base.state.get(param)
-        if slot is not None and "step" in slot:
-            slot["step"] = torch.tensor(float(steps), dtype=slot["step"].dtype, device=slot["step"].device) \
-                if torch.is_tensor(slot["step"]) else steps
+    def save(self, model, optimizer, step: int, micro_batches: int, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Checkpoint ``step``, whose data position is ``micro_batches`` consumed per rank (collective);
+        ``extra``: more JSON state (a search's)."""
+        from memvp_ds.config import to_yaml
 
+        state = {"optimizer_steps": step, "data": {"micro_batches": micro_batches, "streams": self.streams()},
+                 "config": to_yaml(self.cfg), "run_id": self.run_id, "provenance": self.provenance,
+                 **(extra or {})}
+        save_checkpoint(model, optimizer, self.dist, self.cfg.train.output_dir, step, state, self.cfg.train.keep_last)
 
-def export_trainable(model, dist_info: DistInfo, cfg: Config, path: str,
-                     feature_recipe: Optional[Dict[str, Any]] = None,
-                     provenance: Optional[Dict[str, Any]] = None) -> None:
-    """Gather the trainable weights to full size and write the export (collective: call on all ranks)."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    def resume(self, model, optimizer) -> Tuple[int, int, Dict[str, Any]]:
+        """(optimizer step, micro-batches consumed per rank, the JSON state) to start from; 0, 0, {} fresh."""
+        if not self.resume_from:
+            return 0, 0, {}
+        state = load_checkpoint(model, optimizer, self.dist, self.resume_from, self.cfg.train.seed)
+        log.info("resumed from %s at step %d", self.resume_from, state["step"])
+        return state["step"], self._resumed_position(state["data"]), state
 
-    tensors = {name: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
-               for name, p in model.trainable_parameters().items()}
-    if dist_info.is_main:
-        write_export(tensors, path, cfg, feature_recipe, provenance)
-    barrier()
+    def streams(self) -> int:
+        """Data streams: ranks x loader workers (each reads its own shard subset)."""
+        return self.dist.world_size * max(self.cfg.data.num_workers, 1)
+
+    def _resumed_position(self, data_state: Dict[str, int]) -> int:
+        """Micro-batches per rank to skip. Same stream layout: exact. Another layout (world size x workers)
+        cannot replay the old order; it keeps the number of samples consumed, which is what the epoch
+        position means, and the new streams read their own shard subsets from there."""
+        if data_state["streams"] == self.streams():
+            return data_state["micro_batches"]
+        log.warning("data streams changed from %d to %d: data order after resume is approximate",
+                    data_state["streams"], self.streams())
+        return data_state["micro_batches"] * data_state["streams"] // self.streams()
+

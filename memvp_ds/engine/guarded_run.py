@@ -20,8 +20,8 @@ from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.cli import error_line
 from memvp_ds.config import Config
 from memvp_ds.distributed import DistInfo, all_gather_objects, destroy, exit_with_launcher, init_distributed
-from memvp_ds.engine.preflight import check_writable
-from memvp_ds.engine.trainer import STATUS, Trainer
+from memvp_ds.engine.trainer import Trainer
+from memvp_ds.run_folder import RunFolder, check_writable
 from memvp_ds.run_lock import RunLock
 from memvp_ds.stop_signals import INTERRUPTED_EXIT_CODE, STOP, StopRequested, outcome
 
@@ -38,7 +38,7 @@ def write_run_status(out: str, status: str, reason: Optional[str] = None, **fiel
     """status.json with ``status`` (and ``reason``). If it cannot be written (a full disk), the old one is
     removed rather than left claiming an earlier outcome; the error is logged, not raised over the
     original one."""
-    path = os.path.join(out, STATUS)
+    path = RunFolder(out).status
     data: Dict[str, Any] = {"status": status, "step": None, "total_steps": None, **fields}
     if reason is not None:
         data["reason"] = reason

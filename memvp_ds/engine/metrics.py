@@ -1,12 +1,11 @@
-"""Throughput, model FLOPs utilisation and memory, plus the rank-0 TensorBoard writer."""
+"""Throughput, model FLOPs utilisation and memory."""
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -116,26 +115,3 @@ def resident_memory_gb() -> float:
         # mapped; trim them so that RSS shows what is actually held.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     return psutil.Process().memory_info().rss / 2**30
-
-
-class ScalarLogger:
-    """TensorBoard on rank 0 (a no-op elsewhere); the run directory persists across resumes."""
-
-    def __init__(self, log_dir: str, enabled: bool, purge_step: Optional[int] = None):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            os.makedirs(log_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
-
-    def log(self, scalars: Dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

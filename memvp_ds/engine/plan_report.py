@@ -6,26 +6,25 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from memvp_ds.config import Config, ConfigError
-from memvp_ds.data.collate import SampleEncoder
-from memvp_ds.data.plan import plan_data
-from memvp_ds.data.prompts import IGNORE_INDEX
+from memvp_ds.config import Config
+from memvp_ds.data.collate import SampleEncoder, build_encoder
+from memvp_ds.data.prompts import IGNORE_INDEX, prompt_format
 from memvp_ds.data.shard_format import read_raw_samples
-from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
-from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
+from memvp_ds.engine.deepspeed_config import zero_stage
+from memvp_ds.engine.preflight import DRY_RUN, preflight
+from memvp_ds.evaluation.run import eval_encoder
 from memvp_ds.recipes import resolve_ds_config
-from memvp_ds.evaluation.run import answer_tokens, eval_encoder
 
 
-def check_writable(output_dir: str) -> str:
-    """The absolute output folder, if it exists writable or could be created; ConfigError otherwise."""
-    path = os.path.abspath(output_dir)
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir: {path} is not writable ({existing} is not a writable folder)")
-    return path
+def dry_run_json(cfg: Config, world_size: Optional[int] = None) -> str:
+    """--dry-run's output: the plan as one JSON object, for ``world_size`` ranks (default: $WORLD_SIZE or 1)."""
+    import json
+
+    from memvp_ds.config import check_at_least
+
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    check_at_least("--world-size", world_size, 1)
+    return json.dumps(dry_run_report(cfg, world_size), indent=2)
 
 
 def _decode(tokenizer, ids: List[int]) -> str:
@@ -55,13 +54,9 @@ def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
     """Check the config, the DeepSpeed JSON, the shards against the manifest, the tokenizer and the output
     folder, and describe the run: its size and schedule, the shards each split reads and the first
     training sample as the model will see it. Raises ConfigError (or FileNotFoundError) naming the problem."""
-    ds = build_ds_config(cfg, world_size)
-    plan = plan_data(cfg, world_size)
-    tokenizer = load_tokenizer(tokenizer_path(cfg), cfg.model.llm.trust_remote_code)
-    output_dir = check_writable(cfg.train.output_dir)
-    data = cfg.data
-    train_encoder = SampleEncoder(tokenizer, data.prompt_format, data.max_seq_len, cfg.model.visual_tokens,
-                                  cfg.model.visual_dim, with_target=True, use_images=data.use_images)
+    checked = preflight(cfg, world_size, DRY_RUN)
+    ds, plan, tokenizer, data = checked.ds_config, checked.data, checked.tokenizer, cfg.data
+    train_encoder = build_encoder(cfg, tokenizer)  # the training run's: features, or images for an online tower
     first = _first_sample(plan.train_urls)
     report: Dict[str, Any] = {
         "world_size": world_size,
@@ -80,14 +75,12 @@ def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
                       "bf16": ds.get("bf16"), "fp16": ds.get("fp16")},
         "shards": {split: shards.coverage() for split, shards in plan.splits.items()},
         "feature_recipe": {k: plan.feature_recipe.get(k) for k in ("model", "tokens", "dim", "dtype")},
-        "tokenizer": {"path": tokenizer_path(cfg), "bos": tokenizer.bos_token, "eos": tokenizer.eos_token},
+        "tokenizer": {"path": checked.tokenizer_dir, "bos": tokenizer.bos_token, "eos": tokenizer.eos_token},
         "prompt_format": data.prompt_format,
-        "output_dir": output_dir,
+        "output_dir": checked.output_dir,
         "example": _training_example(train_encoder, first) if first is not None else None,
     }
-    evaluation: Dict[str, Any] = {"split": cfg.eval.split, "answer_tokens": answer_tokens(cfg)}
-    if data.prompt_format == "qcm_a":
-        evaluation["use_caption"] = cfg.eval.use_caption
+    evaluation: Dict[str, Any] = {"split": cfg.eval.split, **prompt_format(data.prompt_format).settings(cfg.eval)}
     eval_split = plan.splits.get(cfg.eval.split)
     eval_first = _first_sample(eval_split.urls) if eval_split else None
     if eval_first is not None:

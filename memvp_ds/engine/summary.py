@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
+from memvp_ds.run_folder import RunFolder
+
 
 def trainable_counts(model) -> Dict[str, int]:
     """Trainable parameters per module (the first two name components, e.g. ``strategy.projector``); full
@@ -37,17 +39,17 @@ def start_summary(cfg, plan, world_size: int, model, resume_from: Optional[str])
 
 def end_summary(cfg, status: str, step: int, total_steps: int, losses: List[float], metrics: Dict[str, float],
                 exported: bool) -> str:
-    out = os.path.abspath(cfg.train.output_dir)
+    run = RunFolder(os.path.abspath(cfg.train.output_dir))
     lines = [f"status: {status} at step {step}/{total_steps}"]
     if losses:
         lines.append(f"train loss: {losses[-1]:.4f} (first logged {losses[0]:.4f})")
     if metrics:
         lines.append("eval: " + ", ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in sorted(metrics.items())))
     if exported:
-        lines.append(f"export: {os.path.join(out, 'export', 'trainable.safetensors')}")
+        lines.append(f"export: {run.export}")
     if cfg.train.mode != "train" and status == "complete":
-        lines.append(f"search result: {os.path.join(out, 'search.json')}")
-    lines.append(f"checkpoints: {os.path.join(out, 'checkpoints')}")
+        lines.append(f"search result: {run.search_result}")
+    lines.append(f"checkpoints: {run.checkpoints}")
     if cfg.logging.tensorboard:
-        lines.append(f"TensorBoard: tensorboard --logdir {os.path.join(out, 'tb')}")
+        lines.append(f"TensorBoard: tensorboard --logdir {run.tensorboard}")
     return "\n".join("  " + line for line in ["end:"] + lines)

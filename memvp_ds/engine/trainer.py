@@ -3,53 +3,46 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from memvp_ds.atomic_io import write_json_atomic, write_text_atomic
 from memvp_ds.config import Config, to_yaml
 from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX
-from memvp_ds.provenance import collect as collect_provenance
-from memvp_ds.data.plan import manifest_path, plan_data
-from memvp_ds.data.stream import ErrorBudget, build_train_loader, close_loader, iterate_eval_batches
-from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
-from memvp_ds.engine import checkpoint as ckpt
-from memvp_ds.engine.deepspeed_config import build_ds_config, zero_stage
-from memvp_ds.engine.preflight import check_vocab_fits, check_writable
+from memvp_ds.data.stream import ErrorBudget, LoaderOptions, build_train_loader, close_loader, iterate_eval_batches
+from memvp_ds.engine.checkpoint import CheckpointManager
+from memvp_ds.engine.deepspeed_config import zero_stage
+from memvp_ds.engine.preflight import preflight
 from memvp_ds.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from memvp_ds.engine.metrics import (
     MatmulFlopCounter,
-    ScalarLogger,
     attention_flops_per_position,
     max_memory_gb,
     peak_flops,
     resident_memory_gb,
 )
-from memvp_ds.engine.schedule import lr_at
+from memvp_ds.engine.search_run import build_search_run
 from memvp_ds.engine.summary import end_summary, start_summary
 from memvp_ds.engine.zero3_gradients import clear_gradient_partitions
 from memvp_ds.engine.zero3_leaves import mark_frozen_blocks_as_zero3_leaves
+from memvp_ds.engine.zero_state import export_trainable
 from memvp_ds.evaluation.run import evaluate_split
-from memvp_ds.export import export_path
 from memvp_ds.progress import progress
+from memvp_ds.run_folder import RunFolder
+from memvp_ds.scalar_logger import ScalarLogger
+from memvp_ds.schedule import lr_at
 from memvp_ds.model import build_model
-from memvp_ds.search import build_search, heldout_batch_index, skippable_layers
-from memvp_ds.search.result import write_search_result
+from memvp_ds.search import build_search, skippable_layers
 from memvp_ds.stop_signals import STOP, StopRequested, outcome
 
 log = logging.getLogger("memvp_ds")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "image_features", "images", "has_image", "segment_ids")
 """Batch entries the model takes; a batch carries either image_features or images (online vision tower)."""
-STATUS = "status.json"
 
 
 def _param_groups(model, weight_decay: float):
@@ -127,28 +120,19 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.out = cfg.train.output_dir
+        self.run = RunFolder(self.out)
         # Pre-flight first: configs, DeepSpeed JSON, shards, manifest, output folder, tokenizer, checkpoint.
         # Then the heavy parts.
-        self.ds_config = build_ds_config(cfg, dist_info.world_size)
-        self.plan = plan_data(cfg, dist_info.world_size)
-        check_writable(self.out, "train.output_dir")
-        tokenizer_dir = tokenizer_path(cfg)
-        self.tokenizer = load_tokenizer(tokenizer_dir, cfg.model.llm.trust_remote_code)
-        check_vocab_fits(len(self.tokenizer), tokenizer_dir, cfg.model.llm)
-        self.resume_from = ckpt.find_resume_checkpoint(self.out, cfg.train.resume)
-        # A run id marks the checkpoints this run (and its resumptions) wrote: only those are ever pruned.
-        self.run_id = uuid.uuid4().hex
-        self.provenance = collect_provenance(cfg, manifest_path(cfg))
-        if self.resume_from:
-            ckpt.check_compatible(self.resume_from, cfg)
-            resumed = ckpt.read_state(self.resume_from)
-            self.run_id = resumed.get("run_id", self.run_id)
-            if "provenance" in resumed:  # the code that trained the first steps may differ from this one's
-                self.provenance["started_by"] = resumed["provenance"].get("started_by", resumed["provenance"])
+        checked = preflight(cfg, dist_info.world_size)
+        self.ds_config, self.plan, self.tokenizer = checked.ds_config, checked.data, checked.tokenizer
+        self.resume_from = checked.resume_from
+        self.checkpoints = CheckpointManager(cfg, dist_info, self.resume_from)
         self.engine = self._build_engine()
         self.model = self.engine.module
-        self.search = build_search(cfg, self.model, self.plan.total_steps)
-        self._heldout: List[Dict[str, Any]] = []
+        self.search = build_search_run(
+            build_search(cfg, self.model, self.plan.total_steps), dist_info=dist_info, run=self.run,
+            seed=cfg.train.seed, max_batches=cfg.search.heldout_batches, loss_of=self._loss_in_eval_mode,
+            heldout_batches=lambda: self._eval_batches(cfg.train.micro_batch_size, None))
         # What loading cost each rank: ZeRO-3 should hold a fraction of the frozen model, ZeRO-2 all of it.
         self.load_memory_gb = {"load_peak_gb": max_memory_gb(), "after_load_gb": resident_memory_gb()}
 
@@ -184,13 +168,16 @@ class Trainer:
         return build_encoder(self.cfg, self.tokenizer, with_target)
 
     def _train_loader(self, skip_micro_batches: int):
-        data = self.cfg.data
-        return build_train_loader(
-            self.plan.train_urls, self._encoder(), self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id,
-            data.pad_to_multiple, self.cfg.train.seed, self.dist.rank, self.dist.world_size, data.num_workers,
-            data.shuffle_buffer, skip_micro_batches, self.plan.shard_samples, ErrorBudget.of(data), data.packing,
-            self.model.strategy.prefix_positions(),
-        )
+        options = LoaderOptions.of(self.cfg, self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
+                                   self.plan.shard_samples, self.model.strategy.prefix_positions())
+        return build_train_loader(self.plan.train_urls, self._encoder(), options, skip_micro_batches)
+
+    def _eval_batches(self, batch_size: int, max_samples: Optional[int]) -> Iterator[Dict[str, Any]]:
+        """This rank's share of the val split, right-padded; the filler rows that keep ranks in step carry no
+        loss."""
+        return _without_padding_labels(iterate_eval_batches(
+            self.plan.val_urls, self._encoder(), batch_size, self.tokenizer.pad_token_id, self.dist.rank,
+            self.dist.world_size, max_samples, left_pad=False, budget=ErrorBudget.of(self.cfg.data)))
 
     def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         device = self.engine.device
@@ -205,12 +192,13 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
         """Run to the planned step (or to a stop signal, after saving); one finish path for every outcome."""
-        step, micro_batches = self._resume()
+        step, micro_batches, state = self.checkpoints.resume(self.model, self.engine.optimizer)
+        if state:
+            self.search.load_state_dict(state)
         if self.dist.is_main:
-            os.makedirs(self.out, exist_ok=True)
-            write_text_atomic(os.path.join(self.out, "config.yaml"), to_yaml(self.cfg))
+            self.run.write_config(to_yaml(self.cfg))
         # purge_step drops events that a crashed run logged past the checkpoint it resumes from.
-        logger = ScalarLogger(os.path.join(self.out, "tb"), self.cfg.logging.tensorboard and self.dist.is_main,
+        logger = ScalarLogger(self.run.tensorboard, self.cfg.logging.tensorboard and self.dist.is_main,
                               purge_step=step + 1 if step else None)
         if self.dist.is_main:
             log.info("\n%s", start_summary(self.cfg, self.plan, self.dist.world_size, self.model, self.resume_from))
@@ -225,23 +213,35 @@ class Trainer:
         finally:
             logger.close()
         if self.dist.is_main:
-            exported = status == "complete" and not self.search
+            exported = status == "complete" and self.cfg.train.mode == "train"
             log.info("\n%s", end_summary(self.cfg, status, step, self.plan.total_steps, losses, metrics, exported))
         return {"status": status, "step": step, "losses": losses}
 
-    def _resume(self) -> Tuple[int, int]:
-        """(optimizer step, micro-batches consumed per rank) to start from: 0, 0 for a fresh run."""
-        if not self.resume_from:
-            return 0, 0
-        state = ckpt.load_checkpoint(self.model, self.engine.optimizer, self.dist, self.resume_from, self.cfg.train.seed)
-        if self.search:
-            self.search.load_state_dict(state["search"])
-        log.info("resumed from %s at step %d", self.resume_from, state["step"])
-        return state["step"], self._resumed_position(state["data"])
+    def train_step(self, step: int, lr: float, batches: Iterator[Dict[str, Any]], stop: "_StopFlag",
+                   window: "_Window", flop_counter: Optional[MatmulFlopCounter]) -> Tuple[bool, Optional[float]]:
+        """Optimizer step ``step`` + 1 over ``train.grad_accum_steps`` micro-batches: whether every loss was
+        finite, and the gradient norm. Raises _StopWhileWaiting (single process) if stopped mid-step.
+        ``flop_counter`` (when MFU is logged) counts the matmul work of each forward into the window."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.search.before_step(step)
+        finite, accum = True, self.cfg.train.grad_accum_steps
+        for _ in range(accum):
+            raw = stop.next_batch(batches)
+            with flop_counter.counting() if flop_counter else contextlib.nullcontext():
+                loss = self.engine(**self._to_device(raw)).loss
+            window.matmul_flops += flop_counter.take() if flop_counter else 0.0
+            self.engine.backward(loss)
+            self.engine.step()
+            finite = finite and math.isfinite(loss.item())
+            window.add_micro_batch(loss.item() / accum, raw, self.model.strategy.prefix_positions())
+        grad_norm = self.engine.get_global_grad_norm()
+        clear_gradient_partitions(self.engine.optimizer)
+        return finite, grad_norm
 
     def _loop(self, step: int, micro_batches: int, logger: ScalarLogger) -> Tuple[str, int, List[float]]:
-        """Optimizer steps until the plan's last one ("complete") or a stop signal ("preempted"; "interrupted"
-        for Ctrl-C)."""
+        """Optimizer steps until the plan's last one ("complete"), a stop signal ("preempted"; "interrupted"
+        for Ctrl-C) or too many non-finite losses in a row ("diverged")."""
         cfg, plan = self.cfg, self.plan
         stop = _StopFlag(interrupt_waits=self.dist.world_size == 1)
         batches = iter(self._train_loader(micro_batches))
@@ -255,34 +255,16 @@ class Trainer:
         try:
             while step < plan.total_steps:
                 lr = lr_at(step, base_lr, plan.warmup_steps, plan.total_steps, cfg.train.min_lr)
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = lr
-                if self.search:
-                    self.search.before_step(step)
-                step_start, finite = micro_batches, True
                 try:
-                    for _ in range(cfg.train.grad_accum_steps):
-                        raw = stop.next_batch(batches)
-                        micro_batches += 1
-                        with flop_counter.counting() if flop_counter else contextlib.nullcontext():
-                            loss = self.engine(**self._to_device(raw)).loss
-                        window.matmul_flops += flop_counter.take() if flop_counter else 0.0
-                        self.engine.backward(loss)
-                        self.engine.step()
-                        finite = finite and math.isfinite(loss.item())
-                        window.add_micro_batch(loss.item() / cfg.train.grad_accum_steps, raw,
-                                               self.model.strategy.prefix_positions())
+                    finite, grad_norm = self.train_step(step, lr, batches, stop, window, flop_counter)
                 except _StopWhileWaiting:  # only a single process gets here (see _StopFlag)
-                    self._save(step, {"micro_batches": step_start, "streams": self._streams()})
+                    self._save(step, micro_batches)
                     log.warning("stop signal (%s) while waiting for data: step %d saved, exiting to resume later",
                                 stop.raised, step)
                     return outcome(stop.raised)[0], step, losses
-                step += 1
+                step, micro_batches = step + 1, micro_batches + cfg.train.grad_accum_steps
                 window.steps += 1
-                grad_norm = self.engine.get_global_grad_norm()
-                clear_gradient_partitions(self.engine.optimizer)
-                if self.search:
-                    logger.log(self.search.after_step(step, self._heldout_loss), step)
+                logger.log(self.search.after_step(step), step)
                 if step % cfg.logging.log_interval == 0 or step == plan.total_steps:
                     losses.append(self._log_window(logger, window, step, lr, grad_norm, peak))
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
@@ -292,12 +274,12 @@ class Trainer:
                 flags = all_reduce_sum(torch.tensor([stop.raised is not None, not finite], dtype=torch.float64))
                 stopping, unhealthy = bool(flags[0] > 0), bool(flags[1] > 0)
                 nonfinite = nonfinite + 1 if unhealthy else 0
-                if step % cfg.train.save_interval == 0 or step == plan.total_steps or stopping:
+                if self.checkpoints.due(step, plan.total_steps, stopping):
                     if unhealthy:  # weights that produced a non-finite loss must not become `latest`
                         log.warning("step %d: non-finite loss; checkpoint not written, latest stays the last healthy one",
                                     step)
                     else:
-                        self._save(step, {"micro_batches": micro_batches, "streams": self._streams()})
+                        self._save(step, micro_batches)
                 if nonfinite >= cfg.train.max_nonfinite_steps:
                     log.error("%d optimizer steps in a row (up to step %d) had a non-finite loss: stopping "
                               "(train.max_nonfinite_steps). Lower the learning rate or check the data; the last "
@@ -317,27 +299,13 @@ class Trainer:
     def _finish(self, step: int, logger: ScalarLogger) -> Dict[str, float]:
         """After the last step: a search writes search.json; a training run evaluates and exports. Returns
         the final evaluation metrics (none for a search or without val shards)."""
-        if self.search:
-            self._finish_search(step)
+        if self.search.finish(step):
             return {}
         metrics = self.evaluate_loss() if self.plan.val_urls else {}
         logger.log(metrics, step)
-        ckpt.export_trainable(self.model, self.dist, self.cfg, export_path(self.out),
-                              feature_recipe=self.plan.feature_recipe, provenance=self.provenance)
+        export_trainable(self.model, self.dist, self.cfg, self.run.export, feature_recipe=self.plan.feature_recipe,
+                         provenance=self.checkpoints.provenance)
         return metrics
-
-    def _resumed_position(self, data_state: Dict[str, int]) -> int:
-        """Micro-batches per rank to skip. Same stream layout: exact. Another layout (world size x workers)
-        cannot replay the old order; it keeps the number of samples consumed, which is what the epoch
-        position means, and the new streams read their own shard subsets from there."""
-        if data_state["streams"] == self._streams():
-            return data_state["micro_batches"]
-        log.warning("data streams changed from %d to %d: data order after resume is approximate",
-                    data_state["streams"], self._streams())
-        return data_state["micro_batches"] * data_state["streams"] // self._streams()
-
-    def _streams(self) -> int:
-        return self.dist.world_size * max(self.cfg.data.num_workers, 1)
 
     def _log_window(self, logger, window: "_Window", step, lr, grad_norm, peak) -> float:
         """Average the window over ranks, log it, and return the mean loss (all ranks get the same)."""
@@ -364,38 +332,20 @@ class Trainer:
         log.info("step %d: %s", step, ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
         return loss
 
-    def _save(self, step: int, data_state: Dict[str, int]) -> None:
-        state = {"optimizer_steps": step, "data": data_state, "config": to_yaml(self.cfg), "run_id": self.run_id,
-                 "provenance": self.provenance}
-        if self.search:
-            state["search"] = self.search.state_dict()
-        ckpt.save_checkpoint(self.model, self.engine.optimizer, self.dist, self.out, step, state, self.cfg.train.keep_last)
+    def _save(self, step: int, micro_batches: int) -> None:
+        self.checkpoints.save(self.model, self.engine.optimizer, step, micro_batches, self.search.state_dict())
 
     def _write_status(self, status: str, step: int) -> None:
         if self.dist.is_main:
-            write_json_atomic(os.path.join(self.out, STATUS),
-                              {"status": status, "step": step, "total_steps": self.plan.total_steps})
+            self.run.write_status(status, step, self.plan.total_steps)
         barrier()
 
-    # -- architecture search -----------------------------------------------------------------------------
+    # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _heldout_loss(self, update: int) -> float:
-        """Mean loss over ranks on the held-out batch of policy update ``update``, dropout off: a search's
-        reward input.
-
-        The rank's share of the val split (or its first ``search.heldout_batches`` micro-batches) is read
-        once; updates rotate over it in the order ``heldout_batch_index`` draws, which depends on the update
-        count alone, so a resumed search scores on exactly the batches the uninterrupted one would have.
-        Every rank holds the same number of batches, so all ranks pick the same index.
-        """
-        if not self._heldout:
-            batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.train.micro_batch_size,
-                                           self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                           None, left_pad=False, budget=ErrorBudget.of(self.cfg.data))
-            self._heldout = list(itertools.islice(_without_padding_labels(batches), self.cfg.search.heldout_batches))
+    def _loss_in_eval_mode(self, batches: Iterable[Dict[str, Any]]) -> float:
+        """``_token_weighted_loss`` with dropout off (a search's held-out reward)."""
         self.engine.eval()
-        batch = self._heldout[heldout_batch_index(update, len(self._heldout), self.cfg.train.seed)]
-        loss = self._token_weighted_loss([batch])
+        loss = self._token_weighted_loss(batches)
         self.engine.train()
         return loss
 
@@ -410,22 +360,12 @@ class Trainer:
         total = all_reduce_sum(total)
         return (total[0] / total[1].clamp(min=1)).item()
 
-    def _finish_search(self, step: int) -> None:
-        """search.json: the choice (read by ``from_search``), the policy, the history, each rank's digest."""
-        digests = all_gather_objects(self.search.choice_digest())
-        if self.dist.is_main:
-            result = self.search.result()
-            write_search_result(self.out, {**result, "steps": step, "choice_digest_per_rank": digests})
-            log.info("search result: %s", {k: v for k, v in result.items() if k != "history"})
-
     @torch.no_grad()
     def evaluate_loss(self) -> Dict[str, float]:
         """Validation loss (token-weighted, identical on any number of ranks) and answer accuracy."""
         self.engine.eval()
-        batches = iterate_eval_batches(self.plan.val_urls, self._encoder(), self.cfg.eval.batch_size,
-                                       self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,
-                                       self.cfg.eval.max_samples, left_pad=False, budget=ErrorBudget.of(self.cfg.data))
-        metrics = {"eval/loss": self._token_weighted_loss(_without_padding_labels(batches))}
+        batches = self._eval_batches(self.cfg.eval.batch_size, self.cfg.eval.max_samples)
+        metrics = {"eval/loss": self._token_weighted_loss(batches)}
         # Answer accuracy by greedy generation. Under ZeRO-3 every rank must make the same number of forward
         # calls (parameters are gathered collectively), so no rank may stop decoding early there.
         _, task = evaluate_split(self.cfg, self.model, self.tokenizer, self.plan.val_urls, self.dist.rank,

@@ -273,7 +273,7 @@ def _load(weights: str, llm_path: Optional[str], clip_pretrained: Optional[str],
 
     from memvp_ds.cli import llm_path_overrides
     from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path
-    from memvp_ds.engine.preflight import check_vocab_fits
+    from memvp_ds.model.llm import check_vocab_fits
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
     from memvp_ds.serve.images import ImageEncoder
 

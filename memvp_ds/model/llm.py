@@ -68,6 +68,15 @@ def vocab_size(cfg: LLMConfig) -> int:
     return _load_hf_config(cfg).vocab_size
 
 
+def check_vocab_fits(tokens: int, tokenizer_path: str, llm: LLMConfig) -> None:
+    """Every token id of the tokenizer (``tokens`` of them) must have an embedding row in the LLM."""
+    rows = vocab_size(llm)
+    if tokens > rows:
+        source = llm.path or "model.llm.config"
+        raise ConfigError(f"data.tokenizer: {tokenizer_path} has {tokens} tokens but the LLM ({source}) has "
+                          f"vocab_size {rows}: ids from {rows} on have no embedding; use the LLM's own tokenizer")
+
+
 def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
 

@@ -298,7 +298,7 @@ def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPrompt
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
     if cfg.lora.active(strategy.has_lora):
         install_lora(llm, cfg.lora)
-    skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg.skip.adapter_dim)
+    skipping = install_layer_skipping(llm, cfg.skip.layers, skippable, cfg)
     vision = build_vision_tower(cfg.vision) if cfg.vision.online else None
     if vision is not None and (vision.tokens, vision.dim) != (cfg.visual_tokens, cfg.visual_dim):
         raise ValueError(f"model.vision.recipe: {cfg.vision.recipe.model} makes {vision.tokens} x {vision.dim} "

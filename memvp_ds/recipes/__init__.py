@@ -1,7 +1,9 @@
 """The shipped recipes: run configs (``configs/*.yaml``) and DeepSpeed ZeRO settings (``ds_configs/*.json``).
 
 They are package data, so an installed wheel has them too: ``--config tiny_memvp`` and
-``train.ds_config=zero3`` work from any directory. A leaf module: it imports nothing from memvp_ds.
+``train.ds_config=zero3`` work from any directory. The ZeRO settings live at the top of the repository
+(``ds_configs/``); the wheel carries them here, in ``memvp_ds/recipes/ds_configs/`` (setup.py). A leaf
+module: it imports nothing from memvp_ds.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ RECIPES_DIR = os.path.dirname(os.path.abspath(__file__))
 _KINDS = {"configs": ".yaml", "ds_configs": ".json"}
 
 
+def recipe_dir(kind: str) -> str:
+    """The folder of the shipped files of ``kind``: inside the package (a wheel; configs always), else the
+    repository's top level (a checkout, for ds_configs)."""
+    inside = os.path.join(RECIPES_DIR, kind)
+    return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(os.path.dirname(RECIPES_DIR)), kind)
+
+
 def shipped(kind: str) -> List[str]:
     """Names of the shipped files of ``kind`` ("configs" or "ds_configs"), without extension."""
     suffix = _KINDS[kind]
-    return sorted(name[: -len(suffix)] for name in os.listdir(os.path.join(RECIPES_DIR, kind)) if name.endswith(suffix))
+    return sorted(name[: -len(suffix)] for name in os.listdir(recipe_dir(kind)) if name.endswith(suffix))
 
 
 def _resolve(kind: str, name_or_path: str, what: str) -> str:
@@ -28,7 +37,7 @@ def _resolve(kind: str, name_or_path: str, what: str) -> str:
     parent, base = os.path.split(name_or_path)
     name = base[: -len(suffix)] if base.endswith(suffix) else base
     if parent in ("", kind) and name in shipped(kind):
-        return os.path.join(RECIPES_DIR, kind, name + suffix)
+        return os.path.join(recipe_dir(kind), name + suffix)
     raise FileNotFoundError(f"{what} not found: {name_or_path} (neither a file nor a shipped name: "
                             f"{', '.join(shipped(kind))})")
 

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict
 
-from memvp_ds.atomic_io import write_json_atomic
 from memvp_ds.config import ConfigError
-
-SEARCH_RESULT = "search.json"
+from memvp_ds.run_folder import RunFolder
 
 
 def write_search_result(output_dir: str, result: Dict[str, Any]) -> None:
-    write_json_atomic(os.path.join(output_dir, SEARCH_RESULT), result)
+    RunFolder(output_dir).write_search_result(result)
 
 
 def read_search_result(directory: str, option: str) -> Dict[str, Any]:
     """The search.json a search run wrote to ``directory``; ``option`` names the config key that points there."""
-    path = os.path.join(directory, SEARCH_RESULT)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{option}: {path} not found; run train.mode=dvp_search or das_search with "
-                          f"train.output_dir={directory} first")
+    folder = RunFolder(directory)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return folder.read_search_result()
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: {folder.search_result} not found; run train.mode=dvp_search or das_search "
+                          f"with train.output_dir={directory} first") from None
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{option}: {path} is not valid JSON ({err})") from None
+        raise ConfigError(f"{option}: {folder.search_result} is not valid JSON ({err})") from None
 
 
 def apply_search_results(cfg) -> None:
@@ -41,6 +37,6 @@ def apply_search_results(cfg) -> None:
 def _choice(directory: str, option: str, key: str):
     result = read_search_result(directory, option)
     if key not in result:
-        raise ConfigError(f"{option}: {os.path.join(directory, SEARCH_RESULT)} has no '{key}' "
+        raise ConfigError(f"{option}: {RunFolder(directory).search_result} has no '{key}' "
                           f"(written by a search of another kind?)")
     return result[key]

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from memvp_ds.data.prompts import Segment, build_segments
+from memvp_ds.data.prompts import Segment, build_segments, prompt_format as format_named
 
 _OPTION = re.compile(r"\(([A-Z])\)\s*")
 _LABELLED = re.compile(r"^(Question|Context|Hint|Options):\s*(.*)$", re.IGNORECASE)
@@ -102,8 +102,8 @@ def chat_prompt(messages: Any, prompt_format: str) -> ChatPrompt:
     if turns[-1]["role"] != "user":
         raise RequestError(f"messages[{len(turns) - 1}].role: the last message must be the user's",
                            f"messages[{len(turns) - 1}].role")
-    if prompt_format == "conversation":
-        segments = build_segments({"conversations": turns}, "conversation", with_target=False)
+    if format_named(prompt_format).multi_turn:
+        segments = build_segments({"conversations": turns}, prompt_format, with_target=False)
     else:
         fields = parse_multiple_choice(turns[-1]["content"])
         if not fields["question"]:

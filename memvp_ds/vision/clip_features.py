@@ -21,6 +21,10 @@ from torchvision import transforms
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+FEATURE_LAYERS = ("penultimate", "last", "cls_every_4")
+CLS_TAP_EVERY = 4
+"""cls_every_4: LaVIN reads the CLS token after blocks 4, 8, ... (its CLIP returns them instead of the image
+embedding)."""
 
 
 @dataclass
@@ -37,17 +41,21 @@ class FeatureRecipe:
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     """Per-channel standard deviation the centred pixels are divided by."""
     layer: str = "penultimate"
-    """penultimate (official) or last transformer block."""
+    """penultimate (official MemVP) or last transformer block's tokens, or cls_every_4: the CLS token after
+    every 4th block (LaVIN's visual tokens: 6 for ViT-L/14's 24 blocks)."""
     keep_cls: bool = False
-    """Keep the CLS token in front of the patch tokens (not the official recipe)."""
+    """Keep the CLS token in front of the patch tokens (not the official recipe; cls_every_4 has only CLS)."""
+    ln_post: bool = True
+    """Apply CLIP's final LayerNorm to the output tokens (official MemVP: yes; LaVIN and DVP read the blocks'
+    output as is)."""
     quick_gelu: bool = True
     """OpenAI's CLIP weights were trained with QuickGELU; a local checkpoint file cannot tell open_clip so."""
     dtype: str = "float16"
     """Storage dtype of extracted features."""
 
     def __post_init__(self) -> None:
-        if self.layer not in ("penultimate", "last"):
-            raise ValueError(f"feature layer must be 'penultimate' or 'last', got '{self.layer}'")
+        if self.layer not in FEATURE_LAYERS:
+            raise ValueError(f"feature layer must be one of {', '.join(FEATURE_LAYERS)}, got '{self.layer}'")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -156,7 +164,7 @@ class ClipFeatureExtractor(nn.Module):
     @property
     def tokens(self) -> int:
         grid = self.visual.grid_size
-        return grid[0] * grid[1] + (1 if self.recipe.keep_cls else 0)
+        return output_tokens(self.recipe, grid[0] * grid[1], len(self.visual.transformer.resblocks))
 
     @property
     def dim(self) -> int:
@@ -169,14 +177,39 @@ class ClipFeatureExtractor(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
         blocks = v.transformer.resblocks
-        depth = len(blocks) - 1 if self.recipe.layer == "penultimate" else len(blocks)
-        batch_first = getattr(v.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for block in blocks[:depth]:
-            x = block(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        if not self.recipe.keep_cls:
-            x = x[:, 1:]
-        return v.ln_post(x)
+        return run_recipe_blocks(x, blocks[:recipe_depth(self.recipe, len(blocks))], self.recipe,
+                                 getattr(v.transformer, "batch_first", True), v.ln_post)
+
+
+def recipe_depth(recipe: FeatureRecipe, blocks: int) -> int:
+    """Transformer blocks the recipe runs: all but the last for penultimate-layer features."""
+    return blocks - 1 if recipe.layer == "penultimate" else blocks
+
+
+def output_tokens(recipe: FeatureRecipe, patches: int, blocks: int) -> int:
+    """N: tokens per image the recipe makes from ``patches`` patch tokens and a ``blocks``-block tower."""
+    if recipe.layer == "cls_every_4":
+        if blocks < CLS_TAP_EVERY:
+            raise ValueError(f"feature layer cls_every_4 needs a tower of at least {CLS_TAP_EVERY} blocks; "
+                             f"{recipe.model} has {blocks}")
+        return blocks // CLS_TAP_EVERY
+    return patches + (1 if recipe.keep_cls else 0)
+
+
+def run_recipe_blocks(x: torch.Tensor, blocks, recipe: FeatureRecipe, batch_first: bool,
+                      ln_post: nn.Module) -> torch.Tensor:
+    """(B, 1 + patches, C) embedded tokens through ``blocks`` -> the recipe's (B, N, C) output tokens."""
+    if not batch_first:
+        x = x.transpose(0, 1)
+    taps = []
+    for index, block in enumerate(blocks):
+        x = block(x)
+        if recipe.layer == "cls_every_4" and (index + 1) % CLS_TAP_EVERY == 0:
+            taps.append(x[:, :1] if batch_first else x[:1].transpose(0, 1))
+    if not batch_first:
+        x = x.transpose(0, 1)
+    if taps:
+        x = torch.cat(taps, dim=1)
+    elif not recipe.keep_cls:
+        x = x[:, 1:]
+    return ln_post(x) if recipe.ln_post else x

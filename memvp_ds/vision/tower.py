@@ -2,10 +2,11 @@
 block that runs (the official MemVP / LaVIN setup). Off by default: the model then takes pre-extracted
 features, which cannot train these adapters.
 
-Each adapted block computes ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + s * adapter(ln_2(x))`` with
+MemVP's form (``adapter_form=parallel_mlp``): each adapted block computes ``x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + s * adapter(ln_2(x))`` with
 ``adapter = fc2(Dropout(GELU(fc1(.))))``: fc1 (width -> dim) and fc2 (dim -> width) without biases, exact
 (erf) GELU, fc2 zero-initialised, so a fresh tower computes exactly the recipe's features. Only the blocks the
 recipe runs are kept (the last one is dropped for penultimate-layer features), so no adapter sits idle.
+LaVIN's form (``routed_attention``): a routed adapter on each block's attention input (RoutedAttentionBlock).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memvp_ds.config import ConfigError, check_at_least
-from memvp_ds.vision.clip_features import FeatureRecipe, load_clip_visual, normalize_pixels
+from memvp_ds.config import ConfigError, check_at_least, check_choice
+from memvp_ds.vision.clip_features import (FeatureRecipe, load_clip_visual, normalize_pixels, output_tokens,
+                                           recipe_depth, run_recipe_blocks)
+from memvp_ds.vision.routed_adapter import RoutedAdapter
+
+ADAPTER_FORMS = ("parallel_mlp", "routed_attention")
 
 
 @dataclass
@@ -36,9 +41,20 @@ class VisionOptions:
     """Factor on the adapter's output (official: 0.1)."""
     adapter_dropout: float = 0.1
     """Dropout between the adapter's activation and its up-projection (official: 0.1)."""
+    adapter_form: str = "parallel_mlp"
+    """parallel_mlp (MemVP's: an adapter beside each block's MLP) or routed_attention (LaVIN's: a routed
+    mixture-of-modality adapter on each block's attention input; official dim 8, scale 1)."""
+    adapter_temperature: float = 10.0
+    """routed_attention: t of the router's softmax (official: LaVIN's temperature, 10 at 7B, 5 at 13B)."""
 
     def validate(self, cfg) -> None:
         check_at_least("model.vision.adapter_dim", self.adapter_dim, 1)
+        check_choice("model.vision.adapter_form", self.adapter_form, ADAPTER_FORMS)
+        if self.adapter_form == "routed_attention" and self.adapter_dim % 2:
+            raise ConfigError(f"model.vision.adapter_dim: {self.adapter_dim} must be even with routed_attention "
+                              "(two expert groups)")
+        if self.adapter_temperature <= 0:
+            raise ConfigError(f"model.vision.adapter_temperature must be > 0, got {self.adapter_temperature}")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ConfigError(f"model.vision.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
 
@@ -63,10 +79,7 @@ class AdaptedBlock(nn.Module):
 
     def __init__(self, block: nn.Module, adapter: ClipBlockAdapter, scale: float):
         super().__init__()
-        missing = [name for name in ("ln_1", "attention", "ls_1", "ln_2", "mlp", "ls_2") if not hasattr(block, name)]
-        if missing:
-            raise ValueError(f"CLIP block {type(block).__name__} lacks {missing}; online mode needs open_clip's "
-                             "ResidualAttentionBlock")
+        _check_block(block)
         self.block, self.adapter, self.scale = block, adapter, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +87,31 @@ class AdaptedBlock(nn.Module):
         x = x + b.ls_1(b.attention(b.ln_1(x)))
         h = b.ln_2(x)
         return x + b.ls_2(b.mlp(h)) + self.scale * self.adapter(h)
+
+
+class RoutedAttentionBlock(nn.Module):
+    """LaVIN's CLIP block: ``x = x + attn(adapter(ln_1(x))); x = x + mlp(ln_2(x))`` with a routed adapter whose
+    experts are weighted per token from that token's own ``ln_1(x)``. (The official code routes each
+    position by batch element 0's token there, an artefact of running (L, B, C) tensors through a router
+    written for (B, L, C); at batch size 1 the two agree.)"""
+
+    def __init__(self, block: nn.Module, adapter: RoutedAdapter):
+        super().__init__()
+        _check_block(block)
+        self.block, self.adapter = block, adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        h = b.ln_1(x)
+        x = x + b.ls_1(b.attention(self.adapter(h, self.adapter.route(h))))
+        return x + b.ls_2(b.mlp(b.ln_2(x)))
+
+
+def _check_block(block: nn.Module) -> None:
+    missing = [name for name in ("ln_1", "attention", "ls_1", "ln_2", "mlp", "ls_2") if not hasattr(block, name)]
+    if missing:
+        raise ValueError(f"CLIP block {type(block).__name__} lacks {missing}; online mode needs open_clip's "
+                         "ResidualAttentionBlock")
 
 
 class PatchEmbedding(nn.Module):
@@ -101,23 +139,28 @@ class OnlineClipTower(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, recipe: FeatureRecipe, adapter_dim: int, adapter_scale: float,
-                 adapter_dropout: float):
+                 adapter_dropout: float, adapter_form: str = "parallel_mlp", adapter_temperature: float = 10.0):
         super().__init__()
         self.recipe = recipe
         self.image_size = recipe.image_size
         self.embed = PatchEmbedding(visual)
         blocks = visual.transformer.resblocks
-        depth = len(blocks) - 1 if recipe.layer == "penultimate" else len(blocks)
+        depth = recipe_depth(recipe, len(blocks))
         width = visual.transformer.width
         self.batch_first = getattr(visual.transformer, "batch_first", True)
-        self.blocks = nn.ModuleList(
-            AdaptedBlock(block, ClipBlockAdapter(width, adapter_dim, adapter_dropout), adapter_scale)
-            for block in blocks[:depth]
-        )
+        if adapter_form == "routed_attention":
+            self.blocks = nn.ModuleList(
+                RoutedAttentionBlock(block, RoutedAdapter(width, adapter_dim, adapter_scale, adapter_temperature,
+                                                          adapter_dropout))
+                for block in blocks[:depth])
+        else:
+            self.blocks = nn.ModuleList(
+                AdaptedBlock(block, ClipBlockAdapter(width, adapter_dim, adapter_dropout), adapter_scale)
+                for block in blocks[:depth])
         self.ln_post = visual.ln_post
         self.dim = width
         """C: channels per output token."""
-        self.tokens = visual.positional_embedding.shape[0] - (0 if recipe.keep_cls else 1)
+        self.tokens = output_tokens(recipe, visual.positional_embedding.shape[0] - 1, len(blocks))
         """N: output tokens per image (patches, plus CLS if kept)."""
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -125,15 +168,7 @@ class OnlineClipTower(nn.Module):
             raise ValueError(f"online CLIP expects (B, 3, {self.image_size}, {self.image_size}) pixels, got "
                              f"{tuple(pixels.shape)}: shards resized to another size than model.vision.recipe")
         x = self.embed(normalize_pixels(pixels, self.recipe.mean, self.recipe.std))
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        for block in self.blocks:
-            x = block(x)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        if not self.recipe.keep_cls:
-            x = x[:, 1:]
-        return self.ln_post(x)
+        return run_recipe_blocks(x, self.blocks, self.recipe, self.batch_first, self.ln_post)
 
 
 def build_vision_tower(options: VisionOptions) -> OnlineClipTower:
@@ -144,4 +179,5 @@ def build_vision_tower(options: VisionOptions) -> OnlineClipTower:
     """
     with torch.random.fork_rng(devices=[]):
         visual = load_clip_visual(options.recipe)
-    return OnlineClipTower(visual, options.recipe, options.adapter_dim, options.adapter_scale, options.adapter_dropout)
+    return OnlineClipTower(visual, options.recipe, options.adapter_dim, options.adapter_scale, options.adapter_dropout,
+                           options.adapter_form, options.adapter_temperature)

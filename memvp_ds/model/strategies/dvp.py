@@ -36,8 +36,10 @@ from memvp_ds.config import ConfigError, ModelConfig, check_at_least, check_choi
 from memvp_ds.model.adapters import BottleneckAdapter
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy, place_visual_tokens
+from memvp_ds.model.strategies.lavin import MODALITY_PASS, LavinStrategy
 
 DVP_INSERT = ("token", "residual")
+DVP_BASE = ("lavin", "plain")
 MASKABLE_BACKENDS = ("sdpa", "eager")
 """Attention backends that accept the 4D per-layer mask the token slot needs."""
 
@@ -47,6 +49,11 @@ class DVPOptions:
     """Options of the ``dvp`` strategy (``model.dvp``; dynamic visual prompting, Huang et al. 2023); see
     docs/strategies/dvp.md."""
 
+    base: str = "lavin"
+    """The model DVP is added to. ``lavin`` (the authors' ScienceQA code): LaVIN (model.lavin: its visual
+    tokens in the input, routed adapters, modality routing) with the slot after the visual tokens, a learned
+    slot embedding and the query without BOS or LayerNorm. ``plain`` (this project's earlier form): the
+    frozen LLM with the slot in front of the text, a zero placeholder, bottleneck adapters."""
     insert: str = "token"
     """How the prompt enters layer K. ``token`` (official): a slot in front of the text, hidden below K and
     overwritten with the prompt at K, visible to every later token from K on (needs attn_implementation
@@ -70,9 +77,13 @@ class DVPOptions:
 
     def validate(self, cfg) -> None:
         check_choice("model.dvp.insert", self.insert, DVP_INSERT)
+        check_choice("model.dvp.base", self.base, DVP_BASE)
         check_at_least("model.dvp.adapter_reduction", self.adapter_reduction, 1)
         if cfg.model.strategy != "dvp":
             return
+        if self.base == "lavin" and self.insert != "token":
+            raise ConfigError("model.dvp.insert: the lavin base inserts the prompt as a token (its official form); "
+                              "use model.dvp.base=plain for insert=residual")
         if self.inner_dim % self.heads:
             raise ConfigError(f"model.dvp.inner_dim ({self.inner_dim}) must be divisible by model.dvp.heads ({self.heads})")
         backend = cfg.model.llm.attn_implementation
@@ -95,10 +106,12 @@ class VisualPromptGenerator(nn.Module):
     sit at RMSNorm's singular point, 0 / sqrt(eps).
     """
 
-    def __init__(self, width: int, visual_dim: int, heads: int, inner_dim: int, dropout: float, zero_output: bool):
+    def __init__(self, width: int, visual_dim: int, heads: int, inner_dim: int, dropout: float, zero_output: bool,
+                 query_norm: bool = True):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.query_norm = nn.LayerNorm(width)
+        # The lavin base's official Cross_Attention projects the pooled state as is.
+        self.query_norm = nn.LayerNorm(width) if query_norm else nn.Identity()
         self.query = nn.Linear(width, inner_dim)
         self.key = nn.Linear(visual_dim, inner_dim)
         self.value = nn.Linear(visual_dim, inner_dim)
@@ -156,11 +169,18 @@ class DVPStrategy(VisualStrategy):
         if not 0 <= candidates[0] <= candidates[-1] < len(layers):
             raise ConfigError(f"model.dvp.layer: {dvp.layer} is out of range for a {len(layers)}-layer model")
         self.as_token = dvp.insert == "token"
+        self.on_lavin = dvp.base == "lavin"
         self.generators = nn.ModuleDict({
             str(i): VisualPromptGenerator(width, cfg.visual_dim, dvp.heads, dvp.inner_dim, dvp.dropout,
-                                          zero_output=not self.as_token)
+                                          zero_output=not self.as_token, query_norm=not self.on_lavin)
             for i in candidates
         })
+        # The lavin base: LaVIN's strategy (its own hooks) as a part; the slot sits after its visual tokens and
+        # starts as a learned embedding (official ``image_params``, N(0, 1)).
+        self.slot_index = cfg.visual_tokens if self.on_lavin else 0
+        if self.on_lavin:
+            self.base = LavinStrategy(cfg, llm)
+            self.slot = nn.Parameter(torch.randn(1, width))
         self.active_layer = candidates[0]
         # Per-sample inputs of the prompt, kept from ``forward`` for the layer-K hook (and for the backward
         # recomputation of checkpointed blocks). Token: (features, has_image, prompt-span weights over each
@@ -181,7 +201,7 @@ class DVPStrategy(VisualStrategy):
             self._decoding_prompt: Optional[torch.Tensor] = None
             for i in candidates:
                 layers[i].register_forward_pre_hook(partial(self._residual_hook, i), with_kwargs=True)
-        if dvp.adapters:
+        if dvp.adapters and not self.on_lavin:
             hidden = max(1, width // dvp.adapter_reduction)
             self.adapters = nn.ModuleList(
                 nn.ModuleDict({"attn": BottleneckAdapter(width, hidden), "mlp": BottleneckAdapter(width, hidden)})
@@ -211,6 +231,8 @@ class DVPStrategy(VisualStrategy):
                 self._state = (image_features, has_image, prompt_end)
             return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
         self._has_slot, self._memo = image_features is not None, None
+        if self.on_lavin:
+            return self._forward_on_lavin(input_ids, attention_mask, image_features, has_image, prompt_end, layout)
         if image_features is None:
             return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
         text = self._embed_tokens[0](input_ids)
@@ -233,28 +255,67 @@ class DVPStrategy(VisualStrategy):
         return DecoderInputs(attention_mask=torch.cat([slot_mask, attention_mask], dim=1),
                              inputs_embeds=torch.cat([placeholder, text], dim=1), prefix_len=1)
 
+    def _forward_on_lavin(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout):
+        """LaVIN's inputs with the slot after its N visual tokens: [visual, slot, BOS, text]. The query pools the
+        prompt tokens after the slot without BOS, as officially."""
+        inputs = self.base(input_ids, attention_mask, image_features, has_image, prompt_end, layout)
+        if image_features is None:
+            return inputs
+        embeds, at = inputs.inputs_embeds, self.slot_index
+        slot = self.slot.to(embeds.dtype)
+        if layout is not None:
+            # The data layer reserved N + 1 positions in front of each image sample's text; LaVIN filled N.
+            slots = layout.visual_slots(at + 1, has_image) & (layout.positions == at)
+            in_prompt = layout.sample_mask() & _between(at + 2, prompt_end, layout.longest)
+            self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+            return DecoderInputs(attention_mask=attention_mask, inputs_embeds=torch.where(slots[..., None], slot, embeds))
+        # prompt_end counts text positions; the first attended text token is BOS (left padding before it).
+        text_mask = attention_mask.bool()
+        bos = torch.arange(text_mask.shape[1], device=text_mask.device)[None] == text_mask.long().argmax(1)[:, None]
+        in_text_prompt = _between(0, prompt_end, input_ids.shape[1]) & text_mask & ~bos
+        front = in_text_prompt.new_zeros(in_text_prompt.shape[0], at + 1)
+        in_prompt = torch.cat([front, in_text_prompt], dim=1)
+        slots = torch.cat([front[:, :at], has_image[:, None], torch.zeros_like(in_text_prompt)], dim=1)
+        self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+        batch = embeds.shape[0]
+        slot_mask = has_image.to(inputs.attention_mask.dtype)[:, None]
+        return DecoderInputs(
+            attention_mask=torch.cat([inputs.attention_mask[:, :at], slot_mask, inputs.attention_mask[:, at:]], dim=1),
+            inputs_embeds=torch.cat([embeds[:, :at], slot.expand(batch, 1, -1), embeds[:, at:]], dim=1),
+            prefix_len=at + 1)
+
     def prefill_finished(self) -> None:
         """From now on each call of layer K is one decoded token: the prompt is already in place (the token
         slot's cached K/V) or is the one made in the prefill (residual)."""
         self._state = None
 
     def decoding_rows(self) -> Tuple[torch.Tensor, ...]:
+        # The lavin base's routing first; the token's prompt is in the KV cache.
+        base = self.base.decoding_rows() if self.on_lavin else ()
         if self.as_token or self._decoding_prompt is None:
-            return ()  # the token's prompt is in the KV cache
-        return (self._decoding_prompt,)
+            return base
+        return (*base, self._decoding_prompt)
 
     def set_decoding_rows(self, rows: Tuple[torch.Tensor, ...]) -> None:
+        if self.on_lavin:
+            routed = len(self.base.decoding_rows())
+            self.base.set_decoding_rows(rows[:routed])
+            rows = rows[routed:]
         if not self.as_token:
             self._decoding_prompt = rows[0] if rows else None
 
     def leading_cache_columns(self) -> int:
-        return 1 if self.as_token and self._has_slot else 0
+        # Layers below K hide the slot's key by its index: everything up to it stays in place.
+        return self.slot_index + 1 if self.as_token and self._has_slot else 0
 
     def prefix_positions(self) -> int:
-        return 1 if self.as_token else 0
+        return self.slot_index + 1 if self.as_token else 0
+
+    def forward_flops_per_position_and_layer(self) -> float:
+        return self.base.forward_flops_per_position_and_layer() if self.on_lavin else 0.0
 
     def _token_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
-        if not self._has_slot or index > self.active_layer:
+        if not self._has_slot or index > self.active_layer or kwargs.get(MODALITY_PASS):
             return None
         if index < self.active_layer:
             return args, {**kwargs, "attention_mask": self._slot_hidden_mask(layer, args, kwargs)}
@@ -283,9 +344,11 @@ class DVPStrategy(VisualStrategy):
             past = cache.get_seq_length(layer.self_attn.layer_idx)
         if self._memo is not None and self._memo[0] is mask and self._memo[1:3] == (queries, past):
             return self._memo[3]
-        # Padded batches (and decoding from the cache) have the slot at key 0; a packed row has one per image sample.
+        # Padded batches (and decoding from the cache) have the slot at one key (0, or N after LaVIN's visual
+        # tokens); a packed row has one per image sample.
         if self._layout is None:
-            slot_keys = (torch.arange(past + queries if mask is None else mask.shape[-1], device=hidden.device) == 0)[None]
+            keys = past + queries if mask is None else mask.shape[-1]
+            slot_keys = (torch.arange(keys, device=hidden.device) == self.slot_index)[None]
         else:
             slot_keys = self._state[3]
         hidden_mask = hide_slot_keys(mask, slot_keys, queries, past, hidden.shape[0], self._eager_mask_dtype,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Dict, Iterable, Optional
 
-from memvp_ds.data.prompts import OPTION_LETTERS
-
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""Option labels, in order: (A) (B) ... in the prompts, the first capital letter in an answer."""
 _CAPITAL = re.compile(r"[A-Z]")
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 
