@@ -3,8 +3,8 @@
 Layers, bottom to top (docs/architecture.md): config and the leaf helpers; the run folder's layout and the
 answer scorers; vision (the CLIP recipe and the online tower); model and data (which do not import each other;
 data does not import vision); search; schema and evaluation; the export format; engine; the applications (train,
-evaluate, predict, serve);
-the data_prep tool; the demo. Every import counts, also those deferred into functions.
+evaluate, predict, serve); the plug-ins for other tools (lmms-eval), built from the applications' parts; the
+data_prep tool; the demo. Every import counts, also those deferred into functions.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ LAYERS = [
     ("memvp_ds.export", "memvp_ds.provenance"),
     ("memvp_ds.engine",),
     ("memvp_ds.train", "memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.info", "memvp_ds.serve", "memvp_ds"),
+    ("memvp_ds.integrations",),
     ("data_prep",),
     ("memvp_demo",),
 ]
@@ -36,7 +37,8 @@ LAYERS = [
 # pixels or features without CLIP code (the online tower normalises pixels itself).
 SIBLINGS_THAT_MUST_NOT_MEET = [("memvp_ds.model", "memvp_ds.data"), ("memvp_ds.data", "memvp_ds.vision")]
 # Readers of an export (evaluation, prediction, the demo) reach it through memvp_ds.export, never the training engine.
-ENGINE_FREE = ("memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.evaluation", "memvp_ds.serve", "memvp_ds.info", "memvp_demo")
+ENGINE_FREE = ("memvp_ds.evaluate", "memvp_ds.predict", "memvp_ds.evaluation", "memvp_ds.serve", "memvp_ds.info",
+               "memvp_ds.integrations", "memvp_demo")
 # Each name of the run folder and the shard folder is spelled in one module, which everything else asks.
 OWNED_LITERALS = ("status.json", "trainable.safetensors", "search.json", "manifest.json", "config.yaml")
 
