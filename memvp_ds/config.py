@@ -359,15 +359,6 @@ class Config:
             raise ConfigError(f"train.mode={self.train.mode} scores sub-networks on held-out data: set data.val_shards")
 
 
-def extend_schema(base: Type, groups: Dict[str, Type], defaults: Optional[Dict[str, Any]] = None) -> Type:
-    """A subclass of the dataclass ``base`` with a field per entry of ``groups`` (name -> dataclass): new
-    option groups, or a base field given a wider type. ``defaults`` (name -> factory) replaces a group's
-    default factory, which is the dataclass itself."""
-    defaults = defaults or {}
-    fields = [(name, cls, field(default_factory=defaults.get(name, cls))) for name, cls in groups.items()]
-    return dataclasses.make_dataclass(base.__name__, fields, bases=(base,))
-
-
 STORED_CONFIG_IGNORED = ("data.shards", "data.train_shards", "data.val_shards", "data.test_shards", "data.manifest",
                          "train.output_dir", "train.resume", "model.llm.trust_remote_code")
 """Keys never taken from a stored config (an export's or a checkpoint's): a stored config is data, so it
@@ -465,7 +456,7 @@ def field_docs(cls: Type) -> Dict[str, str]:
             continue
         try:
             source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):  # classes made at run time (extend_schema) have no source
+        except (OSError, TypeError):  # a class made at run time has no source
             continue
         body = ast.parse(source).body[0].body
         for node, following in zip(body, body[1:]):

@@ -152,3 +152,25 @@ def test_every_option_is_documented_and_listed_by_help_config():
         assert f"{key} (" in proc.stdout and f"default: {default!r}" in proc.stdout, key
     assert "model.memvp.memory_rows (int, default: 400)" in proc.stdout
     assert "search.das.eta (float, default: 10.0)" in proc.stdout
+
+
+def test_the_typed_schema_declares_every_registered_option_group():
+    """Each strategy's options, layer skipping, the vision tower, LoRA and each search have their typed field
+    (a strategy registered without its line would otherwise lose its options silently)."""
+    import dataclasses
+    import typing
+
+    from memvp_ds.model.strategies import STRATEGIES
+    from memvp_ds.schema import RunConfig, RunModelConfig, RunSearchConfig, option_groups
+
+    model_types = typing.get_type_hints(RunModelConfig)
+    for name, strategy in STRATEGIES.items():
+        if strategy.options is not None:
+            assert model_types.get(name) is strategy.options, name
+    assert set(option_groups(RunModelConfig)) == {n for n, s in STRATEGIES.items() if s.options} | {
+        "skip", "vision", "lora"}
+    assert option_groups(RunSearchConfig) == ["dvp", "das"]
+    cfg = tiny_config("memvp")
+    assert isinstance(cfg, RunConfig) and type(cfg.model.memvp) is model_types["memvp"]
+    assert all(hasattr(getattr(cfg.model, g), "validate") for g in option_groups(RunModelConfig))
+    assert {f.name for f in dataclasses.fields(RunConfig)} >= {"model", "data", "train", "eval", "logging", "search"}
