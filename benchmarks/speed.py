@@ -135,21 +135,21 @@ def build(variant: str, p: Preset, device: torch.device, skip: int):
     return model
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
+def _timed(fn, repeats: int, device: torch.device, clock=time.perf_counter) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def _decode_seconds(model, generate, repeats: int, device: torch.device) -> float:
+def _decode_seconds(model, generate, repeats: int, device: torch.device, clock=time.perf_counter) -> float:
     """Median time of the cached decoding steps alone: from the end of the prefill (the strategy's
     ``prefill_finished`` call) to the end of ``generate``. Timing prefill and the whole call separately and
     subtracting would let the prefill's noise (an online CLIP tower runs there) swamp the decode time."""
@@ -159,7 +159,7 @@ def _decode_seconds(model, generate, repeats: int, device: torch.device) -> floa
     def mark_prefill_end():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        marks.append(time.perf_counter())
+        marks.append(clock())
         original()
 
     strategy.prefill_finished = mark_prefill_end
@@ -170,13 +170,14 @@ def _decode_seconds(model, generate, repeats: int, device: torch.device) -> floa
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if repeat:
-                times.append(time.perf_counter() - marks[-1])
+                times.append(clock() - marks[-1])
     finally:
         strategy.prefill_finished = original
     return statistics.median(times)
 
 
-def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: int) -> Dict[str, float]:
+def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: int,
+            clock=time.perf_counter) -> Dict[str, float]:
     model = build(variant, p, device, skip)
     dtype = getattr(torch, p.dtype)
     ids = torch.randint(4, p.vocab, (p.batch, p.text_tokens), device=device)
@@ -193,12 +194,12 @@ def measure(variant: str, p: Preset, device: torch.device, peak: float, skip: in
         model.train()
         model(ids, labels=ids, **visual).loss.backward()
 
-    step = _timed(train_step, p.repeats, device)
+    step = _timed(train_step, p.repeats, device, clock)
     train_memory = max_memory_gb()
     model.eval()
-    prefill = _timed(lambda: model.generate(ids, **visual, max_new_tokens=1), p.repeats, device)
+    prefill = _timed(lambda: model.generate(ids, **visual, max_new_tokens=1), p.repeats, device, clock)
     decode = _decode_seconds(model, lambda: model.generate(ids, **visual, max_new_tokens=p.new_tokens,
-                                                           stop_when_done=False), p.repeats, device)
+                                                           stop_when_done=False), p.repeats, device, clock)
     positions = p.text_tokens + model.strategy.prefix_positions()  # visual tokens / DVP's slot in the sequence
     counter = MatmulFlopCounter(model)  # hooked in after the timings, which its hooks would slow
     model.train()
@@ -224,14 +225,24 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: GPU table; none on CPU)")
     parser.add_argument("--skip", type=int, default=1, help="layers memvp_skip skips (layers 1..skip)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="on a CPU, time this process's CPU time with one torch thread instead of wall time: "
+                             "ratios that hold on a machine shared with other work")
     parser.add_argument("--json", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     preset = Preset(**{**asdict(preset), **({"layers": args.layers} if args.layers else {}),
                        **({"repeats": args.repeats} if args.repeats else {})})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cpu_time and device.type == "cuda":
+        parser.error("--cpu-time measures CPU runs; a GPU is timed by wall clock")
+    clock = time.perf_counter
+    if args.cpu_time:
+        # One thread: the CPU time is then the work done, not threads spinning while the cores serve others.
+        torch.set_num_threads(1)
+        clock = time.process_time
     peak = peak_flops(args.peak_tflops)
-    results = {name: measure(name, preset, device, peak, args.skip) for name in args.variants}
+    results = {name: measure(name, preset, device, peak, args.skip, clock) for name in args.variants}
     ratios = {f"{name}_over_input_prefix": (name, "input_prefix") for name in results if name != "input_prefix"}
     # MemVP against every other method (its own variants, memvp_skip and memvp_online, excepted).
     ratios.update({f"memvp_over_{name}": ("memvp", name) for name in results if not name.startswith("memvp")})
@@ -239,7 +250,8 @@ def main(argv=None) -> int:
     ratios["memvp_online_over_memvp"] = ("memvp_online", "memvp")
     ratios = {key: {metric: results[a][metric] / results[b][metric] for metric in results[a]}
               for key, (a, b) in ratios.items() if a in results and b in results}
-    print(f"preset {args.preset} on {device} ({preset.layers} layers, batch {preset.batch}, "
+    print(f"preset {args.preset} on {device}{' (CPU time, 1 thread)' if args.cpu_time else ''} "
+          f"({preset.layers} layers, batch {preset.batch}, "
           f"{preset.text_tokens} text + {preset.visual_tokens} visual tokens, M = {preset.memory_rows}, "
           f"APT p = {preset.apt_prompts}, memvp_skip skips {args.skip})")
     header = f"{'metric':<22}" + "".join(f"{name:>14}" for name in results)
@@ -252,7 +264,8 @@ def main(argv=None) -> int:
     results["ratios"] = ratios
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": args.preset, "device": str(device), "config": asdict(preset), **results},
+    out.write_text(json.dumps({"preset": args.preset, "device": str(device), "clock": "cpu" if args.cpu_time else "wall",
+                               "config": asdict(preset), **results},
                               indent=2))
     print(f"written {out}")
     return 0

@@ -66,3 +66,14 @@ def test_packing_benchmark_reports_less_padding_when_packed(tmp_path):
         assert modes["packed"]["padding_fraction"] < modes["padded"]["padding_fraction"]
         assert modes["packed"]["positions"] < modes["padded"]["positions"]
         assert all(math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 for row in modes.values())
+
+
+def test_speed_benchmark_cpu_time_clock(tmp_path):
+    """--cpu-time: the process's CPU time with one thread (for a shared machine); recorded in the JSON."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "benchmarks/speed.py", "--repeats", "1", "--cpu-time", "--variants",
+                           "memvp", "lavin", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["clock"] == "cpu" and "CPU time, 1 thread" in proc.stdout
+    assert all(v > 0 for v in result["ratios"]["memvp_over_lavin"].values() if math.isfinite(v))

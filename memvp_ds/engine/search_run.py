@@ -41,11 +41,12 @@ class SearchRun(NoSearch):
     """An architecture search driven by the trainer.
 
     ``heldout_batches()`` yields this rank's held-out micro-batches (padding rows without labels);
-    ``loss_of(batches)`` is the token-weighted loss over them, averaged over ranks, dropout off.
+    ``loss_of(batches, dropout)`` is the token-weighted loss over them, averaged over ranks, without gradient,
+    dropout on or off.
     """
 
     def __init__(self, search: ArchitectureSearch, dist_info: DistInfo, run: RunFolder, seed: int, max_batches: int,
-                 heldout_batches: Callable[[], Iterator[Dict[str, Any]]], loss_of: Callable[[Batches], float]):
+                 heldout_batches: Callable[[], Iterator[Dict[str, Any]]], loss_of: Callable[[Batches, bool], float]):
         self.search, self.dist, self.run, self.seed = search, dist_info, run, seed
         self._max_batches, self._heldout_batches, self._loss_of = max_batches, heldout_batches, loss_of
         self._heldout: List[Dict[str, Any]] = []
@@ -63,8 +64,9 @@ class SearchRun(NoSearch):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.search.load_state_dict(state["search"])
 
-    def _heldout_loss(self, update: int) -> float:
-        """Mean loss over ranks on the held-out batch of policy update ``update``: a search's reward input.
+    def _heldout_loss(self, update: int, dropout: bool = False) -> float:
+        """Mean loss over ranks on the held-out batch of policy update ``update``: a search's reward input
+        (``dropout``: scored in training mode, as the official KAB-APP does).
 
         The rank's share of the val split (or its first ``search.heldout_batches`` micro-batches) is read
         once; updates rotate over it in the order ``heldout_batch_index`` draws, which depends on the update
@@ -73,7 +75,7 @@ class SearchRun(NoSearch):
         """
         if not self._heldout:
             self._heldout = list(itertools.islice(self._heldout_batches(), self._max_batches))
-        return self._loss_of([self._heldout[heldout_batch_index(update, len(self._heldout), self.seed)]])
+        return self._loss_of([self._heldout[heldout_batch_index(update, len(self._heldout), self.seed)]], dropout)
 
     def finish(self, step: int) -> bool:
         """search.json: the choice (read by ``from_search``), the policy, the history, each rank's digest."""

@@ -131,7 +131,7 @@ class Trainer:
         self.model = self.engine.module
         self.search = build_search_run(
             build_search(cfg, self.model, self.plan.total_steps), dist_info=dist_info, run=self.run,
-            seed=cfg.train.seed, max_batches=cfg.search.heldout_batches, loss_of=self._loss_in_eval_mode,
+            seed=cfg.train.seed, max_batches=cfg.search.heldout_batches, loss_of=self._heldout_loss,
             heldout_batches=lambda: self._eval_batches(cfg.train.micro_batch_size, None))
         # What loading cost each rank: ZeRO-3 should hold a fraction of the frozen model, ZeRO-2 all of it.
         self.load_memory_gb = {"load_peak_gb": max_memory_gb(), "after_load_gb": resident_memory_gb()}
@@ -342,8 +342,10 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _loss_in_eval_mode(self, batches: Iterable[Dict[str, Any]]) -> float:
-        """``_token_weighted_loss`` with dropout off (a search's held-out reward)."""
+    def _heldout_loss(self, batches: Iterable[Dict[str, Any]], dropout: bool) -> float:
+        """``_token_weighted_loss`` without gradient, dropout on (training mode) or off: a search's reward."""
+        if dropout:
+            return self._token_weighted_loss(batches)
         self.engine.eval()
         loss = self._token_weighted_loss(batches)
         self.engine.train()

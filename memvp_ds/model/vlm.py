@@ -116,7 +116,11 @@ class VisualPromptedLM(nn.Module):
             return image_features
         if images is None:
             raise ValueError("the online vision tower (model.vision.online=true) needs images, not features")
-        return self.vision(images)
+        if not self.strategy.reads_last_clip_block:
+            return self.vision(images)
+        features, last = self.vision.forward_with_last_block(images)
+        self.strategy.set_last_clip_block(last)
+        return features
 
     def _run_decoder(self, inputs: DecoderInputs, **kwargs) -> torch.Tensor:
         out = self._decoder(
@@ -303,4 +307,7 @@ def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPrompt
     if vision is not None and (vision.tokens, vision.dim) != (cfg.visual_tokens, cfg.visual_dim):
         raise ValueError(f"model.vision.recipe: {cfg.vision.recipe.model} makes {vision.tokens} x {vision.dim} "
                          f"features but model.visual_tokens x model.visual_dim is {cfg.visual_tokens} x {cfg.visual_dim}")
+    if strategy.reads_last_clip_block and not (vision is not None and vision.runs_every_block):
+        raise ValueError(f"model.strategy {cfg.strategy} reads the last CLIP block's output: it needs "
+                         "model.vision.online=true with a recipe that runs every block (layer last or cls_every_4)")
     return VisualPromptedLM(llm, strategy, skipping, vision)

@@ -10,9 +10,10 @@ import torch
 
 from memvp_ds.distributed import all_gather_objects
 
-HeldOutLoss = Callable[[int], float]
-"""``heldout_loss(update_index)``: mean loss over all ranks on held-out batch ``heldout_batch_index(update_index,
-...)``, without gradient."""
+HeldOutLoss = Callable[..., float]
+"""``heldout_loss(update_index, dropout=False)``: mean loss over all ranks on held-out batch
+``heldout_batch_index(update_index, ...)``, without gradient; with ``dropout`` the model stays in training mode
+(dropout on, a fresh draw per call), else it is scored in eval mode."""
 
 _HELDOUT_STREAM = 15
 

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from PIL import Image
@@ -199,6 +199,13 @@ def output_tokens(recipe: FeatureRecipe, patches: int, blocks: int) -> int:
 def run_recipe_blocks(x: torch.Tensor, blocks, recipe: FeatureRecipe, batch_first: bool,
                       ln_post: nn.Module) -> torch.Tensor:
     """(B, 1 + patches, C) embedded tokens through ``blocks`` -> the recipe's (B, N, C) output tokens."""
+    return recipe_output(*run_blocks(x, blocks, recipe, batch_first), recipe, ln_post)
+
+
+def run_blocks(x: torch.Tensor, blocks, recipe: FeatureRecipe, batch_first: bool
+               ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(B, 1 + patches, C) embedded tokens through ``blocks`` -> the last block's whole output (B, 1 + patches,
+    C), CLS first, and the CLS taps the recipe reads on the way (cls_every_4; else none)."""
     if not batch_first:
         x = x.transpose(0, 1)
     taps = []
@@ -208,8 +215,16 @@ def run_recipe_blocks(x: torch.Tensor, blocks, recipe: FeatureRecipe, batch_firs
             taps.append(x[:, :1] if batch_first else x[:1].transpose(0, 1))
     if not batch_first:
         x = x.transpose(0, 1)
+    return x, taps
+
+
+def recipe_output(last: torch.Tensor, taps: List[torch.Tensor], recipe: FeatureRecipe, ln_post: nn.Module
+                  ) -> torch.Tensor:
+    """The recipe's (B, N, C) tokens from ``run_blocks``' results."""
     if taps:
         x = torch.cat(taps, dim=1)
     elif not recipe.keep_cls:
-        x = x[:, 1:]
+        x = last[:, 1:]
+    else:
+        x = last
     return ln_post(x) if recipe.ln_post else x

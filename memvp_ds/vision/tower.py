@@ -12,6 +12,7 @@ LaVIN's form (``routed_attention``): a routed adapter on each block's attention 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 from memvp_ds.config import ConfigError, check_at_least, check_choice
 from memvp_ds.vision.clip_features import (FeatureRecipe, load_clip_visual, normalize_pixels, output_tokens,
-                                           recipe_depth, run_recipe_blocks)
+                                           recipe_depth, recipe_output, run_blocks)
 from memvp_ds.vision.routed_adapter import RoutedAdapter
 
 ADAPTER_FORMS = ("parallel_mlp", "routed_attention")
@@ -162,13 +163,22 @@ class OnlineClipTower(nn.Module):
         """C: channels per output token."""
         self.tokens = output_tokens(recipe, visual.positional_embedding.shape[0] - 1, len(blocks))
         """N: output tokens per image (patches, plus CLS if kept)."""
+        self.runs_every_block = depth == len(blocks)
+        """Whether the last CLIP block runs (not for penultimate-layer recipes): ``forward_with_last_block``."""
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_last_block(pixels)[0]
+
+    def forward_with_last_block(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The recipe's features (B, N, C) and the output of the last block that ran (B, 1 + patches, C): CLS
+        first, without ln_post, through the adapters (DVP-SQA's cross-attention reads it when that block is
+        CLIP's last, ``runs_every_block``)."""
         if tuple(pixels.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"online CLIP expects (B, 3, {self.image_size}, {self.image_size}) pixels, got "
                              f"{tuple(pixels.shape)}: shards resized to another size than model.vision.recipe")
         x = self.embed(normalize_pixels(pixels, self.recipe.mean, self.recipe.std))
-        return run_recipe_blocks(x, self.blocks, self.recipe, self.batch_first, self.ln_post)
+        last, taps = run_blocks(x, self.blocks, self.recipe, self.batch_first)
+        return recipe_output(last, taps, self.recipe, self.ln_post), last
 
 
 def build_vision_tower(options: VisionOptions) -> OnlineClipTower:

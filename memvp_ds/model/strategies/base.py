@@ -159,6 +159,9 @@ class VisualStrategy(nn.Module):
     """The strategy's options dataclass, added to the config as ``model.<name>`` (None: no options)."""
     has_lora: ClassVar[bool] = False
     """Whether the method is defined with LoRA on the LLM (``model.lora``, on unless set otherwise)."""
+    reads_last_clip_block: bool = False
+    """Whether ``forward`` also reads the online CLIP tower's last block output (CLS first, no ln_post), which
+    the model hands over through ``set_last_clip_block`` before each call (DVP-SQA's cross-attention)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()
@@ -182,6 +185,11 @@ class VisualStrategy(nn.Module):
         text tokens only, attention isolation is the wrapper's.
         """
         raise NotImplementedError
+
+    def set_last_clip_block(self, tokens: torch.Tensor) -> None:
+        """(B, 1 + patches, C): the last CLIP block's output for the coming ``forward`` (strategies that set
+        ``reads_last_clip_block``)."""
+        raise NotImplementedError(f"the {self.name} strategy does not read the last CLIP block")
 
     def prefill_finished(self) -> None:
         """``generate`` calls this after the prompt pass, before decoding from the KV cache. Strategies whose

@@ -40,6 +40,7 @@ from memvp_ds.model.strategies.lavin import MODALITY_PASS, LavinStrategy
 
 DVP_INSERT = ("token", "residual")
 DVP_BASE = ("lavin", "plain")
+CROSS_FEATURES = ("auto", "last_with_cls", "visual")
 MASKABLE_BACKENDS = ("sdpa", "eager")
 """Attention backends that accept the 4D per-layer mask the token slot needs."""
 
@@ -63,6 +64,12 @@ class DVPOptions:
     under ``train.mode=dvp_search``, every layer is a candidate."""
     from_search: Optional[str] = None
     """Output directory of a ``train.mode=dvp_search`` run: fills ``layer`` from its search.json when unset."""
+    cross_features: str = "auto"
+    """What the cross-attention reads. ``last_with_cls`` (official DVP-SQA): the last CLIP block's whole output,
+    CLS first, without ln_post, through CLIP's adapters (257 x 1024 for ViT-L/14); needs
+    ``model.vision.online=true`` (shards carry one feature set per sample). ``visual``: the features the
+    strategy receives (LaVIN's 6 CLS tokens on the lavin base). ``auto``: last_with_cls on the lavin base with
+    the online tower, visual otherwise."""
     heads: int = 16
     """Attention heads of the prompt generator's cross-attention (official: 16)."""
     inner_dim: int = 512
@@ -78,12 +85,23 @@ class DVPOptions:
     def validate(self, cfg) -> None:
         check_choice("model.dvp.insert", self.insert, DVP_INSERT)
         check_choice("model.dvp.base", self.base, DVP_BASE)
+        check_choice("model.dvp.cross_features", self.cross_features, CROSS_FEATURES)
         check_at_least("model.dvp.adapter_reduction", self.adapter_reduction, 1)
         if cfg.model.strategy != "dvp":
             return
         if self.base == "lavin" and self.insert != "token":
             raise ConfigError("model.dvp.insert: the lavin base inserts the prompt as a token (its official form); "
                               "use model.dvp.base=plain for insert=residual")
+        if self.cross_features == "last_with_cls":
+            vision = cfg.model.vision
+            if not vision.online:
+                raise ConfigError("model.dvp.cross_features: last_with_cls (the last CLIP block with CLS, the official "
+                                  "DVP-SQA input) is computed by the online tower only; set model.vision.online=true "
+                                  "(shards with images) or model.dvp.cross_features=visual")
+            if vision.recipe.layer == "penultimate":
+                raise ConfigError("model.dvp.cross_features: last_with_cls needs the last CLIP block, which a "
+                                  "penultimate-layer recipe does not run; set model.vision.recipe.layer to "
+                                  "cls_every_4 or last, or model.dvp.cross_features=visual")
         if self.inner_dim % self.heads:
             raise ConfigError(f"model.dvp.inner_dim ({self.inner_dim}) must be divisible by model.dvp.heads ({self.heads})")
         backend = cfg.model.llm.attn_implementation
@@ -96,6 +114,14 @@ class DVPOptions:
                               "or run train.mode=dvp_search to find it")
         if self.layer is not None and self.layer in cfg.model.skip.layers:
             raise ConfigError(f"model.dvp.layer {self.layer} is in model.skip.layers: the prompt's layer must run")
+
+
+def reads_last_clip_block(cfg: ModelConfig) -> bool:
+    """Whether the cross-attention reads the last CLIP block (``model.dvp.cross_features``, auto resolved)."""
+    dvp = cfg.dvp
+    if dvp.cross_features == "auto":
+        return dvp.base == "lavin" and cfg.vision.online and cfg.vision.recipe.layer != "penultimate"
+    return dvp.cross_features == "last_with_cls"
 
 
 class VisualPromptGenerator(nn.Module):
@@ -182,6 +208,8 @@ class DVPStrategy(VisualStrategy):
             self.base = LavinStrategy(cfg, llm)
             self.slot = nn.Parameter(torch.randn(1, width))
         self.active_layer = candidates[0]
+        self.reads_last_clip_block = reads_last_clip_block(cfg)
+        self._last_clip_block: Optional[torch.Tensor] = None
         # Per-sample inputs of the prompt, kept from ``forward`` for the layer-K hook (and for the backward
         # recomputation of checkpointed blocks). Token: (features, has_image, prompt-span weights over each
         # sample's positions, slot positions); residual: (features, has_image, prompt_end). Cleared when
@@ -221,18 +249,26 @@ class DVPStrategy(VisualStrategy):
             raise ValueError(f"layer {layer} has no DVP prompt generator; candidates: {self.candidate_layers}")
         self.active_layer = layer
 
+    def set_last_clip_block(self, tokens: torch.Tensor) -> None:
+        self._last_clip_block = tokens
+
     def forward(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout=None) -> DecoderInputs:
         self._state, self._layout = None, layout
         if image_features is not None and has_image is None:
             has_image = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
+        # What the cross-attention reads: the strategy's features, or the last CLIP block the model handed over.
+        cross, self._last_clip_block = (self._last_clip_block if self.reads_last_clip_block else image_features), None
+        if cross is None and image_features is not None:
+            raise RuntimeError("DVP reads the last CLIP block (model.dvp.cross_features) but the model handed none over")
         if not self.as_token:
             self._decoding_prompt = None
             if image_features is not None:
-                self._state = (image_features, has_image, prompt_end)
+                self._state = (cross, has_image, prompt_end)
             return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
         self._has_slot, self._memo = image_features is not None, None
         if self.on_lavin:
-            return self._forward_on_lavin(input_ids, attention_mask, image_features, has_image, prompt_end, layout)
+            return self._forward_on_lavin(input_ids, attention_mask, image_features, has_image, prompt_end, layout,
+                                          cross)
         if image_features is None:
             return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
         text = self._embed_tokens[0](input_ids)
@@ -241,7 +277,7 @@ class DVPStrategy(VisualStrategy):
             # The data layer reserved each image sample's slot in front of its text; prompt_end counts it.
             slots = layout.visual_slots(1, has_image)
             in_prompt = layout.sample_mask() & _between(1, prompt_end, layout.longest)
-            self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+            self._state = (cross, has_image, _mean_weights(in_prompt), slots)
             return DecoderInputs(attention_mask=attention_mask,
                                  inputs_embeds=place_visual_tokens(layout, text, placeholder, has_image))
         # The query pools the prompt tokens: attended text positions up to each row's last prompt token
@@ -249,13 +285,13 @@ class DVPStrategy(VisualStrategy):
         in_text_prompt = _between(0, prompt_end, input_ids.shape[1]) & attention_mask.bool()
         in_prompt = torch.cat([torch.zeros_like(in_text_prompt[:, :1]), in_text_prompt], dim=1)
         slots = torch.cat([has_image[:, None], torch.zeros_like(in_text_prompt)], dim=1)
-        self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+        self._state = (cross, has_image, _mean_weights(in_prompt), slots)
         # Rows without an image keep the slot with attention mask 0: their text is the frozen LLM's alone.
         slot_mask = has_image.to(attention_mask.dtype)[:, None]
         return DecoderInputs(attention_mask=torch.cat([slot_mask, attention_mask], dim=1),
                              inputs_embeds=torch.cat([placeholder, text], dim=1), prefix_len=1)
 
-    def _forward_on_lavin(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout):
+    def _forward_on_lavin(self, input_ids, attention_mask, image_features, has_image, prompt_end, layout, cross):
         """LaVIN's inputs with the slot after its N visual tokens: [visual, slot, BOS, text]. The query pools the
         prompt tokens after the slot without BOS, as officially."""
         inputs = self.base(input_ids, attention_mask, image_features, has_image, prompt_end, layout)
@@ -267,7 +303,7 @@ class DVPStrategy(VisualStrategy):
             # The data layer reserved N + 1 positions in front of each image sample's text; LaVIN filled N.
             slots = layout.visual_slots(at + 1, has_image) & (layout.positions == at)
             in_prompt = layout.sample_mask() & _between(at + 2, prompt_end, layout.longest)
-            self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+            self._state = (cross, has_image, _mean_weights(in_prompt), slots)
             return DecoderInputs(attention_mask=attention_mask, inputs_embeds=torch.where(slots[..., None], slot, embeds))
         # prompt_end counts text positions; the first attended text token is BOS (left padding before it).
         text_mask = attention_mask.bool()
@@ -276,7 +312,7 @@ class DVPStrategy(VisualStrategy):
         front = in_text_prompt.new_zeros(in_text_prompt.shape[0], at + 1)
         in_prompt = torch.cat([front, in_text_prompt], dim=1)
         slots = torch.cat([front[:, :at], has_image[:, None], torch.zeros_like(in_text_prompt)], dim=1)
-        self._state = (image_features, has_image, _mean_weights(in_prompt), slots)
+        self._state = (cross, has_image, _mean_weights(in_prompt), slots)
         batch = embeds.shape[0]
         slot_mask = has_image.to(inputs.attention_mask.dtype)[:, None]
         return DecoderInputs(
