@@ -47,7 +47,8 @@ def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
     return layers
 
 
-def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+def load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+    """The LLM's HF config (the inline one, or config.json of ``cfg.path``); reads no weights."""
     if cfg.path is None:
         inline = dict(cfg.config)
         return AutoConfig.for_model(inline.pop("model_type"), **inline)
@@ -60,12 +61,12 @@ def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
 
 def num_decoder_layers(cfg: LLMConfig) -> int:
     """The LLM's number of decoder layers, from its config alone (no weights are read)."""
-    return _load_hf_config(cfg).num_hidden_layers
+    return load_hf_config(cfg).num_hidden_layers
 
 
 def vocab_size(cfg: LLMConfig) -> int:
     """The LLM's embedding rows, from its config alone (no weights are read)."""
-    return _load_hf_config(cfg).vocab_size
+    return load_hf_config(cfg).vocab_size
 
 
 def check_vocab_fits(tokens: int, tokenizer_path: str, llm: LLMConfig) -> None:
@@ -87,7 +88,7 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    hf_config = _load_hf_config(cfg)
+    hf_config = load_hf_config(cfg)
     dtype = getattr(torch, cfg.dtype)
     common = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     if not is_deepspeed_zero3_enabled():
