@@ -124,7 +124,8 @@ class DataConfig:
     """Local HF tokenizer directory (default: the LLM directory)."""
     prompt_format: str = "qcm_a"
     """qcm_a (ScienceQA 'Question/Context/Options' -> 'The answer is X.'), qa (question -> short answer, VQA
-    scoring) or conversation (LLaVA turns)."""
+    scoring), conversation (LLaVA turns as 'USER: ... ASSISTANT: ...') or chat_template (LLaVA turns rendered
+    by the tokenizer's own chat template, loss on the assistant turns: for instruct models)."""
     max_seq_len: int = 512
     """Longest token sequence; longer samples lose their oldest context tokens, never the answer."""
     pad_to_multiple: int = 8

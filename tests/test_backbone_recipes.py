@@ -10,6 +10,7 @@ import pytest
 
 from memvp_ds import load_config
 from memvp_ds.engine.memory_plan import parse_memory_size
+from tests.chat_tokenizers import chat_tokenizer
 from tests.conftest import CONFIGS, TINY_VIT
 
 LLAMA3_8B = ("{model_type: llama, hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 32, "
@@ -85,15 +86,20 @@ def test_recipe_plans_at_its_real_shapes(recipe, sqa_shards, conversation_shards
     from memvp_ds.engine.plan_report import dry_run_report
 
     inline, params, rows = RECIPES[recipe]
-    shards = conversation_shards if "instruct" in recipe else sqa_shards
+    instruct = "instruct" in recipe
+    shards = conversation_shards if instruct else sqa_shards
+    tokenizer = chat_tokenizer(str(tmp_path / "tokenizer"), "llama3") if instruct else tokenizer_dir
     cfg = load_config(str(CONFIGS / f"{recipe}.yaml"), [
-        "model.llm.path=null", f"model.llm.config={inline}", f"data.shards={shards}", f"data.tokenizer={tokenizer_dir}",
+        "model.llm.path=null", f"model.llm.config={inline}", f"data.shards={shards}", f"data.tokenizer={tokenizer}",
         f"train.output_dir={tmp_path / 'run'}"])
     assert cfg.model.memvp.memory_rows == rows and cfg.train.precision == "bf16"
     plan = dry_run_report(cfg, 8, parse_memory_size("80GiB"))
     print(json.dumps(plan["memory"], indent=2))
     assert plan["global_batch"] == 32 and plan["train_samples"] == TRAIN
     assert plan["example"]["target_tokens"] > 0
+    if instruct:  # rendered by the Llama-3 template: its BOS first, the answer's <|eot_id|> (the EOS) last
+        assert plan["prompt_format"] == "chat_template" and plan["example"]["prompt"].startswith("user\n\n")
+        assert plan["example"]["starts_with_bos"] and plan["example"]["ends_with_eos"]
     memory = plan["memory"]
     assert memory["parameters"]["frozen"] == params
     assert memory["per_rank_bytes"]["frozen_weights"] == 2 * params  # bf16, replicated under ZeRO-2

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from memvp_ds.data.prompts import IGNORE_INDEX, build_segments, encode_segments
+from memvp_ds.data.prompts import IGNORE_INDEX, encode_prompt
 from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image
 
 
@@ -60,8 +60,8 @@ class SampleEncoder:
                 raise FeatureShapeError(f".{self.member} {features.shape}, model expects {self.feature_shape}")
             if not np.isfinite(features).all():
                 raise ValueError("non-finite (NaN or inf) features")
-        segments = build_segments(fields, self.prompt_format, self.with_target, self.use_caption)
-        encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
+        encoded = encode_prompt(self.tokenizer, fields, self.prompt_format, self.max_seq_len, self.with_target,
+                                self.use_caption)
         ids, labels = encoded.input_ids, encoded.labels
         if self.with_target:
             # Nothing after the last labelled token contributes to the loss: cut it off.
