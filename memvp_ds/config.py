@@ -128,6 +128,11 @@ class DataConfig:
     by the tokenizer's own chat template, loss on the assistant turns: for instruct models)."""
     max_seq_len: int = 512
     """Longest token sequence; longer samples lose their oldest context tokens, never the answer."""
+    max_images: int = 1
+    """Most images one sample may have (``<image>`` up to this many times in a conversation or question; data_prep
+    stores one feature array per image and the manifest's max_images must not exceed this). Above 1: MemVP only,
+    whose memory then holds the N rows of each of a sample's images, kept apart (model.memvp.memory_rows must
+    be at least max_images x model.visual_tokens); the other strategies and the online tower refuse it."""
     pad_to_multiple: int = 8
     """Batches are padded to a multiple of this length (tensor-core friendly shapes)."""
     shuffle_buffer: int = 1000
@@ -153,7 +158,7 @@ class DataConfig:
     batches."""
 
     def __post_init__(self) -> None:
-        for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
+        for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer", "max_images"):
             check_at_least(f"data.{key}", getattr(self, key), 1)
         check_at_least("data.num_workers", self.num_workers, 0)
         check_at_least("data.max_bad_in_row", self.max_bad_in_row, 0)

@@ -29,6 +29,8 @@ IGNORE_INDEX = -100
 ANSWER_PREFIX = "The answer is"
 """What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
 Segment = Tuple[str, bool]
+IMAGE_TAG = "<image>"
+"""Where an image goes in LLaVA-style text; removed from stored text (images enter through the strategy)."""
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 
 

@@ -76,14 +76,19 @@ def model_shape(model_cfg) -> ModelShape:
     hf = load_hf_config(model_cfg.llm)
     # The same architecture from its config alone: a model given by path would otherwise read its weights.
     inline = {**hf.to_dict(), "model_type": hf.model_type}
-    meta_cfg = dataclasses.replace(model_cfg, llm=dataclasses.replace(model_cfg.llm, path=None, config=inline))
+    # Likewise an online CLIP tower: its random initialisation has the shapes and reads no checkpoint file.
+    vision = model_cfg.vision
+    vision = dataclasses.replace(vision, recipe=dataclasses.replace(vision.recipe, pretrained="random"))
+    meta_cfg = dataclasses.replace(model_cfg, llm=dataclasses.replace(model_cfg.llm, path=None, config=inline),
+                                   vision=vision)
     with torch.device("meta"):
         model = build_model(meta_cfg)
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     trainable = sum(p.numel() for p in params if p.requires_grad)
     blocks = [sum(p.numel() for p in block.parameters()) for block in decoder_layers(model.llm)]
     modules = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
-    trainable_modules = [sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) for m in model.modules()]
+    trainable_modules = [sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+                         for m in model.modules()]
     memory = getattr(model.strategy, "memory", None)
     heads = hf.num_attention_heads
     return ModelShape(
@@ -191,6 +196,7 @@ class MicroBatch:
     """Positions the decoder runs: text plus the positions an input-space strategy puts in front of each image
     sample. Packed or padded, a micro-batch holds at most ``samples`` rows of them."""
     visual_tokens: int
+    """Visual feature rows per sample (N per image slot)."""
     visual_dim: int
     projector_hidden: int
 
@@ -229,8 +235,9 @@ PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 def micro_batch(cfg, shape: ModelShape) -> MicroBatch:
     samples, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    return MicroBatch(samples, samples * length, samples * (length + shape.prefix_positions),
-                      cfg.model.visual_tokens, cfg.model.visual_dim, cfg.model.projector.hidden_dim)
+    visual_tokens = cfg.model.visual_tokens * cfg.data.max_images  # every image slot is projected
+    return MicroBatch(samples, samples * length, samples * (length + shape.prefix_positions), visual_tokens,
+                      cfg.model.visual_dim, cfg.model.projector.hidden_dim)
 
 
 def memory_plan(cfg, ds: Dict[str, Any], world_size: int, gpu_memory: Optional[int] = None,
