@@ -40,6 +40,7 @@ def check_at_least(key: str, value: Optional[float], minimum: float) -> None:
 
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("8bit", "4bit")
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_MODES = ("train", "dvp_search", "das_search")
@@ -62,9 +63,16 @@ class LLMConfig:
     """HF attention backend: sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention."""
     init_seed: int = 0
     """Seed for randomly initialised (inline-config) models, so every rank builds identical weights."""
+    quantization: Optional[str] = None
+    """8bit or 4bit: the frozen decoder blocks' linear layers are quantised by bitsandbytes as the weights
+    load (LLM.int8, or NF4 computing in model.llm.dtype), for a GPU with too little memory for the 16-bit
+    weights (docs/real_weights.md). Needs model.llm.path, a CUDA device and the bitsandbytes package; ZeRO-3
+    cannot partition quantised weights, so it is refused there. Unset: the weights in model.llm.dtype."""
 
     def __post_init__(self) -> None:
         check_choice("model.llm.dtype", self.dtype, LLM_DTYPES)
+        if self.quantization is not None:
+            check_choice("model.llm.quantization", self.quantization, QUANTIZATIONS)
         check_choice("model.llm.attn_implementation", self.attn_implementation, ATTENTION_BACKENDS)
 
 
@@ -98,6 +106,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.llm.path is None) == (self.llm.config is None):
             raise ConfigError("model.llm: set exactly one of 'path' (local HF directory) or 'config' (inline HF config)")
+        if self.llm.quantization and self.llm.path is None:
+            raise ConfigError("model.llm.quantization: quantises weights as they load from model.llm.path; an inline "
+                              "config (model.llm.config) has none")
         if self.llm.config is not None and "model_type" not in self.llm.config:
             raise ConfigError("model.llm.config: the inline HF config needs a 'model_type' (e.g. llama, mistral, qwen2)")
         check_at_least("model.visual_dim", self.visual_dim, 1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from memvp_ds import ConfigError, build_model, load_config
-from memvp_ds.engine.memory_plan import (GIB, MicroBatch, ZeroSetup, memory_plan, model_shape, parse_memory_size,
-                                         saved_activations)
+from memvp_ds.engine.memory_plan import (GIB, MicroBatch, ZeroSetup, memory_plan, model_shape, model_states,
+                                         parse_memory_size, saved_activations)
 from tests.conftest import CONFIGS, tiny_config
 
 LLAMA1_7B = ("model.llm.config={model_type: llama, hidden_size: 4096, intermediate_size: 11008, "
@@ -53,6 +53,19 @@ def test_model_states_of_llama_7b_on_8_ranks_are_the_hand_count():
 
     offloaded = memory_plan(_7b(), {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 8)
     assert offloaded["trainable_states_bytes"] == {"ours": 2 * trainable, "deepspeed_estimator": 2 * trainable}
+
+
+def test_quantised_frozen_weights():
+    """model.llm.quantization: the decoder blocks' linear weights in 1 byte (8bit) or 9/16 byte (4bit: NF4 half
+    a byte plus an fp32 scale per 64), the embedding, LM head and norms in bf16; one GPU."""
+    frozen = _hand_counted_7b()[0]
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    shape = model_shape(_7b().model)
+    assert shape.quantizable_params == linear
+    single = ZeroSetup(stage=2, world_size=1, offload_optimizer=False, offload_param=False)
+    assert model_states(shape, single, 2, "8bit")["frozen_weights"] == 2 * (frozen - linear) + linear
+    assert model_states(shape, single, 2, "4bit")["frozen_weights"] == 2 * (frozen - linear) + linear * 9 // 16
+    assert model_states(shape, single, 2)["frozen_weights"] == 2 * frozen
 
 
 def test_activations_at_real_shapes_and_the_verdict():

@@ -52,6 +52,8 @@ class ModelShape:
     """Parameters of the largest unit ZeRO-3 gathers at once: a frozen decoder block (a leaf module), the
     embedding or the LM head, or the largest trainable module."""
     largest_trainable_module: int
+    quantizable_params: int
+    """Weights of the decoder blocks' linear layers: what model.llm.quantization stores in 8 or 4 bits."""
     layers: int
     """Decoder blocks that run (the skipped ones of model.skip excluded)."""
     hidden: int
@@ -79,8 +81,8 @@ def model_shape(model_cfg) -> ModelShape:
     # Likewise an online CLIP tower: its random initialisation has the shapes and reads no checkpoint file.
     vision = model_cfg.vision
     vision = dataclasses.replace(vision, recipe=dataclasses.replace(vision.recipe, pretrained="random"))
-    meta_cfg = dataclasses.replace(model_cfg, llm=dataclasses.replace(model_cfg.llm, path=None, config=inline),
-                                   vision=vision)
+    llm = dataclasses.replace(model_cfg.llm, path=None, config=inline, quantization=None)  # counted below
+    meta_cfg = dataclasses.replace(model_cfg, llm=llm, vision=vision)
     with torch.device("meta"):
         model = build_model(meta_cfg)
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
@@ -89,11 +91,14 @@ def model_shape(model_cfg) -> ModelShape:
     modules = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
     trainable_modules = [sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
                          for m in model.modules()]
+    linear = [m.weight.numel() for block in decoder_layers(model.llm) for m in block.modules()
+              if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
     memory = getattr(model.strategy, "memory", None)
     heads = hf.num_attention_heads
     return ModelShape(
         frozen_params=sum(p.numel() for p in params) - trainable, trainable_params=trainable,
         largest_gathered_unit=max(blocks + modules), largest_trainable_module=max(trainable_modules),
+        quantizable_params=sum(linear),
         layers=model.computed_layers, hidden=hf.hidden_size, intermediate=hf.intermediate_size, heads=heads,
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads, vocab=hf.vocab_size,
@@ -117,13 +122,20 @@ class ZeroSetup:
         return cls(int(zero.get("stage", 0)), world_size, offloaded("offload_optimizer"), offloaded("offload_param"))
 
 
-def model_states(shape: ModelShape, zero: ZeroSetup, weight_bytes: int) -> Dict[str, int]:
+QUANTIZED_BYTES_16THS = {"8bit": 16, "4bit": 9}
+"""Sixteenths of a byte per quantised weight: LLM.int8 1 byte (its per-row scales are negligible); NF4 half a byte
+plus an fp32 scale per block of 64 (4/64 byte)."""
+
+
+def model_states(shape: ModelShape, zero: ZeroSetup, weight_bytes: int, quantization: Optional[str] = None
+                 ) -> Dict[str, int]:
     """Bytes per rank of weights, gradients and optimizer states (see the module docstring).
 
     Mixed precision (``weight_bytes`` 2), as DeepSpeed's estimators count a trainable parameter: 16-bit weight
     2 bytes, gradients 16-bit 2 + fp32 4 (stage 3: fp32 4 only), fp32 master weight 4 + Adam moments 8. fp32
     training (``weight_bytes`` 4) has no master copy: weight 4, gradient 4, moments 8. Partitioned over the
-    ranks: the optimizer states from stage 1, the gradients from stage 2, every weight at stage 3.
+    ranks: the optimizer states from stage 1, the gradients from stage 2, every weight at stage 3. With
+    ``quantization`` (8bit, 4bit) the decoder blocks' linear weights take its bytes instead (never ZeRO-3).
     """
     n, t = zero.world_size, shape.trainable_params
     mixed = weight_bytes == 2
@@ -131,8 +143,11 @@ def model_states(shape: ModelShape, zero: ZeroSetup, weight_bytes: int) -> Dict[
     grads_split = n if zero.stage >= 2 else 1
     weights_split = n if zero.stage >= 3 else 1
     grad_bytes = (4 if zero.stage >= 3 else 6) if mixed else 4
+    quantized = shape.quantizable_params if quantization else 0
+    frozen = ((shape.frozen_params - quantized) * weight_bytes
+              + quantized * QUANTIZED_BYTES_16THS.get(quantization, 0) // 16)
     states = {
-        "frozen_weights": 0 if zero.offload_param else shape.frozen_params * weight_bytes // weights_split,
+        "frozen_weights": 0 if zero.offload_param else frozen // weights_split,
         "trainable_weights": 0 if zero.offload_param else t * weight_bytes // weights_split,
         "gradients": 0 if zero.offload_optimizer else t * grad_bytes // grads_split,
         "optimizer_states": 0 if zero.offload_optimizer else t * (12 if mixed else 8) // states_split,
@@ -249,7 +264,7 @@ def memory_plan(cfg, ds: Dict[str, Any], world_size: int, gpu_memory: Optional[i
     zero = ZeroSetup.from_ds_config(ds, world_size)
     b = PRECISION_BYTES[cfg.train.precision]
     batch = micro_batch(cfg, shape)
-    states = model_states(shape, zero, b)
+    states = model_states(shape, zero, b, cfg.model.llm.quantization)
     acts = {ckpt: peak_activations(shape, batch, b, ckpt) for ckpt in (False, True)}
     on = cfg.train.gradient_checkpointing
     totals = {ckpt: sum(states.values()) + acts[ckpt] for ckpt in (False, True)}
@@ -260,6 +275,7 @@ def memory_plan(cfg, ds: Dict[str, Any], world_size: int, gpu_memory: Optional[i
             + (2 * b * shape.largest_trainable_module if zero.stage >= 3 else 0))
     plan: Dict[str, Any] = {
         "zero": dataclasses.asdict(zero),
+        "quantization": cfg.model.llm.quantization,
         "parameters": {"frozen": shape.frozen_params, "trainable": shape.trainable_params},
         "positions_per_micro_batch": batch.positions,
         "per_rank_bytes": {**states, "activations": acts[False], "activations_checkpointed": acts[True]},

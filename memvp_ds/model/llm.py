@@ -78,6 +78,23 @@ def check_vocab_fits(tokens: int, tokenizer_path: str, llm: LLMConfig) -> None:
                           f"vocab_size {rows}: ids from {rows} on have no embedding; use the LLM's own tokenizer")
 
 
+def _quantized_loading(cfg: LLMConfig, dtype: torch.dtype) -> dict:
+    """from_pretrained's arguments for model.llm.quantization: bitsandbytes quantises the linear layers of the
+    decoder blocks on this process's GPU as they load (the LM head stays in ``dtype``: the loss needs its
+    precision)."""
+    if cfg.quantization is None:
+        return {}
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.llm.quantization={cfg.quantization}: bitsandbytes quantisation needs a CUDA device")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+
+
 def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
 
@@ -99,6 +116,7 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
             torch.manual_seed(cfg.init_seed)
             llm = AutoModelForCausalLM.from_config(hf_config, **common)
     else:
+        common.update(_quantized_loading(cfg, dtype))
         llm = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf_config, use_safetensors=True, **common)
     decoder_layers(llm)
     llm.requires_grad_(False)
