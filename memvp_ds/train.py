@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ranks the dry run plans for (default: $WORLD_SIZE or 1)")
     parser.add_argument("--gpu-memory", default=None,
                         help="memory of one GPU (e.g. 80GiB, 141GB): the dry run's memory estimate says whether the "
-                             "run fits")
+                             "run fits (default: none, the estimate alone)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
     return parser

@@ -54,7 +54,8 @@ class SampleEncoder:
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
         fields = json.loads(raw[FIELDS_MEMBER])
-        count = image_count(fields) if self.member == FEATURES_MEMBER else int(self.member in raw)
+        # A hand-written shard may leave has_image out: a stored member still counts as an image.
+        count = image_count(fields) or int(self.member in raw)
         if count > self.max_images:
             raise ValueError(f"sample {raw['__key__']}: {count} images, data.max_images is {self.max_images}")
         members = [features_member(i) for i in range(count)] if self.member == FEATURES_MEMBER else [self.member]
