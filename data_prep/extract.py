@@ -27,6 +27,7 @@ from data_prep.sources.base import Example, Source
 from memvp_ds.atomic_io import atomic_open, write_json_atomic
 from memvp_ds.data.shard_format import (
     FEATURES_MEMBER,
+    IMAGE_COUNT_FIELD,
     IMAGE_MEMBER,
     MANIFEST,
     STORE_MODES,
@@ -92,16 +93,17 @@ def manifest_name(part_index: int, part_count: int) -> str:
 
 
 class _ImageDataset(Dataset):
-    """Decodes and resizes one example's image in a worker (uint8 pixels); failures become (None, reason)."""
+    """Decodes and resizes one image in a worker (uint8 pixels); failures become (None, reason). Its items are
+    (example index, image path or None for a text-only example): a multi-image example has one per image."""
 
-    def __init__(self, examples: Sequence[Example], recipe: FeatureRecipe):
-        self.examples, self.recipe = examples, recipe
+    def __init__(self, items: Sequence[Tuple[int, Optional[str]]], recipe: FeatureRecipe):
+        self.items, self.recipe = items, recipe
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
-        path = self.examples[index].image
+        path = self.items[index][1]
         if path is None:
             return index, None, None
         try:
@@ -161,6 +163,10 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
         raise ValueError(f"--part {opts.part_index}/{opts.part_count}: index must be in [0, {opts.part_count})")
     check_weights_available(recipe, opts.allow_download)
     all_examples = _checked_examples(source)
+    max_images = max((len(example.images) for example in all_examples), default=0)
+    if max_images > 1 and IMAGE_MEMBER in stored_members(opts.store):
+        raise ValueError(f"--store {opts.store}: samples with several images (up to {max_images}) are stored as "
+                         "features only (--store features)")
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = ClipFeatureExtractor(load_visual(recipe, opts.allow_download), recipe).to(device)
     samples_per_shard = opts.samples_per_shard
@@ -181,6 +187,7 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
         "on_bad_image": opts.on_bad_image,
         "part": {"index": opts.part_index, "count": opts.part_count},
         "planned_shards": len(plans),
+        **({"max_images": max_images} if max_images > 1 else {}),
     }
     os.makedirs(opts.out_dir, exist_ok=True)
     manifest_path = os.path.join(opts.out_dir, manifest_name(opts.part_index, opts.part_count))
@@ -192,8 +199,9 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     manifest = {**header, "complete": False, "shards": [done[p.name] for p in mine if p.name in done]}
     write_json_atomic(manifest_path, manifest)
     examples = [example for plan in todo for example in plan.examples]
+    items = [(number, path) for number, example in enumerate(examples) for path in (example.images or [None])]
     loader = DataLoader(
-        _ImageDataset(examples, recipe),
+        _ImageDataset(items, recipe),
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
         collate_fn=_collate,
@@ -206,8 +214,9 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     pending_errors: List[Dict[str, str]] = []
     plan_iter = iter(todo)
     current, seen_in_current = next(plan_iter, None), 0
+    rows, pixel_list, bad = [], [], []  # the current example's images so far
     start = time.time()
-    with progress(total=len(examples), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
+    with progress(total=len(items), unit="img", desc=f"extract part {opts.part_index}/{opts.part_count}") as bar:
         for indices, images, valid, errors in loader:
             features = pixels = None
             if images is not None and FEATURES_MEMBER in members:
@@ -219,16 +228,26 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
             feature_rows = iter(features) if features is not None else iter(())
             pixel_rows = iter(pixels) if pixels is not None else iter(())
             for index, ok, error in zip(indices, valid, errors):
-                example = examples[index]
-                row = next(feature_rows, None) if ok else None
-                image = next(pixel_rows, None) if ok else None
+                number, path = items[index]
+                example = examples[number]
+                rows.append(next(feature_rows, None) if ok else None)
+                pixel_list.append(next(pixel_rows, None) if ok else None)
                 if error is not None:
-                    pending_errors.append({"key": example.key, "image": example.image, "reason": error})
-                    if opts.on_bad_image == "drop":
-                        row = image = None
-                if not (error is not None and opts.on_bad_image == "drop"):
-                    has_image = row is not None or image is not None
-                    pending.append((example.key, {**example.fields, "has_image": has_image}, row, image))
+                    bad.append({"key": example.key, "image": path, "reason": error})
+                if index + 1 < len(items) and items[index + 1][0] == number:
+                    continue  # more images of this example follow
+                pending_errors += bad
+                # A bad image makes its whole sample text-only or dropped: a multi-image sample without one of
+                # its images would pair the others with the wrong tags.
+                if not (bad and opts.on_bad_image == "drop"):
+                    kept = [] if bad else [r for r in rows if r is not None]
+                    image = None if bad else pixel_list[0]
+                    fields = {**example.fields, "has_image": bool(kept) or image is not None}
+                    if len(kept) > 1:
+                        fields[IMAGE_COUNT_FIELD] = len(kept)
+                    pending.append((example.key, fields, kept if len(kept) > 1 else (kept[0] if kept else None),
+                                    image))
+                rows, pixel_list, bad = [], [], []
                 seen_in_current += 1
                 if seen_in_current == len(current.examples):  # the shard's last example: close it
                     entry = write_shard(os.path.join(opts.out_dir, current.name), pending)

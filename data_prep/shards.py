@@ -9,11 +9,13 @@ import os
 import tarfile
 from typing import Any, Dict, Iterable, Tuple
 
+import numpy as np
+
 from memvp_ds.data.shard_format import (
-    FEATURES_MEMBER,
     FIELDS_MEMBER,
     IMAGE_MEMBER,
     encode_features,
+    features_member,
     encode_image,
     sha256_of,
 )
@@ -29,15 +31,16 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shard(path: str, samples: Iterable[Tuple]) -> Dict[str, Any]:
     """Write (key, fields, features-or-None[, image-or-None]) samples to ``path`` atomically; return the
-    manifest entry. An image is the (S, S, 3) uint8 RGB array after the recipe's resize."""
+    manifest entry. Features are one (N, C) array, or a list of them for a multi-image sample (stored as
+    ``features_member(i)``). An image is the (S, S, 3) uint8 RGB array after the recipe's resize."""
     tmp = path + ".tmp"
     count = with_image = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, fields, features, *image in samples:
             image = image[0] if image else None
             _add_member(tar, f"{key}.{FIELDS_MEMBER}", json.dumps(fields, sort_keys=True).encode())
-            if features is not None:
-                _add_member(tar, f"{key}.{FEATURES_MEMBER}", encode_features(features))
+            for index, array in enumerate([features] if isinstance(features, np.ndarray) else features or []):
+                _add_member(tar, f"{key}.{features_member(index)}", encode_features(array))
             if image is not None:
                 _add_member(tar, f"{key}.{IMAGE_MEMBER}", encode_image(image))
             with_image += features is not None or image is not None

@@ -17,6 +17,7 @@ from memvp_ds.data.shard_format import (
     IMAGE_MEMBER,
     MANIFEST,
     read_manifest,
+    image_count,
     read_shard,
     sha256_of,
     split_counts,
@@ -54,10 +55,11 @@ def verify(out_dir: str) -> List[str]:
             for key, fields, features, image in read_shard(path, with_images=True):
                 count += 1
                 if features is not None:
-                    if features.shape != expected_shape or str(features.dtype) != recipe["dtype"]:
+                    expected = (expected_shape[0] * max(image_count(fields), 1), expected_shape[1])  # all its images
+                    if features.shape != expected or str(features.dtype) != recipe["dtype"]:
                         problems.append(
                             f"{entry.name}: sample {key} has features {features.shape} {features.dtype}, "
-                            f"expected {expected_shape} {recipe['dtype']}"
+                            f"expected {expected} {recipe['dtype']}"
                         )
                     non_finite = _non_finite_values(features)
                     if non_finite:
@@ -134,6 +136,8 @@ def merge(out_dir: str) -> Dict[str, Any]:
     shards.sort(key=lambda entry: (entry["split"], entry["name"]))
     merged = {key: first[key] for key in ("tool", "source", "recipe", "samples_per_shard", "on_bad_image")}
     merged["store"] = first.get("store", "features")
+    if "max_images" in first:  # the same in every part: counted over the whole dataset
+        merged["max_images"] = first["max_images"]
     merged.update(part={"index": 0, "count": 1}, merged_from=count, complete=True, shards=shards)
     merged.update(planned_shards=first["planned_shards"], splits=split_counts(shards))
     if len(shards) != first["planned_shards"]:

@@ -60,6 +60,7 @@ def check_finite(cfg: Any, prefix: str = "") -> None:
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 PROJECTOR_ACTIVATIONS = ("silu", "gelu")
+QUANTIZATIONS = ("8bit", "4bit")
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 PRECISIONS = ("bf16", "fp16", "fp32")
 TRAIN_MODES = ("train", "dvp_search", "das_search")
@@ -82,9 +83,16 @@ class LLMConfig:
     """HF attention backend: sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention."""
     init_seed: int = 0
     """Seed for randomly initialised (inline-config) models, so every rank builds identical weights."""
+    quantization: Optional[str] = None
+    """8bit or 4bit: the frozen decoder blocks' linear layers are quantised by bitsandbytes as the weights
+    load (LLM.int8, or NF4 computing in model.llm.dtype), for a GPU with too little memory for the 16-bit
+    weights (docs/real_weights.md). Needs model.llm.path, a CUDA device and the bitsandbytes package; ZeRO-3
+    cannot partition quantised weights, so it is refused there. Unset: the weights in model.llm.dtype."""
 
     def __post_init__(self) -> None:
         check_choice("model.llm.dtype", self.dtype, LLM_DTYPES)
+        if self.quantization is not None:
+            check_choice("model.llm.quantization", self.quantization, QUANTIZATIONS)
         check_choice("model.llm.attn_implementation", self.attn_implementation, ATTENTION_BACKENDS)
 
 
@@ -125,6 +133,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if (self.llm.path is None) == (self.llm.config is None):
             raise ConfigError("model.llm: set exactly one of 'path' (local HF directory) or 'config' (inline HF config)")
+        if self.llm.quantization and self.llm.path is None:
+            raise ConfigError("model.llm.quantization: quantises weights as they load from model.llm.path; an inline "
+                              "config (model.llm.config) has none")
         if self.llm.config is not None and "model_type" not in self.llm.config:
             raise ConfigError("model.llm.config: the inline HF config needs a 'model_type' (e.g. llama, mistral, qwen2)")
         check_at_least("model.visual_dim", self.visual_dim, 1)
@@ -151,9 +162,15 @@ class DataConfig:
     """Local HF tokenizer directory (default: the LLM directory)."""
     prompt_format: str = "qcm_a"
     """qcm_a (ScienceQA 'Question/Context/Options' -> 'The answer is X.'), qa (question -> short answer, VQA
-    scoring) or conversation (LLaVA turns)."""
+    scoring), conversation (LLaVA turns as 'USER: ... ASSISTANT: ...') or chat_template (LLaVA turns rendered
+    by the tokenizer's own chat template, loss on the assistant turns: for instruct models)."""
     max_seq_len: int = 512
     """Longest token sequence; longer samples lose their oldest context tokens, never the answer."""
+    max_images: int = 1
+    """Most images one sample may have (``<image>`` up to this many times in a conversation or question; data_prep
+    stores one feature array per image and the manifest's max_images must not exceed this). Above 1: MemVP only,
+    whose memory then holds the N rows of each of a sample's images, kept apart (model.memvp.memory_rows must
+    be at least max_images x model.visual_tokens); the other strategies and the online tower refuse it."""
     pad_to_multiple: int = 8
     """Batches are padded to a multiple of this length (tensor-core friendly shapes)."""
     shuffle_buffer: int = 1000
@@ -179,7 +196,7 @@ class DataConfig:
     batches."""
 
     def __post_init__(self) -> None:
-        for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer"):
+        for key in ("max_seq_len", "pad_to_multiple", "shuffle_buffer", "max_images"):
             check_at_least(f"data.{key}", getattr(self, key), 1)
         check_at_least("data.num_workers", self.num_workers, 0)
         check_at_least("data.max_bad_in_row", self.max_bad_in_row, 0)

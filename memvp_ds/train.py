@@ -1,7 +1,7 @@
 """memvp-train: train a visual-prompting strategy on a frozen LLM.
 
     memvp-train --config tiny_memvp data.shards=... data.tokenizer=...              # one process
-    memvp-train --config memvp_llama13b_sqa --dry-run --world-size 8                # the plan, as JSON
+    memvp-train --config memvp_llama13b_sqa --dry-run --world-size 8 --gpu-memory 80GiB  # the plan, as JSON
     deepspeed --num_gpus 8 --module memvp_ds.train --config memvp_llama13b_sqa \\
         model.llm.path=/ckpt/llama-13b-hf train.micro_batch_size=2
     torchrun --nproc_per_node 8 -m memvp_ds.train --config ...                     # or srun: slurm/train.sh
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "as JSON and exit (no model, no process group)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks the dry run plans for (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="memory of one GPU (e.g. 80GiB, 141GB): the dry run's memory estimate says whether the "
+                             "run fits (default: none, the estimate alone)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.blr=1e-2 model.memvp.memory_rows=320")
     return parser
@@ -55,6 +58,10 @@ def main(argv) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.gpu_memory and not args.dry_run:
+        from memvp_ds.config import ConfigError
+
+        raise ConfigError("--gpu-memory is for --dry-run's memory estimate; add --dry-run")
     from memvp_ds.schema import config_reference, load_config
 
     if args.help_config:
@@ -71,9 +78,11 @@ def _main(argv) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.dry_run:
+        from memvp_ds.engine.memory_plan import parse_memory_size
         from memvp_ds.engine.plan_report import dry_run_json
 
-        print(dry_run_json(cfg, args.world_size))
+        gpu_memory = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
+        print(dry_run_json(cfg, args.world_size, gpu_memory))
         return 0
     from memvp_ds.engine.preflight import LAUNCH, preflight
 

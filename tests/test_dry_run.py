@@ -85,7 +85,8 @@ def test_dry_run_of_the_13b_recipe_from_another_directory(full_size, tokenizer_d
     """The issue's acceptance run: 8 ranks x 4 = 32 per step over 12,726 samples."""
     config = str(CONFIGS / "memvp_llama13b_sqa.yaml")
     cmd = [sys.executable, str(REPO / "memvp_ds" / "train.py"), "--config", config,
-           *_overrides(full_size, tokenizer_dir, tmp_path / "run"), "--dry-run", "--world-size", "8"]
+           *_overrides(full_size, tokenizer_dir, tmp_path / "run"), "--dry-run", "--world-size", "8",
+           "--gpu-memory", "80GiB"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)  # the whole of stdout is one JSON object
@@ -107,6 +108,7 @@ def test_dry_run_of_the_13b_recipe_from_another_directory(full_size, tokenizer_d
     # the recipe names the shipped zero2: found from any directory
     assert plan["ds_config"]["path"] == str(REPO / "ds_configs" / "zero2.json")
     assert plan["ds_config"]["zero_stage"] == 2
+    assert plan["memory"]["zero"]["stage"] == 2 and plan["memory"]["verdict"].startswith("fits: ")
     assert not (tmp_path / "run").exists(), "a dry run creates nothing"
 
 

@@ -100,3 +100,49 @@ def test_packed_rows_with_flex_attention_equal_padded_batches(strategy, override
     torch.testing.assert_close(loss_b, loss_a, atol=1e-4, rtol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantised_frozen_llm_runs_and_trains_with_zero2(bits, dataset, tmp_path):
+    """model.llm.quantization: a tiny LLaMA saved as a model folder loads with bitsandbytes' quantised linear
+    layers in its blocks (the LM head stays bf16), its logits follow the bf16 model's, the trainable tensors
+    get finite gradients through the quantised blocks, and memvp-train runs it with ZeRO-2 to the end."""
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memvp_ds import build_model
+    from tests.conftest import tiny_config
+    from tests.helpers import run_train, scalars, train_overrides
+
+    inline = dict(tiny_config("memvp").model.llm.config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(inline.pop("model_type"), **inline)).save_pretrained(
+        tmp_path / "llm")
+    folder = [f"model.llm.path={tmp_path / 'llm'}", "model.llm.config=null", "model.llm.dtype=bfloat16"]
+    plain = build_model(tiny_config("memvp", *folder).model).cuda().eval()
+    torch.manual_seed(0)
+    quantised = build_model(tiny_config("memvp", *folder, f"model.llm.quantization={bits}").model).cuda().eval()
+    quantised.load_trainable(plain.trainable_state_dict())
+    layer = quantised.llm.base_model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[bits]
+    assert quantised.llm.get_output_embeddings().weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 512, (2, 24), generator=g).cuda()
+    feats = torch.randn(2, 16, 32, generator=g).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = plain(ids, image_features=feats).logits.float()
+        got = quantised(ids, image_features=feats).logits.float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8, (got - want).abs().max()
+    quantised.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = quantised(ids, labels=ids, image_features=feats).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in quantised.trainable_parameters().values())
+
+    out = tmp_path / "run"
+    run_train(train_overrides(dataset, out, *folder, f"model.llm.quantization={bits}", "train.precision=bf16",
+                              "train.max_steps=4", "train.ds_config=zero2"), timeout=300)
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
+    assert all(torch.isfinite(torch.tensor(v)) for v in scalars(out, "train/loss").values())

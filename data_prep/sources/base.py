@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Protocol
+from typing import Any, Dict, Iterator, List, Optional, Protocol
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -23,6 +23,13 @@ class Example:
     """Absolute path of the image file, or None for a text-only sample."""
     fields: Dict[str, Any] = field(default_factory=dict)
     """Text fields and metadata, stored as the sample's .json."""
+    more_images: List[str] = field(default_factory=list)
+    """Absolute paths of a multi-image sample's further images, in the order of their ``<image>`` tags."""
+
+    @property
+    def images(self) -> List[str]:
+        """Every image of the sample, in order ([] for a text-only sample)."""
+        return [self.image, *self.more_images] if self.image is not None else []
 
 
 class Source(Protocol):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, List, Optional, Tuple
 
 from data_prep.sources.base import Example, safe_key
 from data_prep.sources.records import (
@@ -17,15 +17,20 @@ from data_prep.sources.records import (
     is_text_or_number,
     read_records,
 )
-from memvp_ds.data.prompts import normalize_turn, strip_image_placeholder
+from memvp_ds.data.prompts import IMAGE_TAG, normalize_turn, strip_image_placeholder
 
+def _is_image_field(value) -> bool:
+    return is_text(value) or is_text_list(value)
+
+
+_IMAGES = "a string (image path), or a list of them for several images (one <image> tag each, in order)"
 _LLAVA_FIELDS = (
     Field("id", is_id, "a string or integer", required=False),
-    Field("image", is_text, "a string (image path)", required=False),
+    Field("image", _is_image_field, _IMAGES, required=False),
 )
 _QA_FIELDS = (
     Field("id", is_id, "a string or integer", required=False),
-    Field("image", is_text, "a string (image path)", required=False),
+    Field("image", _is_image_field, _IMAGES, required=False),
     Field("split", is_text, "a string", required=False),
     Field("question", is_text, "a string"),
     Field("answer", is_text_or_number, "a string or number"),
@@ -35,6 +40,21 @@ _QA_FIELDS = (
 
 def _image_path(image_root: str, name):
     return os.path.join(image_root, name) if name else None
+
+
+def _image_paths(record, image_root: str, texts, where: str) -> Tuple[Optional[str], List[str]]:
+    """The record's first image and its further ones: ``image`` is one path, or a list of paths that the text
+    refers to with one ``<image>`` tag each, in order (checked: a multi-image sample's images are told apart
+    by their order)."""
+    image = record.get("image")
+    if not isinstance(image, list):
+        return _image_path(image_root, image), []
+    tags = sum(text.count(IMAGE_TAG) for text in texts)
+    if not image or tags != len(image):
+        raise AnnotationError(f"{where}: 'image' lists {len(image)} images but the text has {tags} {IMAGE_TAG} "
+                              "tags; give each image its tag, in the order of the list")
+    paths = [os.path.join(image_root, name) for name in image]
+    return paths[0], paths[1:]
 
 
 def _source_id(record, index: int) -> str:
@@ -75,10 +95,11 @@ class LlavaSource(_AnnotationFileSource):
                 turns = [normalize_turn(t) for t in turns]
             except ValueError as err:
                 raise AnnotationError(f"{where}: {err}") from None
+            image, more = _image_paths(record, self.image_root, [t["value"] for t in turns], where)
             turns = [{**t, "value": strip_image_placeholder(t["value"])} for t in turns]
             source_id = _source_id(record, index)
             fields = {"conversations": turns, "source_id": source_id, "split": self.split}
-            yield Example(safe_key(source_id), self.split, _image_path(self.image_root, record.get("image")), fields)
+            yield Example(safe_key(source_id), self.split, image, fields, more)
 
 
 class JsonlQASource(_AnnotationFileSource):
@@ -90,10 +111,12 @@ class JsonlQASource(_AnnotationFileSource):
         return self.split if record.get("split") is None else record["split"]
 
     def examples(self) -> Iterator[Example]:
-        records = []
+        records, images = [], []
         for where, record in read_records(self.path):
-            check_fields(record, _QA_FIELDS, describe_record(where, record))
+            where = describe_record(where, record)
+            check_fields(record, _QA_FIELDS, where)
             records.append(record)
+            images.append(_image_paths(record, self.image_root, [record["question"]], where))
         splits = sorted({self._split_of(r) for r in records})
         for split in splits:  # group by split: shards never mix splits
             for index, record in enumerate(records):
@@ -102,4 +125,7 @@ class JsonlQASource(_AnnotationFileSource):
                 source_id = _source_id(record, index)
                 fields = {k: record.get(k) for k in ("question", "answer", "choices")}
                 fields.update(source_id=source_id, split=split)
-                yield Example(safe_key(source_id), split, _image_path(self.image_root, record.get("image")), fields)
+                image, more = images[index]
+                if more:  # the image enters through the strategy, not the text (as in conversations)
+                    fields["question"] = strip_image_placeholder(fields["question"])
+                yield Example(safe_key(source_id), split, image, fields, more)

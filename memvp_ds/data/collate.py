@@ -9,8 +9,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from memvp_ds.data.prompts import IGNORE_INDEX, build_segments, encode_segments
-from memvp_ds.data.shard_format import FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image
+from memvp_ds.data.prompts import IGNORE_INDEX, encode_prompt
+from memvp_ds.data.shard_format import (FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image,
+                                        features_member, image_count)
 
 
 class FeatureShapeError(ValueError):
@@ -24,7 +25,8 @@ class TokenizedSample:
     input_ids: List[int]
     labels: List[int]
     features: Optional[np.ndarray]
-    """(N, C) features, or (3, S, S) uint8 pixels when the encoder reads images."""
+    """(N, C) features ((n x N, C): the n images of a multi-image sample in order), or (3, S, S) uint8 pixels
+    when the encoder reads images."""
     fields: Dict[str, Any]
 
 
@@ -33,12 +35,14 @@ class SampleEncoder:
 
     ``with_target=False`` encodes the evaluation prompt; ``use_caption`` puts the sample's caption in a
     ScienceQA context (the official evaluation does, training does not). With ``image_size`` set (an online
-    vision tower) the sample's stored image is read as (3, S, S) uint8 pixels instead of its features."""
+    vision tower) the sample's stored image is read as (3, S, S) uint8 pixels instead of its features. A sample
+    may have up to ``max_images`` images (their features concatenated, each checked)."""
 
     def __init__(self, tokenizer, prompt_format: str, max_seq_len: int, visual_tokens: int, visual_dim: int,
                  with_target: bool = True, use_images: bool = True, use_caption: bool = False,
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None, max_images: int = 1):
         self.tokenizer, self.prompt_format, self.max_seq_len = tokenizer, prompt_format, max_seq_len
+        self.max_images = max_images
         self.member = FEATURES_MEMBER if image_size is None else IMAGE_MEMBER
         self.feature_shape = (visual_tokens, visual_dim) if image_size is None else (3, image_size, image_size)
         self.with_target, self.use_images, self.use_caption = with_target, use_images, use_caption
@@ -50,18 +54,26 @@ class SampleEncoder:
 
     def __call__(self, raw: Dict[str, Any]) -> TokenizedSample:
         fields = json.loads(raw[FIELDS_MEMBER])
-        if fields.get("has_image") and self.member not in raw:
-            raise ValueError(f"sample {raw['__key__']}: has_image but no .{self.member} member (a truncated shard, or "
+        # A hand-written shard may leave has_image out: a stored member still counts as an image.
+        count = image_count(fields) or int(self.member in raw)
+        if count > self.max_images:
+            raise ValueError(f"sample {raw['__key__']}: {count} images, data.max_images is {self.max_images}")
+        members = [features_member(i) for i in range(count)] if self.member == FEATURES_MEMBER else [self.member]
+        missing = [m for m in members if m not in raw] if fields.get("has_image") else []
+        if missing:
+            raise ValueError(f"sample {raw['__key__']}: has_image but no .{missing[0]} member (a truncated shard, or "
                              "shards written with another --store)")
         features = None
-        if self.member in raw and self.use_images:
-            features = self._decode(raw[self.member])
-            if features.shape != self.feature_shape:
-                raise FeatureShapeError(f".{self.member} {features.shape}, model expects {self.feature_shape}")
-            if not np.isfinite(features).all():
-                raise ValueError("non-finite (NaN or inf) features")
-        segments = build_segments(fields, self.prompt_format, self.with_target, self.use_caption)
-        encoded = encode_segments(self.tokenizer, segments, self.max_seq_len)
+        if count and self.use_images:
+            arrays = [self._decode(raw[member]) for member in members]
+            for member, array in zip(members, arrays):
+                if array.shape != self.feature_shape:
+                    raise FeatureShapeError(f".{member} {array.shape}, model expects {self.feature_shape}")
+                if not np.isfinite(array).all():
+                    raise ValueError(f"non-finite (NaN or inf) features in .{member}")
+            features = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        encoded = encode_prompt(self.tokenizer, fields, self.prompt_format, self.max_seq_len, self.with_target,
+                                self.use_caption)
         ids, labels = encoded.input_ids, encoded.labels
         if self.with_target:
             if all(label == IGNORE_INDEX for label in labels):  # nothing to learn from: unusable, counted
@@ -78,7 +90,8 @@ def build_encoder(cfg, tokenizer, with_target: bool = True, use_caption: bool = 
     vision = cfg.model.vision
     return SampleEncoder(tokenizer, cfg.data.prompt_format, cfg.data.max_seq_len, cfg.model.visual_tokens,
                          cfg.model.visual_dim, with_target, cfg.data.use_images, use_caption,
-                         image_size=vision.recipe.image_size if vision.online else None)
+                         image_size=vision.recipe.image_size if vision.online else None,
+                         max_images=cfg.data.max_images)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -90,29 +103,38 @@ def _visual_key(feature_shape) -> str:
     return "images" if len(feature_shape) == 3 else "image_features"
 
 
-def _stack_features(samples: List[TokenizedSample], feature_shape):
+def _stack_features(samples: List[TokenizedSample], feature_shape, max_images: int = 1):
     """(B, N, C) fp16 features, or (B, 3, S, S) uint8 pixels for an online vision tower, zeros for text-only
-    samples, and the (B,) ``has_image`` flags."""
+    samples, and the (B,) ``has_image`` flags. With ``max_images`` k > 1, (B, k x N, C) features, a sample's
+    n images in the first n slots of N rows each, and (B, k) ``has_image`` flags per slot."""
     pixels = _visual_key(feature_shape) == "images"
-    features = torch.zeros((len(samples), *feature_shape), dtype=torch.uint8 if pixels else torch.float16)
-    has_image = torch.zeros(len(samples), dtype=torch.bool)
+    slots = (feature_shape[0] * max_images, *feature_shape[1:])
+    features = torch.zeros((len(samples), *slots), dtype=torch.uint8 if pixels else torch.float16)
+    has_image = torch.zeros((len(samples), max_images) if max_images > 1 else len(samples), dtype=torch.bool)
     for row, sample in enumerate(samples):
         if sample.features is not None:
-            features[row] = torch.from_numpy(sample.features if pixels else sample.features.astype(np.float16, copy=False))
-            has_image[row] = True
+            rows = sample.features.shape[0]
+            features[row, :rows] = torch.from_numpy(
+                sample.features if pixels else sample.features.astype(np.float16, copy=False))
+            if max_images > 1:
+                has_image[row, : rows // feature_shape[0]] = True
+            else:
+                has_image[row] = True
     return features, has_image
 
 
-def _batch(samples: List[TokenizedSample], feature_shape, **tensors: torch.Tensor) -> Dict[str, Any]:
+def _batch(samples: List[TokenizedSample], feature_shape, max_images: int = 1, **tensors: torch.Tensor
+           ) -> Dict[str, Any]:
     """The token ``tensors`` plus what every batch carries per sample: visual input, ``has_image``, keys, fields."""
-    features, has_image = _stack_features(samples, feature_shape)
+    features, has_image = _stack_features(samples, feature_shape, max_images)
     return {**tensors, _visual_key(feature_shape): features, "has_image": has_image,
             "keys": [s.key for s in samples], "fields": [s.fields for s in samples]}
 
 
 def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_multiple: int = 8,
-            left_pad: bool = False) -> Dict[str, Any]:
-    """Pad to a common length (a multiple of ``pad_to_multiple``) and stack features.
+            left_pad: bool = False, max_images: int = 1) -> Dict[str, Any]:
+    """Pad to a common length (a multiple of ``pad_to_multiple``) and stack features (``max_images`` image
+    slots per sample: see ``_stack_features``).
 
     Every batch carries an ``image_features`` tensor (fp16), or for (3, S, S) pixel shapes an ``images``
     tensor (uint8), zeros for text-only rows (``has_image`` False): every rank then runs the same modules
@@ -129,7 +151,8 @@ def collate(samples: List[TokenizedSample], pad_id: int, feature_shape, pad_to_m
         input_ids[row, span] = torch.tensor(sample.input_ids)
         labels[row, span] = torch.tensor(sample.labels)
         attention_mask[row, span] = 1
-    return _batch(samples, feature_shape, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return _batch(samples, feature_shape, max_images, input_ids=input_ids, attention_mask=attention_mask,
+                  labels=labels)
 
 
 def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
@@ -151,7 +174,7 @@ def pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
 
 
 def pack(samples: List[TokenizedSample], pad_id: int, feature_shape, max_seq_len: int, pad_to_multiple: int = 8,
-         visual_positions: int = 0) -> Dict[str, Any]:
+         visual_positions: int = 0, max_images: int = 1) -> Dict[str, Any]:
     """Sequence packing: all ``samples`` (one micro-batch) concatenated into as few rows as fit, padded on
     the right to a common length (a multiple of ``pad_to_multiple``).
 
@@ -180,5 +203,5 @@ def pack(samples: List[TokenizedSample], pad_id: int, feature_shape, max_seq_len
             labels[row, text] = torch.tensor(sample.labels)
             attention_mask[row, text] = 1
             start += lengths[index]
-    return _batch(samples, feature_shape, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                  segment_ids=segment_ids)
+    return _batch(samples, feature_shape, max_images, input_ids=input_ids, attention_mask=attention_mask,
+                  labels=labels, segment_ids=segment_ids)

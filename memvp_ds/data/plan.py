@@ -93,6 +93,9 @@ def load_checked_manifest(cfg: Config) -> Manifest:
             f"{path}: shards hold {recipe['tokens']} x {recipe['dim']} features but model.visual_tokens x "
             f"model.visual_dim is {cfg.model.visual_tokens} x {cfg.model.visual_dim}"
         )
+    if manifest.max_images > cfg.data.max_images:
+        raise ConfigError(f"{path}: samples have up to {manifest.max_images} images but data.max_images is "
+                          f"{cfg.data.max_images}")
     _check_store(cfg, path, manifest)
     return manifest
 

@@ -1,5 +1,5 @@
-"""Prompt formats and the label mask: ScienceQA QCM-A (the official MemVP strings), generic QA and
-LLaVA/ShareGPT-style conversations.
+"""Prompt formats and the label mask: ScienceQA QCM-A (the official MemVP strings), generic QA,
+LLaVA/ShareGPT-style conversations, and conversations rendered by the tokenizer's own chat template.
 
 A prompt format is a registered class (``PROMPT_FORMATS``, like the strategies): it owns its segments, how
 many tokens an answer gets at evaluation, how answers are scored and what the evaluation reports about its
@@ -29,6 +29,8 @@ IGNORE_INDEX = -100
 ANSWER_PREFIX = "The answer is"
 """What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
 Segment = Tuple[str, bool]
+IMAGE_TAG = "<image>"
+"""Where an image goes in LLaVA-style text; removed from stored text (images enter through the strategy)."""
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
 
 
@@ -143,12 +145,36 @@ def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) ->
     if segments and segments[-1][1]:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    overflow = len(input_ids) - max_seq_len
-    if overflow > 0:
-        keep = len(head)
-        input_ids = input_ids[:keep] + input_ids[keep + overflow :]
-        labels = labels[:keep] + labels[keep + overflow :]
-    return EncodedText(input_ids=input_ids, labels=labels)
+    return _drop_oldest(EncodedText(input_ids=input_ids, labels=labels), len(head), max_seq_len)
+
+
+def _drop_oldest(encoded: EncodedText, keep: int, max_seq_len: int) -> EncodedText:
+    """At most ``max_seq_len`` tokens: the first ``keep`` (BOS) stay, then the oldest context goes first."""
+    overflow = len(encoded.input_ids) - max_seq_len
+    if overflow <= 0:
+        return encoded
+    cut = lambda ids: ids[:keep] + ids[keep + overflow :]  # noqa: E731
+    return EncodedText(input_ids=cut(encoded.input_ids), labels=cut(encoded.labels))
+
+
+def encode_rendered(tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
+    """Segments rendered by a chat template (BOS, turn markers and end-of-turn tokens are in their text):
+    the text is tokenized as one string without adding special tokens, and a token carries the loss when
+    any of its characters lies in a target segment (the rule of transformers' assistant-token mask). Too
+    long a sequence loses its oldest tokens after a leading BOS."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("data.prompt_format=chat_template needs a fast tokenizer (character offsets of tokens)")
+    text, spans, start = "", [], 0
+    for segment, is_target in segments:
+        if is_target:
+            spans.append((start, start + len(segment)))
+        text, start = text + segment, start + len(segment)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [token if any(begin < b and end > a for a, b in spans) else IGNORE_INDEX
+              for token, (begin, end) in zip(input_ids, encoded["offset_mapping"])]
+    keep = int(bool(input_ids) and input_ids[0] == tokenizer.bos_token_id)
+    return _drop_oldest(EncodedText(input_ids=input_ids, labels=labels), keep, max_seq_len)
 
 
 class PromptFormat:
@@ -159,9 +185,18 @@ class PromptFormat:
     """Whether the format renders a whole conversation (a chat request keeps every turn) rather than one
     question."""
 
-    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
-        """The sample's segments; ``with_target=False`` gives the prompt a model answers at eval time."""
+    def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
+        """The sample's segments; ``with_target=False`` gives the prompt a model answers at eval time. Only a
+        format that renders with the tokenizer's chat template reads ``tokenizer``."""
         raise NotImplementedError
+
+    def encode(self, tokenizer, fields: dict, with_target: bool, use_caption: bool, max_seq_len: int) -> EncodedText:
+        """The sample's token ids and labels (``encode_segments``: BOS + text + EOS after an answer)."""
+        return encode_segments(tokenizer, self.segments(fields, with_target, use_caption), max_seq_len)
+
+    def check_tokenizer(self, tokenizer, path: str) -> None:
+        """Raise ConfigError when the tokenizer at ``path`` cannot render this format (pre-flight); any
+        tokenizer renders the plain-text formats."""
 
     def answer_tokens(self, eval_cfg: EvalConfig) -> int:
         """New tokens generated per answer at evaluation."""
@@ -188,7 +223,7 @@ class ScienceQAFormat(PromptFormat):
 
     name = "qcm_a"
 
-    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
+    def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
         caption = fields.get("caption") if use_caption else None
         prompt = scienceqa_prompt(fields["question"], fields["choices"], fields.get("hint"), caption)
         if not with_target:
@@ -216,7 +251,7 @@ class QAFormat(PromptFormat):
 
     name = "qa"
 
-    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
+    def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
         prompt = f"Question: {fields['question']}\n"
         if fields.get("choices"):
             check_choice_count(fields["choices"])
@@ -243,7 +278,7 @@ class ConversationFormat(PromptFormat):
     name = "conversation"
     multi_turn = True
 
-    def segments(self, fields: dict, with_target: bool, use_caption: bool) -> List[Segment]:
+    def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
         segments = conversation_segments(fields["conversations"])
         if with_target:
             return segments
@@ -263,7 +298,66 @@ class ConversationFormat(PromptFormat):
         return super().metrics(records)
 
 
-PROMPT_FORMATS: Dict[str, PromptFormat] = {f.name: f for f in (ScienceQAFormat(), ConversationFormat(), QAFormat())}
+CHAT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+"""Stored (LLaVA) turn roles -> the roles chat templates know."""
+
+
+def chat_template_segments(tokenizer, turns: Sequence[dict], with_target: bool = True) -> List[Segment]:
+    """Conversation turns rendered by the tokenizer's chat template, cut into segments: each assistant turn's
+    text is a target segment, from where the template's generation prompt ends up to and including its
+    end-of-turn token (the whitespace after that token separates turns and carries no loss); everything else
+    (BOS, system prompt, user turns, turn headers) is context. ``with_target=False``: the prompt up to the last
+    assistant turn, ending in the template's generation prompt.
+
+    A turn's boundaries come from rendering the conversation up to it: with the generation prompt (where the
+    answer starts) and with the answer (where it ends). Each rendering must be the start of the whole one,
+    else the template renders earlier turns differently once later ones exist: ValueError."""
+    messages = [{"role": CHAT_ROLES[t["from"]], "content": t["value"]} for t in map(normalize_turn, turns)]
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not with_target and answers and answers[-1] == len(messages) - 1:
+        messages, answers = messages[:-1], answers[:-1]
+    render = lambda upto, prompt: tokenizer.apply_chat_template(  # noqa: E731
+        messages[:upto], tokenize=False, add_generation_prompt=prompt)
+    whole = render(len(messages), not with_target)
+    segments: List[Segment] = []
+    done = 0
+    for index in answers:
+        begin, end = render(index, True), render(index + 1, False)
+        if not (whole.startswith(end) and end.startswith(begin)):
+            raise ValueError(f"the chat template renders the turns before turn {index} differently once later "
+                             "turns follow: the answers' tokens cannot be told apart")
+        stop = max(len(end.rstrip()), len(begin))
+        segments += [(whole[done : len(begin)], False), (whole[len(begin) : stop], True)]
+        done = stop
+    if done < len(whole):
+        segments.append((whole[done:], False))
+    return [segment for segment in segments if segment[0]]
+
+
+class ChatTemplateFormat(ConversationFormat):
+    """chat_template: conversation turns rendered by the tokenizer's own chat template (system, user and
+    assistant turns), the loss on exactly the assistant turns' tokens; BOS, turn markers and end-of-turn
+    tokens are what the template writes (no BOS or EOS is added). For instruct models, which were trained
+    on their template. Scored like ``conversation``."""
+
+    name = "chat_template"
+
+    def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
+        if tokenizer is None:
+            raise ValueError("data.prompt_format=chat_template renders prompts with a tokenizer's chat template")
+        return chat_template_segments(tokenizer, fields["conversations"], with_target)
+
+    def encode(self, tokenizer, fields: dict, with_target: bool, use_caption: bool, max_seq_len: int) -> EncodedText:
+        return encode_rendered(tokenizer, self.segments(fields, with_target, use_caption, tokenizer), max_seq_len)
+
+    def check_tokenizer(self, tokenizer, path: str) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"data.prompt_format=chat_template: the tokenizer at {path} has no chat template "
+                              "(a base model's); use data.prompt_format=conversation")
+
+
+PROMPT_FORMATS: Dict[str, PromptFormat] = {
+    f.name: f for f in (ScienceQAFormat(), ConversationFormat(), QAFormat(), ChatTemplateFormat())}
 """The registry: data.prompt_format names one of these."""
 
 
@@ -275,7 +369,13 @@ def prompt_format(name: str) -> PromptFormat:
 
 
 def build_segments(fields: dict, prompt_format_name: str, with_target: bool = True,
-                   use_caption: bool = False) -> List[Segment]:
+                   use_caption: bool = False, tokenizer=None) -> List[Segment]:
     """Segments for one stored sample in the format ``prompt_format_name`` (see PROMPT_FORMATS).
     ``with_target=False`` gives the prompt a model answers at eval time."""
-    return prompt_format(prompt_format_name).segments(fields, with_target, use_caption)
+    return prompt_format(prompt_format_name).segments(fields, with_target, use_caption, tokenizer)
+
+
+def encode_prompt(tokenizer, fields: dict, prompt_format_name: str, max_seq_len: int, with_target: bool = True,
+                  use_caption: bool = False) -> EncodedText:
+    """Token ids and labels of one stored sample in the format ``prompt_format_name``."""
+    return prompt_format(prompt_format_name).encode(tokenizer, fields, with_target, use_caption, max_seq_len)

@@ -3,7 +3,9 @@ verify, tests).
 
 A data folder holds ``{split}-{index:06d}.tar`` WebDataset shards and ``manifest.json``. Each sample is
 ``<key>.json`` (its text fields, ``has_image``) and, when it has an image, ``<key>.npy`` (the CLIP features,
-N x C, stored with numpy's format and never unpickled) and/or ``<key>.png`` (the image after the recipe's
+N x C, stored with numpy's format and never unpickled; a sample with several images, ``image_count`` of them in
+its fields, stores the further ones' as ``<key>.1.npy``, ``<key>.2.npy``, ... in the order of their ``<image>``
+tags, and the manifest's ``max_images`` is the most any sample has) and/or ``<key>.png`` (the image after the recipe's
 resize, 8-bit RGB, for the online vision tower), as the manifest's ``store`` says (features, images or both;
 absent: features). The manifest lists every shard with its split, sample count, size and sha256, and the
 feature ``recipe`` (how the features were made: tokens, dim, dtype, model, image size, mean/std).
@@ -27,6 +29,8 @@ FIELDS_MEMBER = "json"
 """Member suffix of a sample's text fields."""
 FEATURES_MEMBER = "npy"
 """Member suffix of a sample's features."""
+IMAGE_COUNT_FIELD = "image_count"
+"""Field of a sample with more than one image: how many (absent: 1 with ``has_image``, else 0)."""
 IMAGE_MEMBER = "png"
 """Member suffix of a sample's resized image (online vision tower)."""
 STORE_MODES = ("features", "images", "both")
@@ -45,6 +49,17 @@ def sha256_of(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def features_member(index: int) -> str:
+    """Member suffix of a sample's ``index``-th image's features: ``npy`` for the first (so single-image shards
+    are unchanged), ``1.npy``, ``2.npy``, ... for the further images of a multi-image sample."""
+    return FEATURES_MEMBER if index == 0 else f"{index}.{FEATURES_MEMBER}"
+
+
+def image_count(fields: Dict[str, Any]) -> int:
+    """Images a stored sample has (its fields as stored)."""
+    return int(fields.get(IMAGE_COUNT_FIELD, 1 if fields.get("has_image") else 0))
 
 
 def encode_features(features: np.ndarray) -> bytes:
@@ -137,6 +152,11 @@ class Manifest:
         return stored_members(self.store)
 
     @property
+    def max_images(self) -> int:
+        """The most images any sample of the extraction has (1 for single-image data)."""
+        return int(self.data.get("max_images", 1))
+
+    @property
     def complete(self) -> Optional[bool]:
         """True once every planned shard is written (and parts merged); None in manifests from before the key."""
         return self.data.get("complete")
@@ -212,11 +232,14 @@ def read_raw_samples(path: str) -> Iterator[Dict[str, Any]]:
 
 
 def read_shard(path: str, with_images: bool = False) -> Iterator[Tuple]:
-    """(key, fields, features-or-None) of every sample of a local shard, in order; with ``with_images``,
-    (key, fields, features-or-None, image-or-None)."""
+    """(key, fields, features-or-None) of every sample of a local shard, in order (a multi-image sample's
+    features concatenated in image order, (n x N, C)); with ``with_images``, (key, fields, features-or-None,
+    image-or-None)."""
     for members in read_raw_samples(path):
         fields = json.loads(members[FIELDS_MEMBER])
-        features = decode_features(members[FEATURES_MEMBER]) if FEATURES_MEMBER in members else None
+        arrays = [decode_features(members[features_member(i)]) for i in range(max(image_count(fields), 1))
+                  if features_member(i) in members]
+        features = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)) if arrays else None
         if with_images:
             yield members["__key__"], fields, features, (
                 decode_image(members[IMAGE_MEMBER]) if IMAGE_MEMBER in members else None)

@@ -283,9 +283,11 @@ def build_train_loader(urls: List[str], encoder: SampleEncoder, options: LoaderO
     out, never which samples a batch holds."""
     o = options
     if o.packing:
-        collate_fn = _Pack(o.pad_id, encoder.feature_shape, encoder.max_seq_len, o.pad_to_multiple, o.visual_positions)
+        collate_fn = _Pack(o.pad_id, encoder.feature_shape, encoder.max_seq_len, o.pad_to_multiple, o.visual_positions,
+                           encoder.max_images)
     else:
-        collate_fn = _Collate(o.pad_id, encoder.feature_shape, o.pad_to_multiple, left_pad=False)
+        collate_fn = _Collate(o.pad_id, encoder.feature_shape, o.pad_to_multiple, left_pad=False,
+                              max_images=encoder.max_images)
     stream = TrainStream(urls, encoder, o.micro_batch, collate_fn, o.seed, o.rank, o.world_size, o.num_workers,
                          o.shuffle_buffer, skip_micro_batches=skip_micro_batches, expected_counts=o.expected_counts,
                          budget=o.budget)
@@ -316,9 +318,10 @@ class _Collate:
     feature_shape: tuple
     pad_to_multiple: int
     left_pad: bool
+    max_images: int = 1
 
     def __call__(self, samples: List[TokenizedSample]) -> Dict[str, Any]:
-        return collate(samples, self.pad_id, self.feature_shape, self.pad_to_multiple, self.left_pad)
+        return collate(samples, self.pad_id, self.feature_shape, self.pad_to_multiple, self.left_pad, self.max_images)
 
 
 @dataclass
@@ -330,10 +333,11 @@ class _Pack:
     max_seq_len: int
     pad_to_multiple: int
     visual_positions: int
+    max_images: int = 1
 
     def __call__(self, samples: List[TokenizedSample]) -> Dict[str, Any]:
         return pack(samples, self.pad_id, self.feature_shape, self.max_seq_len, self.pad_to_multiple,
-                    self.visual_positions)
+                    self.visual_positions, self.max_images)
 
 
 def iterate_eval_batches(urls: List[str], encoder: SampleEncoder, batch_size: int, pad_id: int, rank: int,
@@ -346,7 +350,7 @@ def iterate_eval_batches(urls: List[str], encoder: SampleEncoder, batch_size: in
     Unusable samples are skipped within ``budget``; a split with none usable raises DataStreamError.
     """
     skipped = DataErrors(budget)
-    collate_fn = _Collate(pad_id, encoder.feature_shape, 8, left_pad)
+    collate_fn = _Collate(pad_id, encoder.feature_shape, 8, left_pad, encoder.max_images)
     samples: List[TokenizedSample] = []
     filler: Optional[TokenizedSample] = None
     total = 0

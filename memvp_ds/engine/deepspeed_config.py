@@ -54,6 +54,9 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
         for key, value in FP16_DYNAMIC_LOSS_SCALE.items():
             ds["fp16"].setdefault(key, value)
     _check_search_without_offloaded_zero3_optimizer(ds, cfg.train.mode, path)
+    if cfg.model.llm.quantization and zero_stage(ds) == 3:
+        raise ConfigError(f"{path}: ZeRO-3 partitions every weight across the ranks, which bitsandbytes' quantised "
+                          f"weights cannot be (model.llm.quantization={cfg.model.llm.quantization}); use zero2")
     # A client torch optimizer (AdamW) under ZeRO: DeepSpeed calls it "untested" but partitions it fine.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)  # our own logging reports progress

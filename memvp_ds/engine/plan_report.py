@@ -11,20 +11,22 @@ from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX, prompt_format
 from memvp_ds.data.shard_format import read_raw_samples
 from memvp_ds.engine.deepspeed_config import zero_stage
+from memvp_ds.engine.memory_plan import memory_plan
 from memvp_ds.engine.preflight import DRY_RUN, preflight
 from memvp_ds.evaluation.run import eval_encoder
 from memvp_ds.recipes import resolve_ds_config
 
 
-def dry_run_json(cfg: Config, world_size: Optional[int] = None) -> str:
-    """--dry-run's output: the plan as one JSON object, for ``world_size`` ranks (default: $WORLD_SIZE or 1)."""
+def dry_run_json(cfg: Config, world_size: Optional[int] = None, gpu_memory: Optional[int] = None) -> str:
+    """--dry-run's output: the plan as one JSON object, for ``world_size`` ranks (default: $WORLD_SIZE or 1);
+    with ``gpu_memory`` (bytes per GPU) the memory estimate says whether the run fits."""
     import json
 
     from memvp_ds.config import check_at_least
 
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     check_at_least("--world-size", world_size, 1)
-    return json.dumps(dry_run_report(cfg, world_size), indent=2)
+    return json.dumps(dry_run_report(cfg, world_size, gpu_memory), indent=2)
 
 
 def _decode(tokenizer, ids: List[int]) -> str:
@@ -50,10 +52,11 @@ def _training_example(encoder: SampleEncoder, raw: Dict[str, Any]) -> Dict[str, 
             "ends_with_eos": sample.input_ids[-1] == tokenizer.eos_token_id}
 
 
-def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
+def dry_run_report(cfg: Config, world_size: int, gpu_memory: Optional[int] = None) -> Dict[str, Any]:
     """Check the config, the DeepSpeed JSON, the shards against the manifest, the tokenizer and the output
-    folder, and describe the run: its size and schedule, the shards each split reads and the first
-    training sample as the model will see it. Raises ConfigError (or FileNotFoundError) naming the problem."""
+    folder, and describe the run: its size and schedule, the shards each split reads, the first training
+    sample as the model will see it and the GPU memory a rank needs (engine/memory_plan.py; whether it fits
+    in ``gpu_memory`` bytes). Raises ConfigError (or FileNotFoundError) naming the problem."""
     checked = preflight(cfg, world_size, DRY_RUN)
     ds, plan, tokenizer, data = checked.ds_config, checked.data, checked.tokenizer, cfg.data
     train_encoder = build_encoder(cfg, tokenizer)  # the training run's: features, or images for an online tower
@@ -87,4 +90,5 @@ def dry_run_report(cfg: Config, world_size: int) -> Dict[str, Any]:
         prompt_ids = eval_encoder(cfg, tokenizer)(eval_first).input_ids
         evaluation["example_prompt"] = _decode(tokenizer, prompt_ids)
     report["eval"] = evaluation
+    report["memory"] = memory_plan(cfg, ds, world_size, gpu_memory)
     return report

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 from memvp_ds.config import Config
 from memvp_ds.data.plan import DataPlan, plan_data
+from memvp_ds.data.prompts import prompt_format
 from memvp_ds.engine.deepspeed_config import build_ds_config
 from memvp_ds.run_folder import check_writable
 
@@ -48,6 +49,7 @@ def preflight(cfg: Config, world_size: int, stage: str = FULL) -> CheckedPlan:
     checked.output_dir = check_writable(cfg.train.output_dir, "train.output_dir", create=stage == FULL)
     checked.tokenizer_dir = tokenizer_path(cfg)
     checked.tokenizer = load_tokenizer(checked.tokenizer_dir, cfg.model.llm.trust_remote_code)
+    prompt_format(cfg.data.prompt_format).check_tokenizer(checked.tokenizer, checked.tokenizer_dir)
     if stage == DRY_RUN:
         return checked
     from memvp_ds.engine.checkpoint import check_compatible, find_resume_checkpoint

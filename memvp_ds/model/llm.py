@@ -47,7 +47,8 @@ def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
     return layers
 
 
-def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+def load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+    """The LLM's HF config (the inline one, or config.json of ``cfg.path``); reads no weights."""
     if cfg.path is None:
         inline = dict(cfg.config)
         return AutoConfig.for_model(inline.pop("model_type"), **inline)
@@ -60,12 +61,12 @@ def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
 
 def num_decoder_layers(cfg: LLMConfig) -> int:
     """The LLM's number of decoder layers, from its config alone (no weights are read)."""
-    return _load_hf_config(cfg).num_hidden_layers
+    return load_hf_config(cfg).num_hidden_layers
 
 
 def vocab_size(cfg: LLMConfig) -> int:
     """The LLM's embedding rows, from its config alone (no weights are read)."""
-    return _load_hf_config(cfg).vocab_size
+    return load_hf_config(cfg).vocab_size
 
 
 def check_vocab_fits(tokens: int, tokenizer_path: str, llm: LLMConfig) -> None:
@@ -75,6 +76,23 @@ def check_vocab_fits(tokens: int, tokenizer_path: str, llm: LLMConfig) -> None:
         source = llm.path or "model.llm.config"
         raise ConfigError(f"data.tokenizer: {tokenizer_path} has {tokens} tokens but the LLM ({source}) has "
                           f"vocab_size {rows}: ids from {rows} on have no embedding; use the LLM's own tokenizer")
+
+
+def _quantized_loading(cfg: LLMConfig, dtype: torch.dtype) -> dict:
+    """from_pretrained's arguments for model.llm.quantization: bitsandbytes quantises the linear layers of the
+    decoder blocks on this process's GPU as they load (the LM head stays in ``dtype``: the loss needs its
+    precision)."""
+    if cfg.quantization is None:
+        return {}
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.llm.quantization={cfg.quantization}: bitsandbytes quantisation needs a CUDA device")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
 def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
@@ -87,7 +105,7 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    hf_config = _load_hf_config(cfg)
+    hf_config = load_hf_config(cfg)
     dtype = getattr(torch, cfg.dtype)
     common = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     if not is_deepspeed_zero3_enabled():
@@ -98,6 +116,7 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
             torch.manual_seed(cfg.init_seed)
             llm = AutoModelForCausalLM.from_config(hf_config, **common)
     else:
+        common.update(_quantized_loading(cfg, dtype))
         llm = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf_config, use_safetensors=True, **common)
     decoder_layers(llm)
     llm.requires_grad_(False)

@@ -116,9 +116,14 @@ class PackedLayout:
 
 
 def image_indicator(image_features: torch.Tensor, has_image: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, 1, 1) float mask, 0 for rows without an image; ``has_image=None`` means every row has one."""
+    """(B, 1, 1) float mask, 0 for rows without an image; ``has_image=None`` means every row has one. For
+    multi-image batches (``has_image`` (B, k) per image slot) a (B, k x N, 1) mask, 0 on the N rows of each
+    empty slot."""
     if has_image is None:
         return image_features.new_ones(image_features.shape[0], 1, 1)
+    if has_image.dim() == 2:
+        per_slot = image_features.shape[1] // has_image.shape[1]
+        return has_image.to(image_features.dtype).repeat_interleave(per_slot, dim=1)[..., None]
     return has_image.to(image_features.dtype).view(-1, 1, 1)
 
 
@@ -162,6 +167,9 @@ class VisualStrategy(nn.Module):
     reads_last_clip_block: bool = False
     """Whether ``forward`` also reads the online CLIP tower's last block output (CLS first, no ln_post), which
     the model hands over through ``set_last_clip_block`` before each call (DVP-SQA's cross-attention)."""
+    multi_image: ClassVar[bool] = False
+    """Takes samples with several images (data.max_images > 1): ``image_features`` (B, k x N, C), a sample's
+    images in consecutive slots of N rows, and ``has_image`` (B, k) per slot."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()

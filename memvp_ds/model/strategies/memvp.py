@@ -30,9 +30,11 @@ class MemVPOptions:
 
     def validate(self, cfg) -> None:
         check_at_least("model.memvp.memory_rows", self.memory_rows, 1)
-        if cfg.model.strategy == "memvp" and cfg.model.visual_tokens > self.memory_rows:
-            raise ConfigError(f"model.visual_tokens ({cfg.model.visual_tokens}) exceeds model.memvp.memory_rows "
-                              f"({self.memory_rows}): every visual token needs a memory row")
+        rows = cfg.model.visual_tokens * cfg.data.max_images
+        if cfg.model.strategy == "memvp" and rows > self.memory_rows:
+            raise ConfigError(f"model.visual_tokens ({cfg.model.visual_tokens}) x data.max_images "
+                              f"({cfg.data.max_images}) exceeds model.memvp.memory_rows ({self.memory_rows}): every "
+                              "visual token of every image needs a memory row")
 
 
 class VisualMemory(nn.Module):
@@ -56,7 +58,8 @@ class MemVPStrategy(VisualStrategy):
     """``out = h + FFN(x) + s * Dropout(SiLU(x K^T)) V`` in every decoder block, with x = ffn_norm(h).
 
     K = Z + P1 and V = Z + P2, where Z is the projected visual features (zeroed for text-only rows) padded
-    with zero rows to M. K/V are built once in ``forward`` and read by a forward hook on each block's
+    with zero rows to M; with several images per sample, Z holds each image's N rows in turn (zero for an
+    empty slot), so the memory has k x N distinct image rows (the projector works row by row). K/V are built once in ``forward`` and read by a forward hook on each block's
     ``mlp``, whose input is exactly x, so the FFN input is computed once and the HF module tree (and its
     weight names) is unchanged. In a packed batch each token's memory is its own sample's K/V: the FFN
     inputs are moved to a per-sample layout for the memory term and back.
@@ -64,6 +67,7 @@ class MemVPStrategy(VisualStrategy):
 
     name = "memvp"
     options = MemVPOptions
+    multi_image = True  # a sample's images fill consecutive rows of its memory, each image's rows its own
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
