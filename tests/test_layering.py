@@ -18,6 +18,7 @@ PACKAGES = ("memvp_ds", "data_prep", "memvp_demo")
 LAYERS = [
     ("memvp_ds.config", "memvp_ds.atomic_io", "memvp_ds.distributed", "memvp_ds.recipes", "memvp_ds.cli",
      "memvp_ds.progress", "memvp_ds.run_lock", "memvp_ds.stop_signals"),
+    ("memvp_ds.gguf_files",),
     ("memvp_ds.vision",),
     ("memvp_ds.model", "memvp_ds.data"),
     ("memvp_ds.search",),
