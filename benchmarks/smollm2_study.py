@@ -49,19 +49,16 @@ CATEGORIES = ("colour", "shape", "position", "reading")
 
 @dataclass
 class FeatureSet:
-    """A feature extraction of the demo's images: a tiny CLIP tower (random or trained here) at a size."""
+    """A feature extraction of the demo's images by a randomly initialised tiny CLIP tower."""
 
     vision: Dict[str, int] = field(default_factory=dict)
     """Changes to the tiny CLIP's vision_cfg (memvp_ds/vision/model_configs/tiny-vit.json)."""
-    contrastive_steps: int = 0
-    """>0: the tiny CLIP is first trained contrastively on the scenes' captions (memvp_demo/scene_clip.py)."""
 
 
 FEATURES = {
     "random64": FeatureSet(),
     "random128_p16": FeatureSet(vision={"image_size": 128}),
     "random64_wide": FeatureSet(vision={"width": 128, "layers": 4, "head_width": 32}),
-    "contrastive64": FeatureSet(contrastive_steps=300),
 }
 
 
@@ -74,6 +71,8 @@ class Variant:
     features: str = "random64"
     text_only: bool = False
     warmup_fraction: float = 0.25
+    standardise: bool = False
+    """Features centred and scaled per token and channel with the training split's statistics."""
 
 
 VARIANTS = {
@@ -90,7 +89,9 @@ VARIANTS = {
     "memvp_batch16": Variant(batch=16, lr=1.56e-2),
     "memvp_nodrop": Variant(overrides=["model.memvp.dropout=0.0"]),
     "memvp_random128": Variant(features="random128"),
-    "memvp_contrastive": Variant(features="contrastive64"),
+    "memvp_std": Variant(standardise=True),
+    "memvp_std_scale1": Variant(standardise=True, overrides=["model.projector.output_scale=1.0"]),
+    "memvp_scale1_lr3x": Variant(lr=2.3e-2, overrides=["model.projector.output_scale=1.0"]),
     "input_prefix": Variant(strategy="input_prefix"),
     "text_only": Variant(text_only=True),
 }
@@ -126,7 +127,7 @@ def letter_scores(model, batch, positions, candidates):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 image_features=batch["image_features"], has_image=batch["has_image"])
     rows = torch.arange(len(positions))
-    logits = out.lm_head(out.hidden[rows, torch.tensor(positions) - 1]).float()
+    logits = model.llm.get_output_embeddings()(out.hidden[rows, torch.tensor(positions) - 1]).float()
     option_logits = torch.stack([logits[r, torch.tensor(c + [c[0]] * (5 - len(c)))] for r, c in enumerate(candidates)])
     mask = torch.tensor([[i >= len(c) for i in range(5)] for c in candidates])
     option_logits = option_logits.masked_fill(mask, float("-inf"))
@@ -148,6 +149,12 @@ def train_variant(name: str, variant: Variant, llm: str, shards: Dict[str, List[
     model = build_model(cfg.model)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     train, test = Split(cfg, tokenizer, shards["train"]), Split(cfg, tokenizer, shards["test"])
+    if variant.standardise:
+        stack = np.stack([s.features for s in train.samples if s.features is not None]).astype(np.float32)
+        mean, std = stack.mean(0), stack.std(0) + 1e-3
+        for sample in train.samples + test.samples:
+            if sample.features is not None:
+                sample.features = ((sample.features.astype(np.float32) - mean) / std).astype(np.float16)
     params = list(model.trainable_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=variant.lr, weight_decay=cfg.train.weight_decay)
     order, rng, curve = [], random.Random(0), []
@@ -194,7 +201,7 @@ def train_variant(name: str, variant: Variant, llm: str, shards: Dict[str, List[
     return result
 
 
-def extract(out: Path, name: str, feature_set: FeatureSet, sqa: Path) -> Dict[str, List[str]]:
+def extract(out: Path, name: str, feature_set: FeatureSet) -> Dict[str, List[str]]:
     """Shards of the demo's images under ``feature_set`` (cached in ``out/features/<name>``)."""
     from data_prep.extract import ExtractOptions, run_extract
     from data_prep.sources import ScienceQASource
@@ -207,14 +214,8 @@ def extract(out: Path, name: str, feature_set: FeatureSet, sqa: Path) -> Dict[st
         model = out / "features" / f"{name}.json"
         model.parent.mkdir(parents=True, exist_ok=True)
         model.write_text(json.dumps(tower))
-        pretrained = "random"
-        if feature_set.contrastive_steps:
-            from memvp_demo.scene_clip import train_scene_clip
-
-            pretrained = str(train_scene_clip(str(sqa), str(model), str(out / "features" / f"{name}_clip.pt"),
-                                              steps=feature_set.contrastive_steps))
-        recipe = FeatureRecipe(model=str(model), pretrained=pretrained, image_size=tower["vision_cfg"]["image_size"])
-        run_extract(ScienceQASource(str(sqa)), recipe,
+        recipe = FeatureRecipe(model=str(model), pretrained="random", image_size=tower["vision_cfg"]["image_size"])
+        run_extract(ScienceQASource(str(out / "sqa")), recipe,
                     ExtractOptions(out_dir=str(folder), samples_per_shard=250, num_workers=0, batch_size=64))
     manifest = json.loads((folder / "manifest.json").read_text())
     by_split = {split: [str(folder / s["name"]) for s in manifest["shards"] if s["split"] == split]
@@ -287,11 +288,12 @@ def main() -> None:
         # The demo's data (memvp_demo.demo.SETTINGS["default"]): one shape per picture.
         make_synthetic_scienceqa(str(sqa), num_train=1200, num_val=200, num_test=400, max_shapes=1)
     needed = set(args.features) | ({VARIANTS[v].features for v in args.variants} if not args.probe_only else set())
-    shards = {name: extract(work, name, FEATURES[name], sqa) for name in sorted(needed)}
+    shards = {name: extract(work, name, FEATURES[name]) for name in sorted(needed)}
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() else {"probes": {}, "runs": {}}
     for name in sorted(needed):
-        results["probes"][name] = probe(shards[name])
+        if name not in results["probes"]:
+            results["probes"][name] = probe(shards[name])
     if not args.probe_only:
         from memvp_demo.smollm2 import smollm2_gguf
 
