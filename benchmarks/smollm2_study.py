@@ -136,6 +136,45 @@ def letter_scores(model, batch, positions, candidates):
     return out.loss, letter_loss, (option_logits.argmax(1) == gold)
 
 
+def memory_term_ratio(model, batch) -> List[float]:
+    """Per decoder layer, the size of MemVP's memory term relative to the FFN output it is added to (RMS over
+    the batch's positions), at the current weights: how loudly the visual memory speaks."""
+    from memvp_ds.model.llm import decoder_layers
+
+    ffn, total, handles = {}, {}, []
+    for i, layer in enumerate(decoder_layers(model.llm)):
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, out, i=i: ffn.__setitem__(i, out), prepend=True))
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, out, i=i: total.__setitem__(i, out)))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              image_features=batch["image_features"], has_image=batch["has_image"])
+    for handle in handles:
+        handle.remove()
+    return [float((total[i] - ffn[i]).norm() / ffn[i].norm()) for i in sorted(ffn)]
+
+
+def described_scene_accuracy(llm: str, count: int) -> Dict[str, float]:
+    """Zero-shot accuracy of the frozen LLM alone on the image questions' wording when the context describes
+    the picture in words ("The picture shows a red circle at the left."; data_prep/synthetic.py's reading
+    corpus), letters read as in training: what the LLM can answer when it is handed the scene as text."""
+    from data_prep.synthetic import described_scene_problems
+    from memvp_ds.config import LLMConfig
+    from memvp_ds.model.llm import load_frozen_llm
+
+    model = load_frozen_llm(LLMConfig(path=llm, dtype="float32")).eval()
+    tokenizer = load_tokenizer(llm)
+    right: Dict[str, List[bool]] = {}
+    for problem in described_scene_problems(count, seed=7):
+        position, candidates = letter_slots(tokenizer, "qcm_a", 128, problem)
+        ids = encode_segments(tokenizer, build_segments(problem, "qcm_a"), 128).input_ids[:position]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        kind = {"natural science": "colour", "language science": "shape", "social science": "position"}[problem["subject"]]
+        right.setdefault(kind, []).append(int(logits[candidates].argmax()) == problem["answer"])
+    everything = [ok for oks in right.values() for ok in oks]
+    return {"overall": 100 * float(np.mean(everything)), **{k: 100 * float(np.mean(v)) for k, v in right.items()}}
+
+
 def train_variant(name: str, variant: Variant, llm: str, shards: Dict[str, List[str]], steps: int,
                   eval_questions: int) -> dict:
     visual = shards["visual"]
@@ -159,6 +198,10 @@ def train_variant(name: str, variant: Variant, llm: str, shards: Dict[str, List[
     optimizer = torch.optim.AdamW(params, lr=variant.lr, weight_decay=cfg.train.weight_decay)
     order, rng, curve = [], random.Random(0), []
     warmup = int(steps * variant.warmup_fraction)
+    ratios = memory_term_ratio(model, train.batch(list(range(variant.batch)))[0]) if variant.strategy == "memvp" else []
+    if ratios:
+        print(f"  memory term / FFN output at initialisation: layer 0 {ratios[0]:.2e}, median "
+              f"{np.median(ratios):.2e}, last {ratios[-1]:.2e}", flush=True)
     model.train()
     start = time.time()
     for step in range(steps):
@@ -192,7 +235,9 @@ def train_variant(name: str, variant: Variant, llm: str, shards: Dict[str, List[
                 category = test.samples[row].fields.get("category") or ("reading" if not test.samples[row].fields["has_image"] else "?")
                 right_by.setdefault(category, []).append(ok)
     everything = [ok for oks in right_by.values() for ok in oks]
+    final_ratios = memory_term_ratio(model, train.batch(list(range(variant.batch)))[0]) if ratios else []
     result = {"variant": {**variant.__dict__}, "train_seconds": train_seconds, "steps": steps,
+              "memory_ratio_init": ratios, "memory_ratio_final": final_ratios,
               "test_acc": 100 * float(np.mean(everything)),
               **{f"test_acc/{k}": 100 * float(np.mean(v)) for k, v in right_by.items()}, "curve": curve}
     result["steps_to_running_acc_90"] = next(
@@ -276,6 +321,8 @@ def main() -> None:
     parser.add_argument("--eval-questions", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--probe-only", action="store_true")
+    parser.add_argument("--described", type=int, default=0,
+                        help="also score the frozen LLM zero-shot on this many described-scene questions")
     parser.add_argument("--work", default="runs/smollm2_study", help="data and feature cache")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "smollm2_study.json"))
     args = parser.parse_args()
@@ -298,6 +345,9 @@ def main() -> None:
         from memvp_demo.smollm2 import smollm2_gguf
 
         llm = args.llm or str(smollm2_gguf())
+        if args.described:
+            results["described_scene_zero_shot"] = described_scene_accuracy(llm, args.described)
+            print(f"described scenes, frozen LLM zero-shot: {results['described_scene_zero_shot']}", flush=True)
         for name in args.variants:
             variant = VARIANTS[name]
             print(f"{name}: {variant}", flush=True)
@@ -311,6 +361,8 @@ def main() -> None:
     for name, p in results["probes"].items():
         print(f"{name:<16}{p['flat']:>8.1f}{p['flat_std']:>10.1f}{p['mean']:>8.1f}{p['mean_std']:>10.1f}"
               f"{p['image_dependent_fraction']:>12.2f}")
+    if "described_scene_zero_shot" in results:
+        print(f"\nfrozen LLM, scene described in words, zero-shot: {results['described_scene_zero_shot']}")
     print(f"\n{'run':<28}{'test %':>8}" + "".join(f"{c:>10}" for c in CATEGORIES) + f"{'to 90%':>8}{'train s':>9}")
     for name, r in results["runs"].items():
         print(f"{name:<28}{r['test_acc']:>8.1f}" + "".join(f"{r.get(f'test_acc/{c}', math.nan):>10.1f}" for c in CATEGORIES)

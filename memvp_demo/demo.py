@@ -71,11 +71,12 @@ CATEGORIES = ["overall", "colour", "shape", "position"]
 # (train questions, test questions, training steps per run). Only 48 distinct pictures exist (4 colours x 3
 # shapes x 4 positions, one shape each), so more questions do not make the task harder, only slower.
 SETTINGS = {"default": (1200, 400, 450), "fast": (1200, 200, 450)}
-# SmolLM2-135M (--llm smollm2): every run trains the same steps; a 135M model costs ~100x the tiny one per
-# step, so the budget is steps, and the recipe is the one that learns fastest (benchmarks/smollm2_study.py,
-# docs/quickstart.md "A real pretrained LLM").
-SMOLLM2_SETTINGS = {"default": (1200, 200, 120), "fast": (1200, 100, 60)}
-SMOLLM2_OVERRIDES = ["model.llm.dtype=float32", "train.blr=0.75", "train.warmup_epochs=0.25"]
+# SmolLM2-135M (--llm smollm2), the tiny recipes unchanged (benchmarks/smollm2_study.py found no setting that
+# learns sooner; docs/quickstart.md "A real pretrained LLM"): MemVP's answer loss stays at a uniform guess for
+# the first ~250 steps of batch 8, so the default trains 300 steps of 2 x 8 (4 epochs). A step costs ~100x the
+# tiny model's; --fast (30 steps) checks the plumbing only, and skips the pass/fail margin.
+SMOLLM2_SETTINGS = {"default": (1200, 200, 300), "fast": (1200, 100, 30)}
+SMOLLM2_OVERRIDES = ["model.llm.dtype=float32"]
 # Text-only described-scene problems in the base LLM's pre-training corpus (see pretrain_base_llm).
 READING_CORPUS = 2000
 
@@ -426,6 +427,10 @@ def main(argv) -> int:
           f"TensorBoard: tensorboard --logdir {out}\n{stages.summary()}")
 
     memvp, control = results["memvp"]["acc/overall"], results["text_only"]["acc/overall"]
+    if gguf and args.fast:
+        print(f"MemVP {memvp:.1f}% vs text-only control {control:.1f}% after {steps} steps: --fast on SmolLM2 checks "
+              "the plumbing; the margin check needs the default steps")
+        return 0
     if memvp < control + MIN_MARGIN:
         print(f"FAIL: MemVP ({memvp:.1f}%) does not clearly beat the text-only control ({control:.1f}%)")
         return 1
