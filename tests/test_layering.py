@@ -21,7 +21,7 @@ LAYERS = [
     ("memvp_ds.config", "memvp_ds.atomic_io", "memvp_ds.distributed", "memvp_ds.recipes", "memvp_ds.cli",
      "memvp_ds.progress", "memvp_ds.run_lock", "memvp_ds.stop_signals", "memvp_ds.schedule",
      "memvp_ds.scalar_logger"),
-    ("memvp_ds.run_folder", "memvp_ds.scoring"),
+    ("memvp_ds.run_folder", "memvp_ds.scoring", "memvp_ds.gguf_files"),
     ("memvp_ds.vision",),
     ("memvp_ds.model", "memvp_ds.data"),
     ("memvp_ds.search",),

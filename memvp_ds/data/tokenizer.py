@@ -8,24 +8,32 @@ from typing import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from memvp_ds.config import ConfigError
+from memvp_ds.gguf_files import gguf_location
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
 def tokenizer_path(cfg) -> str:
-    """data.tokenizer, else the LLM directory."""
-    path = cfg.data.tokenizer or cfg.model.llm.path
-    if path is None:
+    """data.tokenizer, else the LLM directory (or its GGUF file: a GGUF file holds its tokenizer)."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    llm = cfg.model.llm
+    if llm.path is None:
         raise ConfigError("data.tokenizer: needed when the LLM comes from an inline config (model.llm.config)")
-    return path
+    return os.path.join(llm.path, llm.gguf_file) if llm.gguf_file else llm.path
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """A local HF tokenizer with an EOS and a pad token (LLaMA ships no pad: fall back to unk, then eos).
-    A BOS token is optional: sequences start with it only where the tokenizer has one."""
-    if not os.path.isdir(path):
+    """A local HF tokenizer (a directory, or the one inside a ``.gguf`` file) with an EOS and a pad token
+    (LLaMA ships no pad: fall back to unk, then eos). A BOS token is optional: sequences start with it only
+    where the tokenizer has one."""
+    gguf = gguf_location(path, None, "data.tokenizer")
+    if gguf is not None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+    elif not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path} (set data.tokenizer or model.llm.path)")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token (it ends every training answer)")
     if tokenizer.pad_token_id is None:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from memvp_ds.config import ConfigError, LLMConfig
+from memvp_ds.gguf_files import gguf_location
 
 # Extra norms that sit around the FFN in "sandwich-norm" blocks (Gemma 2/3, OLMo 2). There the FFN output
 # is normalised before the residual add, so a memory term added to it would not be the MemVP formulation.
@@ -52,8 +53,12 @@ def load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
     if cfg.path is None:
         inline = dict(cfg.config)
         return AutoConfig.for_model(inline.pop("model_type"), **inline)
+    gguf = gguf_location(cfg.path, cfg.gguf_file, "model.llm.path")
+    if gguf is not None:
+        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
     if not os.path.isdir(cfg.path):
-        raise ConfigError(f"model.llm.path: '{cfg.path}' is not a directory (expected a local HF model directory)")
+        raise ConfigError(f"model.llm.path: '{cfg.path}' is not a directory (expected a local HF model directory "
+                          "or a .gguf file)")
     if not os.path.isfile(os.path.join(cfg.path, "config.json")):
         raise ConfigError(f"model.llm.path: '{cfg.path}' has no config.json; is it an HF model directory?")
     return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
@@ -115,6 +120,8 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             llm = AutoModelForCausalLM.from_config(hf_config, **common)
+    elif (gguf := gguf_location(cfg.path, cfg.gguf_file, "model.llm.path")) is not None:
+        llm = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], config=hf_config, **common)
     else:
         common.update(_quantized_loading(cfg, dtype))
         llm = AutoModelForCausalLM.from_pretrained(cfg.path, config=hf_config, use_safetensors=True, **common)

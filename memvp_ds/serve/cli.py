@@ -36,7 +36,7 @@ def build_service(weights: str, overrides: Optional[List[str]] = None, limits: O
                   clip_pretrained: Optional[str] = None, model_name: Optional[str] = None, device: str = "cpu"):
     """Load the export, its tokenizer and image encoder onto ``device``; the engine is not started yet (the
     app starts it)."""
-    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path as resolve_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
     from memvp_ds.serve.api import Service
     from memvp_ds.serve.engine import Engine
@@ -50,7 +50,7 @@ def build_service(weights: str, overrides: Optional[List[str]] = None, limits: O
     clip_override = [f"model.vision.recipe.pretrained={clip_pretrained}"] if online and clip_pretrained else []
     model, cfg = load_exported(weights, clip_override + list(overrides or []))
     model.to(device).eval()
-    tokenizer_path = cfg.data.tokenizer or cfg.model.llm.path
+    tokenizer_path = resolve_tokenizer(cfg)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)
     vocab = model.llm.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
