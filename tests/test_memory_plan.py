@@ -134,3 +134,12 @@ def test_bad_gpu_memory_is_one_error_line():
 def test_zero_setup_reads_offload():
     setup = ZeroSetup.from_ds_config({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 4)
     assert (setup.stage, setup.offload_param, setup.offload_optimizer) == (3, True, False)
+
+
+def test_gpu_memory_errors_are_one_line_before_any_work(capsys):
+    from memvp_ds.train import main
+
+    assert main(["--config", "tiny_memvp", "--gpu-memory", "80GiB"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpu-memory is for --dry-run's memory estimate; add --dry-run"
+    assert main(["--config", "tiny_memvp", "--dry-run", "--gpu-memory", "lots"]) == 2
+    assert "error: --gpu-memory: 'lots' is not a memory size" in capsys.readouterr().err

@@ -73,18 +73,14 @@ def model_shape(model_cfg) -> ModelShape:
     import torch
 
     from memvp_ds.model import build_model
-    from memvp_ds.model.llm import decoder_layers, load_hf_config
+    from memvp_ds.model.llm import build_meta_llm, decoder_layers
 
-    hf = load_hf_config(model_cfg.llm)
-    # The same architecture from its config alone: a model given by path would otherwise read its weights.
-    inline = {**hf.to_dict(), "model_type": hf.model_type}
-    # Likewise an online CLIP tower: its random initialisation has the shapes and reads no checkpoint file.
+    # An online CLIP tower's random initialisation has the shapes and reads no checkpoint file.
     vision = model_cfg.vision
     vision = dataclasses.replace(vision, recipe=dataclasses.replace(vision.recipe, pretrained="random"))
-    llm = dataclasses.replace(model_cfg.llm, path=None, config=inline, quantization=None)  # counted below
-    meta_cfg = dataclasses.replace(model_cfg, llm=llm, vision=vision)
     with torch.device("meta"):
-        model = build_model(meta_cfg)
+        model = build_model(dataclasses.replace(model_cfg, vision=vision), llm=build_meta_llm(model_cfg.llm))
+    hf = model.llm.config
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     trainable = sum(p.numel() for p in params if p.requires_grad)
     blocks = [sum(p.numel() for p in block.parameters()) for block in decoder_layers(model.llm)]

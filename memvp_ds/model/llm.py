@@ -48,7 +48,7 @@ def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
     return layers
 
 
-def load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
+def _load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
     """The LLM's HF config (the inline one, or config.json of ``cfg.path``); reads no weights."""
     if cfg.path is None:
         inline = dict(cfg.config)
@@ -66,12 +66,12 @@ def load_hf_config(cfg: LLMConfig) -> PretrainedConfig:
 
 def num_decoder_layers(cfg: LLMConfig) -> int:
     """The LLM's number of decoder layers, from its config alone (no weights are read)."""
-    return load_hf_config(cfg).num_hidden_layers
+    return _load_hf_config(cfg).num_hidden_layers
 
 
 def vocab_size(cfg: LLMConfig) -> int:
     """The LLM's embedding rows, from its config alone (no weights are read)."""
-    return load_hf_config(cfg).vocab_size
+    return _load_hf_config(cfg).vocab_size
 
 
 def check_vocab_fits(tokens: int, tokenizer_path: str, llm: LLMConfig) -> None:
@@ -100,6 +100,15 @@ def _quantized_loading(cfg: LLMConfig, dtype: torch.dtype) -> dict:
     return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
+def build_meta_llm(cfg: LLMConfig) -> PreTrainedModel:
+    """The LLM's architecture on the meta device, checked and frozen: every shape, no weights read, no memory
+    used (the architecture check before a load, the memory plan)."""
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(_load_hf_config(cfg), trust_remote_code=cfg.trust_remote_code)
+    decoder_layers(llm)
+    return llm.requires_grad_(False)
+
+
 def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """Load (or randomly initialise) the causal LM, check its architecture, and freeze it.
 
@@ -110,12 +119,11 @@ def load_frozen_llm(cfg: LLMConfig) -> PreTrainedModel:
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    hf_config = load_hf_config(cfg)
+    hf_config = _load_hf_config(cfg)
     dtype = getattr(torch, cfg.dtype)
     common = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     if not is_deepspeed_zero3_enabled():
-        with torch.device("meta"):
-            decoder_layers(AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.trust_remote_code))
+        build_meta_llm(cfg)
     if cfg.path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)

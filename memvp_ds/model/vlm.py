@@ -290,15 +290,17 @@ class VisualPromptedLM(nn.Module):
                 params[name].copy_(tensor)
 
 
-def build_model(cfg: ModelConfig, skippable: Iterable[int] = ()) -> VisualPromptedLM:
-    """Load the frozen LLM named by ``cfg.llm``, attach the strategy ``cfg.strategy`` and drop the layers in
-    ``cfg.skip.layers``. ``skippable`` layers get adapters but stay, for a DAS search to toggle. LoRA
-    (``cfg.lora``) goes on the LLM's Linears after the strategy and before layer skipping, so the strategy's
-    initialisation is the same with and without it. With ``cfg.vision.online`` the frozen CLIP with its
-    adapters comes last, so the strategy's initialisation is the same in both modes."""
+def build_model(cfg: ModelConfig, skippable: Iterable[int] = (), llm: Optional[PreTrainedModel] = None
+                ) -> VisualPromptedLM:
+    """Load the frozen LLM named by ``cfg.llm`` (or take ``llm``, e.g. a meta-device copy to plan with), attach
+    the strategy ``cfg.strategy`` and drop the layers in ``cfg.skip.layers``. ``skippable`` layers get adapters
+    but stay, for a DAS search to toggle. LoRA (``cfg.lora``) goes on the LLM's Linears after the strategy and
+    before layer skipping, so the strategy's initialisation is the same with and without it. With
+    ``cfg.vision.online`` the frozen CLIP with its adapters comes last, so the strategy's initialisation is the
+    same in both modes."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"model.strategy: unknown strategy '{cfg.strategy}'; choose one of {sorted(STRATEGIES)}")
-    llm = load_frozen_llm(cfg.llm)
+    llm = llm if llm is not None else load_frozen_llm(cfg.llm)
     strategy = STRATEGIES[cfg.strategy](cfg, llm)
     if cfg.lora.active(strategy.has_lora):
         install_lora(llm, cfg.lora)
