@@ -48,7 +48,8 @@ def main(argv=None) -> int:
         examples = list(source.examples())
 
         start = time.perf_counter()  # decode only: the DataLoader with its workers
-        loader = torch.utils.data.DataLoader(_ImageDataset(examples, recipe), batch_size=args.batch_size,
+        items = [(i, path) for i, example in enumerate(examples) for path in example.images]  # as run_extract
+        loader = torch.utils.data.DataLoader(_ImageDataset(items, recipe), batch_size=args.batch_size,
                                              num_workers=args.workers, collate_fn=_collate)
         batches = [b[1] for b in loader]
         decode = len(examples) / (time.perf_counter() - start)
