@@ -11,5 +11,7 @@
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
 # The rendezvous (first node of the allocation, a port derived from the job id) is set up by each rank:
-# memvp_ds/distributed.py, the one place for that rule.
+# memvp_ds/distributed.py, the one place for that rule. A rank layout inherited from the submitting shell
+# would make every rank rank 0.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 srun --kill-on-bad-exit=1 --label "${MEMVP_PYTHON:-python}" memvp_ds/evaluate.py "$@"

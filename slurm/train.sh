@@ -73,6 +73,9 @@ forward_stop() {
 trap 'forward_stop USR1' USR1
 trap 'forward_stop TERM' TERM
 
+# Every rank takes its place from Slurm (memvp_ds/distributed.py): a rank layout inherited from the submitting
+# shell (sbatch exports it; e.g. from a torchrun or a single-process run there) would make every rank rank 0.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 STATUS_BEFORE=$(status_identity)
 srun --kill-on-bad-exit=1 --label \
     "$PYTHON" memvp_ds/train.py --config "$CONFIG" "train.output_dir=$OUTPUT_DIR" "$@" &

@@ -138,8 +138,13 @@ def harness(tmp_path_factory):
     weights = root / "trainable.safetensors"
     write_export({k: v.detach().contiguous() for k, v in model.trainable_parameters().items()}, str(weights), cfg,
                  dataset["manifest"]["recipe"])
-    assert memvp_eval(["--weights", str(weights), "--split", "test", "--shards", dataset["test"],
-                       "--output", str(root / "memvp_eval")]) == 0
+    environ = dict(os.environ)
+    try:
+        assert memvp_eval(["--weights", str(weights), "--split", "test", "--shards", dataset["test"],
+                           "--output", str(root / "memvp_eval")]) == 0
+    finally:  # its process group of one set RANK, MASTER_PORT, ...: later tests' launches must not inherit them
+        os.environ.clear()
+        os.environ.update(environ)
     tasks, pids = _write_tasks(root, root / "sqa")
     env = {**os.environ, "HF_HOME": str(root / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",

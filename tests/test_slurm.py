@@ -28,17 +28,20 @@ def _job_env(out_dir):
     return {"MEMVP_OUTPUT_DIR": str(out_dir), "MEMVP_PYTHON": sys.executable}
 
 
-def _submit_train(slurm, dataset, tmp_path, name, steps, *extra_sbatch):
+def _submit_train(slurm, dataset, tmp_path, name, steps, *extra_sbatch, env=None):
     out, log = tmp_path / "run", tmp_path / "job.log"
     overrides = train_overrides(dataset, out, f"train.max_steps={steps}", "train.save_interval=4")
     overrides = [o for o in overrides if not o.startswith("train.output_dir=")]  # the script sets it
     args = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--job-name={name}", f"--output={log}",
             *extra_sbatch, "slurm/train.sh", "tiny_memvp", *overrides]
-    return slurm.sbatch(args, env=_job_env(out)), out, log
+    return slurm.sbatch(args, env={**_job_env(out), **(env or {})}), out, log
 
 
 def test_two_node_training_job(slurm, dataset, tmp_path):
-    job, out, log = _submit_train(slurm, dataset, tmp_path, "memvp-2node", 8)
+    # Submitted from a shell that ran a single process (sbatch exports its environment): the ranks must still
+    # take their places from Slurm, not all be rank 0 of 1.
+    inherited = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    job, out, log = _submit_train(slurm, dataset, tmp_path, "memvp-2node", 8, env=inherited)
     assert slurm.wait(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     assert re.search(r"rank 0/2 on node n1", text) and re.search(r"rank 1/2 on node n2", text), text[-3000:]
