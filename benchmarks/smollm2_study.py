@@ -81,6 +81,7 @@ VARIANTS = {
     "memvp_lr3x": Variant(lr=2.3e-2),
     "memvp_lr_third": Variant(lr=2.6e-3),
     "memvp_scale0.01": Variant(overrides=["model.projector.output_scale=0.01"]),
+    "memvp_scale0.3": Variant(overrides=["model.projector.output_scale=0.3"]),
     "memvp_scale1": Variant(overrides=["model.projector.output_scale=1.0"]),
     "memvp_mem_scale1": Variant(overrides=["model.memvp.memory_scale=1.0"]),
     "memvp_rows16": Variant(overrides=["model.memvp.memory_rows=16"]),
