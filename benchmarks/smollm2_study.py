@@ -79,8 +79,10 @@ VARIANTS = {
     # The measurement: tiny_memvp, lr 7.8e-3 (blr 0.25 at batch 8), projector x0.1, 24 memory rows.
     "memvp_tiny": Variant(),
     "memvp_lr3x": Variant(lr=2.3e-2),
+    "memvp_lr6x": Variant(lr=4.7e-2),
     "memvp_lr_third": Variant(lr=2.6e-3),
     "memvp_scale0.01": Variant(overrides=["model.projector.output_scale=0.01"]),
+    "memvp_scale0.3": Variant(overrides=["model.projector.output_scale=0.3"]),
     "memvp_scale1": Variant(overrides=["model.projector.output_scale=1.0"]),
     "memvp_mem_scale1": Variant(overrides=["model.memvp.memory_scale=1.0"]),
     "memvp_rows16": Variant(overrides=["model.memvp.memory_rows=16"]),
@@ -94,6 +96,7 @@ VARIANTS = {
     "memvp_scale1_lr3x": Variant(lr=2.3e-2, overrides=["model.projector.output_scale=1.0"]),
     "input_prefix": Variant(strategy="input_prefix"),
     "text_only": Variant(text_only=True),
+    "text_only_lr3x": Variant(text_only=True, lr=2.3e-2),
 }
 
 
