@@ -95,6 +95,7 @@ VARIANTS = {
     "memvp_std_scale1": Variant(standardise=True, overrides=["model.projector.output_scale=1.0"]),
     "memvp_scale1_lr3x": Variant(lr=2.3e-2, overrides=["model.projector.output_scale=1.0"]),
     "input_prefix": Variant(strategy="input_prefix"),
+    "input_prefix_lr3x": Variant(strategy="input_prefix", lr=2.3e-2),
     "text_only": Variant(text_only=True),
     "text_only_lr3x": Variant(text_only=True, lr=2.3e-2),
 }
