@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from memvp_ds.data.collate import build_encoder, collate  # noqa: E402
 from memvp_ds.data.prompts import build_segments, encode_segments  # noqa: E402
 from memvp_ds.data.shard_format import read_raw_samples  # noqa: E402
 from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path  # noqa: E402
-from memvp_ds.engine.schedule import lr_at  # noqa: E402
+from memvp_ds.schedule import lr_at  # noqa: E402
 from memvp_ds.model.vlm import build_model  # noqa: E402
 from memvp_ds.schema import load_config  # noqa: E402
 
