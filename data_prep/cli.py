@@ -130,11 +130,11 @@ def shard_spec(out_dir: str, manifest: Manifest, split: str) -> str:
 
 
 def cmd_tokenizer(args) -> int:
-    from memvp_ds.data.prompts import build_segments
+    from memvp_ds.data.prompts import build_segments, take_image_marks
     from memvp_ds.data.tokenizer import train_tokenizer
 
     prompt_format = args.prompt_format or PROMPT_FORMAT_OF_SOURCE[args.source]
-    texts = ["".join(text for text, _ in build_segments(example.fields, prompt_format))
+    texts = ["".join(text for text, _ in take_image_marks(build_segments(example.fields, prompt_format))[0])
              for example in _build_source(args).examples()]
     if not texts:
         raise ValueError("tokenizer: the source has no records")

@@ -175,9 +175,12 @@ class DataConfig:
     """Longest token sequence; longer samples lose their oldest context tokens, never the answer."""
     max_images: int = 1
     """Most images one sample may have (``<image>`` up to this many times in a conversation or question; data_prep
-    stores one feature array per image and the manifest's max_images must not exceed this). Above 1: MemVP only,
-    whose memory then holds the N rows of each of a sample's images, kept apart (model.memvp.memory_rows must
-    be at least max_images x model.visual_tokens); the other strategies and the online tower refuse it."""
+    stores one feature array per image and the manifest's max_images must not exceed this). Above 1, MemVP's
+    memory holds the N rows of each of a sample's images, kept apart (model.memvp.memory_rows must be at least
+    max_images x model.visual_tokens); APT with visual=prompt_rows takes them all as prompt rows; the strategies
+    that put visual tokens in the sequence (input_prefix, llava_lora, lavin, apt) put each image's N tokens at
+    its <image> tag (a sample without tags: all in front, in order), on top of data.max_seq_len text tokens.
+    DVP refuses it (its one token summarises one image)."""
     pad_to_multiple: int = 8
     """Batches are padded to a multiple of this length (tensor-core friendly shapes)."""
     shuffle_buffer: int = 1000

@@ -1,7 +1,8 @@
-"""Multi-image samples (data.max_images, MemVP): data_prep stores one feature array per image, the encoder and
-batches keep each image in its own slot, and MemVP's memory holds every image's rows apart; each checked
-against per-image hand computations, with a text-only, a one-image and a three-image sample in one batch
-(padded, packed, and in generation)."""
+"""Multi-image samples (data.max_images): data_prep stores one feature array per image (and keeps the tags that
+say where each goes), the encoder and batches keep each image in its own slot, MemVP's memory holds every
+image's rows apart, and the strategies that put visual tokens in the sequence put each image's at its tag;
+each checked against per-image hand computations, with a text-only, a one-image and a three-image sample in
+one batch (padded, packed, and in generation)."""
 
 import json
 import sys
@@ -70,7 +71,9 @@ def test_data_prep_stores_one_feature_array_per_image(extracted):
     assert set(raw["three"]) == {"__key__", "json", "npy", "1.npy", "2.npy"}
     assert set(raw["one"]) == {"__key__", "json", "npy"} and set(raw["text"]) == {"__key__", "json"}
     fields = json.loads(raw["three"]["json"])
-    assert fields["image_count"] == 3 and "<image>" not in fields["conversations"][0]["value"]
+    # a multi-image sample keeps its tags (where each image goes), a one-image sample's text loses its tag
+    assert fields["image_count"] == 3 and fields["conversations"][0]["value"].count("<image>") == 3
+    assert json.loads(raw["one"]["json"])["conversations"][0]["value"] == "What colour?"
     [single_shard] = [str(extracted / "singles" / s.name) for s in read_manifest(str(extracted / "singles")).shards]
     alone = {key: features for key, _, features in read_shard(single_shard)}
     stored = {key: features for key, _, features in read_shard(shard)}
@@ -94,7 +97,7 @@ def test_image_tags_must_match_the_images(tmp_path):
                                                   "question": "Which is larger, <image> or <image>?"}) + "\n")
     [example] = list(JsonlQASource(str(tmp_path / "q.jsonl"), str(tmp_path)).examples())
     assert example.images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    assert example.fields["question"] == "Which is larger, or ?"
+    assert example.fields["question"] == "Which is larger, <image> or <image>?"
 
 
 def test_encoder_and_batches_keep_each_image_in_its_slot(extracted, tokenizer_dir):
@@ -200,9 +203,9 @@ def test_config_rules():
     with pytest.raises(ConfigError, match=r"model.visual_tokens \(16\) x data.max_images \(3\) exceeds "
                                           r"model.memvp.memory_rows \(24\)"):
         tiny_config("memvp", "data.max_images=3")
-    with pytest.raises(ConfigError, match="data.max_images=2: model.strategy=input_prefix takes one image per "
-                                          "sample; multi-image samples need memvp"):
-        tiny_config("input_prefix", "data.max_images=2")
+    with pytest.raises(ConfigError, match="data.max_images=2: model.strategy=dvp takes one image per sample; "
+                                          "multi-image samples need memvp, input_prefix, apt, lavin, llava_lora"):
+        tiny_config("dvp", "data.max_images=2")
 
 
 def test_the_plan_refuses_shards_with_more_images_than_allowed(extracted, tokenizer_dir, tmp_path):
@@ -262,3 +265,245 @@ print("EQUAL", len(grads))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "EQUAL 6" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- each image's tokens at its tag: input_prefix, llava_lora, lavin, apt ------------------------------------------
+
+IN_TEXT = ["input_prefix", "llava_lora", "lavin", "apt"]
+"""The strategies with visual positions in the sequence (prefix_positions N), and apt with visual rows instead."""
+STRATEGY_CASES = {name: (name,) for name in IN_TEXT} | {"apt_prompt_rows": ("apt", "model.apt.visual=prompt_rows")}
+
+
+def _conversation(text, answer="The circle."):
+    return {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]}
+
+
+def test_image_positions_are_the_tokens_of_the_text_before_each_tag(tokenizer_dir):
+    from memvp_ds.data.prompts import bos_ids, encode_prompt
+    from memvp_ds.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    head = len(bos_ids(tok))
+    tagged = _conversation("The circle <image> and the square <image>\nWhich is red?")
+    plain = _conversation("The circle and the square Which is red?")
+    encoded = encode_prompt(tok, tagged, "conversation", 512)
+    stripped = encode_prompt(tok, plain, "conversation", 512)
+    assert (encoded.input_ids, encoded.labels) == (stripped.input_ids, stripped.labels)  # the tags leave no text
+    expected = [head + len(tok.encode(prefix, add_special_tokens=False))
+                for prefix in ("USER: The circle", "USER: The circle and the square")]
+    assert encoded.image_positions == expected and stripped.image_positions == []
+    # truncation drops the oldest context: a tag inside it goes where the kept context starts
+    cut = encode_prompt(tok, tagged, "conversation", len(encoded.input_ids) - expected[0] + head)
+    overflow = len(encoded.input_ids) - len(cut.input_ids)
+    assert cut.image_positions == [head, expected[1] - overflow]
+    # QA questions and evaluation prompts (no answer) keep their tags' positions too
+    qa = encode_prompt(tok, {"question": "Left <image> or right <image>?", "answer": "left"}, "qa", 512, False)
+    assert qa.image_positions == [head + len(tok.encode(p, add_special_tokens=False))
+                                  for p in ("Question: Left", "Question: Left or right")]
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen2"])
+def test_chat_template_image_positions(style, tmp_path):
+    from memvp_ds.data.prompts import encode_prompt
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from tests.chat_tokenizers import chat_tokenizer
+
+    tok = load_tokenizer(chat_tokenizer(str(tmp_path), style))
+    encoded = encode_prompt(tok, _conversation("<image>\nWhat colour is the circle?", "It is red."),
+                            "chat_template", 512)
+    # the template's own rendering of the text without the tag; the image precedes the content's first token
+    text = tok.apply_chat_template([{"role": "user", "content": "What colour is the circle?"},
+                                    {"role": "assistant", "content": "It is red."}], tokenize=False)
+    assert encoded.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    content = text.index("What colour")
+    assert encoded.image_positions == [len(tok(text[:content], add_special_tokens=False)["input_ids"])]
+
+
+def test_the_encoder_puts_each_images_positions_at_its_tag(extracted, tokenizer_dir):
+    from memvp_ds.data.prompts import bos_ids
+    from memvp_ds.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    [shard] = [str(extracted / "shards" / s.name) for s in read_manifest(str(extracted / "shards")).shards]
+    raws = {raw["__key__"]: raw for raw in read_raw_samples(shard)}
+    memory = SampleEncoder(tok, "conversation", 128, N, C, max_images=K)  # MemVP's: nothing in the text
+    in_text = SampleEncoder(tok, "conversation", 128, N, C, max_images=K, visual_positions=N)
+    assert (memory.max_positions, in_text.max_positions) == (128, 128 + K * N)
+    for key in ("text", "one", "three"):
+        alone, placed = memory(raws[key]), in_text(raws[key])
+        text_positions = [i for i, t in enumerate(placed.input_ids) if t >= 0]
+        assert [placed.input_ids[i] for i in text_positions] == alone.input_ids
+        assert [placed.labels[i] for i in text_positions] == alone.labels
+        markers = [i for i, t in enumerate(placed.input_ids) if t < 0]
+        images = 0 if alone.features is None else len(alone.features) // N
+        assert [placed.input_ids[i] for i in markers] == [-1 - r for r in range(images * N)]
+        assert all(placed.labels[i] == IGNORE_INDEX for i in markers)
+        if key == "one":  # stored without its tag: in front, before BOS (where one image always goes)
+            assert markers == list(range(N))
+    # "<image> then <image>, and <image>: which is reddest?": each block where the text before its tag ends
+    placed = in_text(raws["three"])
+    starts = [i for i, t in enumerate(placed.input_ids) if t < 0 and -1 - t in (0, N, 2 * N)]
+    head = len(bos_ids(tok))
+    assert starts == [head + len(tok.encode(prefix, add_special_tokens=False)) + j * N
+                      for j, prefix in enumerate(["USER:", "USER: then", "USER: then , and"])]
+    wrong = dict(raws["three"], json=raws["three"]["json"].replace(b"<image>, and", b", and"))
+    with pytest.raises(ValueError, match="sample three: 3 images but 2 <image> tags in its text"):
+        in_text(wrong)
+    assert memory(wrong).features.shape == (K * N, C)  # MemVP reads no tags
+
+
+def _in_text_model(case, max_images=K):
+    torch.manual_seed(0)
+    cfg = tiny_config(*STRATEGY_CASES[case][:1], *STRATEGY_CASES[case][1:], f"data.max_images={max_images}")
+    from memvp_ds import build_model
+
+    model = build_model(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every trainable tensor non-trivial (zero-initialised ones included)
+        for p in model.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+TAGS = {0: [], 1: [0], 3: [2, 7, 7]}
+"""Text positions each image precedes: the one-image sample's in front, two of the three-image one's adjacent."""
+
+
+def _tagged_samples(positions_per_image):
+    """A text-only, a one-image and a three-image sample with their visual positions placed by hand."""
+    samples = []
+    for sample in _samples():
+        count = 0 if sample.features is None else len(sample.features) // N
+        ids, labels = list(sample.input_ids), list(sample.labels)
+        for image, position in reversed(list(enumerate(TAGS[count]))):
+            ids[position:position] = [-1 - (image * N + t) for t in range(positions_per_image)]
+            labels[position:position] = [IGNORE_INDEX] * positions_per_image
+        samples.append(TokenizedSample(sample.key, ids, labels, sample.features, {}))
+    return samples
+
+
+def _visual_positions(model):
+    return model.strategy.prefix_positions()
+
+
+def test_each_images_tokens_are_the_projection_of_that_image_at_its_tag():
+    """The inputs the strategy hands the decoder: the text's embeddings, and at image j's N positions the
+    projector applied to image j alone; then the whole forward against the frozen LLM run by hand on them."""
+    model = _in_text_model("input_prefix")
+    samples = _tagged_samples(N)
+    batch = collate(samples, 3, (N, C), max_images=K)
+    embed, projector = model.llm.get_input_embeddings(), model.strategy.projector
+    with torch.no_grad():
+        inputs = model.strategy(batch["input_ids"], batch["attention_mask"], batch["image_features"].float(),
+                                batch["has_image"], None)
+        out = _run(model, batch)
+        for b, sample in enumerate(samples):
+            pieces, done = [], 0
+            original = _samples()[b].input_ids
+            images = [] if sample.features is None else np.split(sample.features, len(sample.features) // N)
+            for image, position in zip(images, TAGS[len(images)]):
+                pieces += [embed(torch.tensor(original[done:position], dtype=torch.long)),
+                           projector(torch.from_numpy(image).float()[None])[0]]
+                done = position
+            expected = torch.cat([*pieces, embed(torch.tensor(original[done:]))])
+            length = len(sample.input_ids)
+            torch.testing.assert_close(inputs.inputs_embeds[b, :length], expected, rtol=0, atol=0)
+            hidden = model.llm.base_model(inputs_embeds=expected[None],
+                                          position_ids=torch.arange(length)[None]).last_hidden_state
+            torch.testing.assert_close(out.logits[b, :length], model.llm.lm_head(hidden)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(STRATEGY_CASES))
+def test_in_text_sample_computes_the_same_alone_padded_with_others_and_packed(case):
+    model = _in_text_model(case)
+    samples = _tagged_samples(_visual_positions(model))
+    with torch.no_grad():
+        alone = [_run(model, collate([s], 3, (N, C), max_images=K)) for s in samples]
+        padded = _run(model, collate(samples, 3, (N, C), max_images=K))
+        packed_batch = pack(samples, 3, (N, C), 128, 8, _visual_positions(model), max_images=K)
+        packed = _run(model, packed_batch)
+    assert packed_batch["input_ids"].shape[0] == 1  # all three share one row
+    for b, sample in enumerate(samples):
+        rows, cols = (packed_batch["segment_ids"] == b).nonzero(as_tuple=True)
+        length = len(sample.input_ids)
+        torch.testing.assert_close(padded.logits[b, :length], alone[b].logits[0, :length], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(packed.logits[rows, cols], alone[b].logits[0, :length], rtol=1e-4, atol=1e-5)
+    # the images are told apart: swapping the three-image sample's first two images changes its output. APT's
+    # prompt rows are a set (each row's term is a sum over rows): there the order of the images is not seen.
+    swapped = _tagged_samples(_visual_positions(model))[2]
+    first, second = swapped.features[:N].copy(), swapped.features[N:2 * N].copy()
+    swapped.features[:N], swapped.features[N:2 * N] = second, first
+    with torch.no_grad():
+        other = _run(model, collate([swapped], 3, (N, C), max_images=K))
+    assert torch.allclose(other.logits, alone[2].logits, atol=1e-4) == (case == "apt_prompt_rows")
+
+
+@pytest.mark.parametrize("case", list(STRATEGY_CASES))
+def test_one_image_in_front_computes_what_a_single_image_run_computes(case):
+    """A one-image sample without a tag in a three-image batch layout: the same logits as the single-image
+    path (the strategy's own prefix, checked against the official code elsewhere), for the same weights."""
+    multi, single = _in_text_model(case), _in_text_model(case, max_images=1)
+    single.load_state_dict(multi.state_dict())
+    sample = _samples()[1]
+    [placed] = [s for s in _tagged_samples(_visual_positions(multi)) if s.key == sample.key]
+    with torch.no_grad():
+        reference = _run(single, collate([sample], 3, (N, C)))
+        result = _run(multi, collate([placed], 3, (N, C), max_images=K))
+    offset = _visual_positions(multi)  # the single-image path returns text positions only
+    torch.testing.assert_close(result.logits[0, offset:], reference.logits[0], rtol=1e-4, atol=1e-5)
+    assert result.loss is not None and torch.allclose(result.loss, reference.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(STRATEGY_CASES))
+def test_in_text_generation_of_a_mixed_batch_equals_each_sample_alone(case):
+    model = _in_text_model(case)
+    prompts = [TokenizedSample(s.key, s.input_ids[:-4], [IGNORE_INDEX] * (len(s.input_ids) - 4), s.features, {})
+               for s in _tagged_samples(_visual_positions(model))]
+
+    def generate(batch):
+        return model.generate(batch["input_ids"], batch["attention_mask"], batch["image_features"].float(),
+                              batch["has_image"], max_new_tokens=5, stop_when_done=False)
+
+    together = generate(collate(prompts, 3, (N, C), left_pad=True, max_images=K))
+    for b, prompt in enumerate(prompts):
+        assert together[b].tolist() == generate(collate([prompt], 3, (N, C), left_pad=True, max_images=K))[0].tolist()
+
+
+def test_the_memory_plan_counts_every_images_positions():
+    from memvp_ds.engine.memory_plan import micro_batch, model_shape
+
+    for strategy, in_sequence in (("input_prefix", K * N), ("memvp", 0)):
+        cfg = tiny_config(strategy, f"data.max_images={K}", "model.memvp.memory_rows=56", "train.micro_batch_size=2")
+        batch = micro_batch(cfg, model_shape(cfg.model))
+        assert batch.positions == 2 * (cfg.data.max_seq_len + in_sequence) and batch.visual_tokens == K * N
+
+
+def test_a_batch_encoded_without_the_images_positions_is_refused():
+    model = _in_text_model("input_prefix")
+    batch = collate(_samples(), 3, (N, C), max_images=K)  # MemVP's encoding: no positions in the text
+    with pytest.raises(ValueError, match="a multi-image batch whose text lacks its images' positions"):
+        _run(model, batch)
+
+
+def test_evaluation_encodes_the_images_positions(extracted, tokenizer_dir, tmp_path):
+    """evaluate_split on the data_prep shards: each record's answer is what the model generates for that
+    sample encoded with its images at their tags."""
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.evaluation.run import evaluate_split
+
+    cfg = tiny_config("input_prefix", f"data.max_images={K}", "data.prompt_format=conversation",
+                      "eval.max_new_tokens=4", "eval.batch_size=2")
+    model, tok = _in_text_model("input_prefix"), load_tokenizer(tokenizer_dir)
+    [shard] = [str(extracted / "shards" / s.name) for s in read_manifest(str(extracted / "shards")).shards]
+    records, _ = evaluate_split(cfg, model, tok, [shard], 0, 1)
+    encoder = SampleEncoder(tok, "conversation", cfg.data.max_seq_len, N, C, with_target=False, max_images=K,
+                            visual_positions=N)
+    for raw in read_raw_samples(shard):
+        batch = collate([encoder(raw)], tok.pad_token_id, (N, C), left_pad=True, max_images=K)
+        ids = model.generate(batch["input_ids"], batch["attention_mask"], batch["image_features"].float(),
+                             batch["has_image"], max_new_tokens=4, eos_token_id=tok.eos_token_id)[0]
+        [record] = [r for r in records if r["id"] == raw["__key__"]]
+        assert record["output"] == tok.decode([t for t in ids.tolist() if t != tok.eos_token_id],
+                                              skip_special_tokens=True)
+        assert "\ue000" not in record["prompt"] and "<image>" not in record["prompt"]
+    assert len(records) == 3

@@ -4,11 +4,13 @@ spec) and independent whole-string tokenizations."""
 import pytest
 
 from memvp_ds.data.prompts import (
+    IMAGE_MARK,
     build_segments,
     conversation_segments,
     encode_segments,
     scienceqa_prompt,
     scienceqa_target,
+    take_image_marks,
 )
 from memvp_ds.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -114,7 +116,7 @@ def test_whole_string_tokenization_keeps_words_whole_on_a_gpt2_style_bpe(gpt2_st
     turns = [{"from": "human", "value": "<image>\nWhat is on the left?"}, {"from": "gpt", "value": "A red circle."},
              {"from": "human", "value": "And right?"}, {"from": "gpt", "value": "A blue square."}]
     segments = conversation_segments(turns)
-    text = "".join(s for s, _ in segments)
+    text = "".join(s for s, _ in take_image_marks(segments)[0])
     assert text == "USER: What is on the left?\nASSISTANT: A red circle.\nUSER: And right?\nASSISTANT: A blue square.\n"
     # The hazard: a prompt that ends in a space tokenizes to a lone space token on its own.
     assert tok.tokenize("ASSISTANT: ")[-1] == "Ġ"
@@ -166,7 +168,8 @@ def test_conversation_segments_strip_image_and_mask_human_turns(tokenizer_dir):
         {"from": "gpt", "value": "A square."},
     ]
     segments = conversation_segments(turns)
-    assert segments[0] == ("USER: What is on the left?\nASSISTANT:", False)
+    assert segments[0] == (f"USER: {IMAGE_MARK}What is on the left?\nASSISTANT:", False)  # where the tag was
+    assert take_image_marks(segments[:1]) == ([("USER: What is on the left?\nASSISTANT:", False)], [6])
     assert [s[1] for s in segments] == [False, True, False, True]
     assert build_segments({"conversations": turns}, "conversation", with_target=False) == segments[:-1]
     tok = load_tokenizer(tokenizer_dir)
@@ -181,7 +184,7 @@ def test_sharegpt_roles_and_keys_give_the_llava_segments_and_a_system_turn_has_n
     llava = [{"from": "human", "value": "<image>\nWhat is on the left?"}, {"from": "gpt", "value": "A red circle."}]
     sharegpt = [{"role": "user", "content": "<image>\nWhat is on the left?"},
                 {"role": "assistant", "content": "A red circle."}]
-    mixed = [{"from": "user", "value": "What is on the left?"}, {"from": "assistant", "value": "A red circle."}]
+    mixed = [{"from": "user", "value": "<image> What is on the left?"}, {"from": "assistant", "value": "A red circle."}]
     assert conversation_segments(sharegpt) == conversation_segments(mixed) == conversation_segments(llava)
     with_system = conversation_segments([{"role": "system", "content": "Answer briefly."}, *sharegpt])
     assert with_system[0] == ("Answer briefly.\n", False) and with_system[1:] == conversation_segments(llava)

@@ -79,7 +79,9 @@ class _AnnotationFileSource:
 class LlavaSource(_AnnotationFileSource):
     """``{"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value"}]}`` (LLaVA), or ShareGPT
     style turns (roles user/assistant/system, keys ``from``/``value`` or ``role``/``content``, the list under
-    ``conversations`` or ``messages``). Turns are stored in LLaVA's form; ``<image>`` is removed."""
+    ``conversations`` or ``messages``). Turns are stored in LLaVA's form; ``<image>`` is removed, except in a
+    sample with several images, whose tags say where each goes (for the strategies that place images in the
+    text)."""
 
     name = "llava"
 
@@ -96,7 +98,8 @@ class LlavaSource(_AnnotationFileSource):
             except ValueError as err:
                 raise AnnotationError(f"{where}: {err}") from None
             image, more = _image_paths(record, self.image_root, [t["value"] for t in turns], where)
-            turns = [{**t, "value": strip_image_placeholder(t["value"])} for t in turns]
+            if not more:  # one image goes in front; several keep their tags (which image goes where)
+                turns = [{**t, "value": strip_image_placeholder(t["value"])} for t in turns]
             source_id = _source_id(record, index)
             fields = {"conversations": turns, "source_id": source_id, "split": self.split}
             yield Example(safe_key(source_id), self.split, image, fields, more)
@@ -126,6 +129,6 @@ class JsonlQASource(_AnnotationFileSource):
                 fields = {k: record.get(k) for k in ("question", "answer", "choices")}
                 fields.update(source_id=source_id, split=split)
                 image, more = images[index]
-                if more:  # the image enters through the strategy, not the text (as in conversations)
+                if not more:  # as in conversations: the tags of several images stay
                     fields["question"] = strip_image_placeholder(fields["question"])
                 yield Example(safe_key(source_id), split, image, fields, more)

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from memvp_ds.data.prompts import IGNORE_INDEX, encode_prompt
+from memvp_ds.data.prompts import IGNORE_INDEX, IMAGE_TAG, encode_prompt
 from memvp_ds.data.shard_format import (FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image,
                                         features_member, image_count)
 
@@ -36,13 +36,20 @@ class SampleEncoder:
     ``with_target=False`` encodes the evaluation prompt; ``use_caption`` puts the sample's caption in a
     ScienceQA context (the official evaluation does, training does not). With ``image_size`` set (an online
     vision tower) the sample's stored image is read as (3, S, S) uint8 pixels instead of its features. A sample
-    may have up to ``max_images`` images (their features concatenated, each checked)."""
+    may have up to ``max_images`` images (their features concatenated, each checked).
+
+    ``visual_positions``: the positions a strategy puts in the sequence per image (its ``prefix_positions``).
+    With several images per sample (``max_images`` > 1) they go in the text, at each image's ``<image>`` tag
+    (all of a sample's images in front, in order, when its text has no tags): ``visual_marker`` ids that the
+    strategy replaces by the image's tokens; ``max_positions`` counts them. With one image the strategy puts
+    them in front itself."""
 
     def __init__(self, tokenizer, prompt_format: str, max_seq_len: int, visual_tokens: int, visual_dim: int,
                  with_target: bool = True, use_images: bool = True, use_caption: bool = False,
-                 image_size: Optional[int] = None, max_images: int = 1):
+                 image_size: Optional[int] = None, max_images: int = 1, visual_positions: int = 0):
         self.tokenizer, self.prompt_format, self.max_seq_len = tokenizer, prompt_format, max_seq_len
         self.max_images = max_images
+        self.positions_per_image = visual_positions if max_images > 1 else 0
         self.member = FEATURES_MEMBER if image_size is None else IMAGE_MEMBER
         self.feature_shape = (visual_tokens, visual_dim) if image_size is None else (3, image_size, image_size)
         self.with_target, self.use_images, self.use_caption = with_target, use_images, use_caption
@@ -81,17 +88,46 @@ class SampleEncoder:
             # Nothing after the last labelled token contributes to the loss: cut it off.
             last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=len(ids) - 1)
             ids, labels = ids[: last + 1], labels[: last + 1]
+        if self.positions_per_image and features is not None:
+            tags = encoded.image_positions
+            if tags and len(tags) != count:
+                raise ValueError(f"sample {raw['__key__']}: {count} images but {len(tags)} {IMAGE_TAG} tags in its text")
+            ids, labels = _with_visual_positions(ids, labels, tags or [0] * count, self.positions_per_image)
         return TokenizedSample(raw["__key__"], ids, labels, features, fields)
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions a sample takes: its text and the visual positions placed in it."""
+        return self.max_seq_len + self.max_images * self.positions_per_image
 
-def build_encoder(cfg, tokenizer, with_target: bool = True, use_caption: bool = False) -> SampleEncoder:
+
+def visual_marker(row: int) -> int:
+    """The input id of the position that takes row ``row`` of its sample's visual tokens (image j's token t is
+    row j x N + t); the strategies read it back (memvp_ds/model/strategies/base.py: ``place_in_text``)."""
+    return -1 - row
+
+
+def _with_visual_positions(ids: List[int], labels: List[int], before: List[int], per_image: int):
+    """``ids``/``labels`` with image j's ``per_image`` markers in front of token ``before[j]`` (no loss on them)."""
+    out_ids, out_labels, done = [], [], 0
+    for image, position in enumerate(before):
+        position = min(position, len(ids))  # a tag after the last answer token, which was cut off
+        out_ids += ids[done:position] + [visual_marker(image * per_image + t) for t in range(per_image)]
+        out_labels += labels[done:position] + [IGNORE_INDEX] * per_image
+        done = max(done, position)
+    return out_ids + ids[done:], out_labels + labels[done:]
+
+
+def build_encoder(cfg, tokenizer, with_target: bool = True, use_caption: bool = False, visual_positions: int = 0
+                  ) -> SampleEncoder:
     """The run's encoder (``cfg``: the run config): stored features, or stored images when the model runs
-    its vision tower online (``model.vision.online``)."""
+    its vision tower online (``model.vision.online``). ``visual_positions``: the strategy's
+    ``prefix_positions`` (see SampleEncoder)."""
     vision = cfg.model.vision
     return SampleEncoder(tokenizer, cfg.data.prompt_format, cfg.data.max_seq_len, cfg.model.visual_tokens,
                          cfg.model.visual_dim, with_target, cfg.data.use_images, use_caption,
                          image_size=vision.recipe.image_size if vision.online else None,
-                         max_images=cfg.data.max_images)
+                         max_images=cfg.data.max_images, visual_positions=visual_positions)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -181,13 +217,16 @@ def pack(samples: List[TokenizedSample], pad_id: int, feature_shape, max_seq_len
     A row holds up to ``max_seq_len + visual_positions`` positions: the longest single sample. Every sample
     with an image starts with ``visual_positions`` reserved positions (pad token, no label, attention mask 0)
     where the strategy puts what it prepends (``VisualStrategy.prefix_positions``: an input-space strategy's
-    visual tokens, DVP's token slot; 0 for the others). Besides the
+    visual tokens, DVP's token slot; 0 for the others). With ``max_images`` > 1 the samples carry them in their
+    text instead, ``visual_positions`` per image (``SampleEncoder``), and a row holds up to ``max_seq_len +
+    max_images x visual_positions``. Besides the
     keys of ``collate`` (``attention_mask`` is 1 on text tokens; features and ``has_image`` per sample, in
     ``samples`` order), ``segment_ids`` (R, L) gives each position's sample index, -1 on padding: the model
     keeps attention, positions and visual terms per sample with it.
     """
-    lengths = [len(s.input_ids) + (visual_positions if s.features is not None else 0) for s in samples]
-    rows = pack_rows(lengths, max_seq_len + visual_positions)
+    front = visual_positions if max_images == 1 else 0
+    lengths = [len(s.input_ids) + (front if s.features is not None else 0) for s in samples]
+    rows = pack_rows(lengths, max_seq_len + visual_positions * max_images)
     length = _round_up(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from memvp_ds.config import ConfigError, EvalConfig
@@ -30,8 +31,12 @@ ANSWER_PREFIX = "The answer is"
 """What the official ScienceQA evaluation appends to the prompt: the next token is the model's answer."""
 Segment = Tuple[str, bool]
 IMAGE_TAG = "<image>"
-"""Where an image goes in LLaVA-style text; removed from stored text (images enter through the strategy)."""
+"""Where an image goes in LLaVA-style text. Stored text keeps the tags of multi-image samples only (which image
+goes where); the encoders take them out of the text and note where they were."""
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+IMAGE_MARK = "\ue000"
+"""An image tag in text on its way to the tokenizer (a private-use character that no text contains): the
+encoders take every mark out of the text and note, per image, the token it precedes."""
 
 
 def check_choice_count(choices: Sequence[str], what: str = "choices") -> None:
@@ -44,6 +49,8 @@ def check_choice_count(choices: Sequence[str], what: str = "choices") -> None:
 class EncodedText:
     input_ids: List[int]
     labels: List[int]
+    image_positions: List[int] = field(default_factory=list)
+    """Per ``<image>`` tag of the text, in order: the index in ``input_ids`` of the token the image precedes."""
 
 
 def scienceqa_context(hint: Optional[str], caption: Optional[str] = None) -> str:
@@ -69,8 +76,35 @@ def scienceqa_target(answer_index: int) -> str:
 
 
 def strip_image_placeholder(text: str) -> str:
-    """Remove LLaVA's ``<image>`` marker: the image enters through the strategy, not the text."""
+    """Remove LLaVA's ``<image>`` tags (and the whitespace around each, one space left between words)."""
     return _IMAGE_PLACEHOLDER.sub(" ", text).strip()
+
+
+def mark_image_tags(text: str) -> str:
+    """``text`` with each ``<image>`` tag as an IMAGE_MARK where the tag was: without its marks it is
+    ``strip_image_placeholder(text)``, each mark right before the space that replaced its tag (or at the
+    text's edge)."""
+    parts = _IMAGE_PLACEHOLDER.split(text)
+    marked = parts[0] + "".join(f"{IMAGE_MARK} {part}" for part in parts[1:])
+    body = marked.strip(string.whitespace + IMAGE_MARK)
+    if not body:
+        return IMAGE_MARK * (len(parts) - 1)
+    start = marked.index(body)
+    marks = lambda edge: IMAGE_MARK * edge.count(IMAGE_MARK)  # noqa: E731
+    return marks(marked[:start]) + body + marks(marked[start + len(body):])
+
+
+def take_image_marks(segments: Sequence[Segment]) -> Tuple[List[Segment], List[int]]:
+    """The segments without IMAGE_MARKs, and the marks' character offsets in their concatenated text."""
+    clean, offsets, length = [], [], 0
+    for text, is_target in segments:
+        pieces = text.split(IMAGE_MARK)
+        for piece in pieces[:-1]:
+            length += len(piece)
+            offsets.append(length)
+        length += len(pieces[-1])
+        clean.append(("".join(pieces), is_target))
+    return clean, offsets
 
 
 CONVERSATION_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
@@ -97,11 +131,11 @@ def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
 
     The space after 'ASSISTANT:' starts the answer segment, so that the prompt tokenized alone is a token
     prefix of the whole text (a prompt ending in a space would tokenize to a lone space token). The
-    ``<image>`` placeholder is removed: the image enters through the strategy, not the text.
+    ``<image>`` tags become IMAGE_MARKs (see ``mark_image_tags``).
     """
     segments: List[Segment] = []
     for turn in map(normalize_turn, turns):
-        text = strip_image_placeholder(turn["value"])
+        text = mark_image_tags(turn["value"])
         if turn["from"] == "system":
             segments.append((f"{text}\n", False))
         elif turn["from"] == "human":
@@ -121,60 +155,71 @@ def encode_segments(tokenizer, segments: Sequence[Segment], max_seq_len: int) ->
 
     Labels are the token ids of target segments and of EOS, -100 elsewhere. A segment ends after as many
     tokens as the text up to its end has when tokenized alone (the official prompt length); that text's
-    tokens must be a prefix of the whole text's tokens, else the mask would be wrong: ValueError. Too
-    long a sequence loses tokens from the start of the text after BOS (the oldest context), so the answer
-    the loss is computed on is kept whole.
+    tokens must be a prefix of the whole text's tokens, else the mask would be wrong: ValueError. An image
+    tag (IMAGE_MARK) is found the same way, from the text before it without trailing whitespace. Too long a
+    sequence loses tokens from the start of the text after BOS (the oldest context), so the answer the loss
+    is computed on is kept whole.
     """
+    segments, image_offsets = take_image_marks(segments)
     head = bos_ids(tokenizer)
     text = "".join(segment for segment, _ in segments)
     input_ids = head + tokenizer.encode(text, add_special_tokens=False)
+
+    def tokens_before(end: int, where: str) -> int:
+        prefix_ids = tokenizer.encode(text[:end], add_special_tokens=False) if end else []
+        if input_ids[len(head) : len(head) + len(prefix_ids)] != prefix_ids:
+            raise ValueError(f"the tokenizer merges across the {where} after {text[:end][-30:]!r}: the text before "
+                             "it is not a token prefix of the whole text")
+        return len(head) + len(prefix_ids)
+
     labels = [IGNORE_INDEX] * len(input_ids)
-    start, prefix = len(head), ""
+    start, end_char = len(head), 0
     for index, (segment, is_target) in enumerate(segments):
-        prefix += segment
-        end = len(input_ids)
-        if index < len(segments) - 1:
-            prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
-            end = len(head) + len(prefix_ids)
-            if input_ids[len(head) : end] != prefix_ids:
-                raise ValueError(f"the tokenizer merges across the segment boundary after {prefix[-30:]!r}: "
-                                 f"the text before it is not a token prefix of the whole text")
+        end_char += len(segment)
+        end = tokens_before(end_char, "segment boundary") if index < len(segments) - 1 else len(input_ids)
         if is_target:
             labels[start:end] = input_ids[start:end]
         start = end
+    images = [tokens_before(len(text[:offset].rstrip()), IMAGE_TAG) for offset in image_offsets]
     if segments and segments[-1][1]:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    return _drop_oldest(EncodedText(input_ids=input_ids, labels=labels), len(head), max_seq_len)
+    return _drop_oldest(EncodedText(input_ids, labels, images), len(head), max_seq_len)
 
 
 def _drop_oldest(encoded: EncodedText, keep: int, max_seq_len: int) -> EncodedText:
-    """At most ``max_seq_len`` tokens: the first ``keep`` (BOS) stay, then the oldest context goes first."""
+    """At most ``max_seq_len`` tokens: the first ``keep`` (BOS) stay, then the oldest context goes first. An
+    image whose tag was in the dropped context goes where the kept context starts."""
     overflow = len(encoded.input_ids) - max_seq_len
     if overflow <= 0:
         return encoded
     cut = lambda ids: ids[:keep] + ids[keep + overflow :]  # noqa: E731
-    return EncodedText(input_ids=cut(encoded.input_ids), labels=cut(encoded.labels))
+    images = [position if position <= keep else max(keep, position - overflow) for position in encoded.image_positions]
+    return EncodedText(cut(encoded.input_ids), cut(encoded.labels), images)
 
 
 def encode_rendered(tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
     """Segments rendered by a chat template (BOS, turn markers and end-of-turn tokens are in their text):
     the text is tokenized as one string without adding special tokens, and a token carries the loss when
-    any of its characters lies in a target segment (the rule of transformers' assistant-token mask). Too
-    long a sequence loses its oldest tokens after a leading BOS."""
+    any of its characters lies in a target segment (the rule of transformers' assistant-token mask). An
+    image tag (IMAGE_MARK) precedes the first token that ends after it. Too long a sequence loses its
+    oldest tokens after a leading BOS."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("data.prompt_format=chat_template needs a fast tokenizer (character offsets of tokens)")
+    segments, image_offsets = take_image_marks(segments)
     text, spans, start = "", [], 0
     for segment, is_target in segments:
         if is_target:
             spans.append((start, start + len(segment)))
         text, start = text + segment, start + len(segment)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
+    input_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     labels = [token if any(begin < b and end > a for a, b in spans) else IGNORE_INDEX
-              for token, (begin, end) in zip(input_ids, encoded["offset_mapping"])]
+              for token, (begin, end) in zip(input_ids, offsets)]
+    images = [next((i for i, (_, end) in enumerate(offsets) if end > offset), len(input_ids))
+              for offset in image_offsets]
     keep = int(bool(input_ids) and input_ids[0] == tokenizer.bos_token_id)
-    return _drop_oldest(EncodedText(input_ids=input_ids, labels=labels), keep, max_seq_len)
+    return _drop_oldest(EncodedText(input_ids, labels, images), keep, max_seq_len)
 
 
 class PromptFormat:
@@ -252,7 +297,7 @@ class QAFormat(PromptFormat):
     name = "qa"
 
     def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
-        prompt = f"Question: {fields['question']}\n"
+        prompt = f"Question: {mark_image_tags(fields['question'])}\n"
         if fields.get("choices"):
             check_choice_count(fields["choices"])
             prompt += "Options: " + " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(fields["choices"])) + "\n"
@@ -312,7 +357,8 @@ def chat_template_segments(tokenizer, turns: Sequence[dict], with_target: bool =
     A turn's boundaries come from rendering the conversation up to it: with the generation prompt (where the
     answer starts) and with the answer (where it ends). Each rendering must be the start of the whole one,
     else the template renders earlier turns differently once later ones exist: ValueError."""
-    messages = [{"role": CHAT_ROLES[t["from"]], "content": t["value"]} for t in map(normalize_turn, turns)]
+    messages = [{"role": CHAT_ROLES[t["from"]], "content": mark_image_tags(t["value"])}
+                for t in map(normalize_turn, turns)]
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not with_target and answers and answers[-1] == len(messages) - 1:
         messages, answers = messages[:-1], answers[:-1]

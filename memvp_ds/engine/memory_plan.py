@@ -65,7 +65,8 @@ class ModelShape:
     memory_rows: int
     """M of MemVP (0 for the other strategies)."""
     prefix_positions: int
-    """Positions an input-space strategy puts in front of each image sample's text."""
+    """Positions an input-space strategy puts in the sequence per image (in front of a one-image sample's
+    text, at each tag of a multi-image one)."""
 
 
 def model_shape(model_cfg) -> ModelShape:
@@ -204,8 +205,8 @@ class MicroBatch:
     text_positions: int
     """samples x data.max_seq_len: every one may carry a label (the upper bound of the loss's size)."""
     positions: int
-    """Positions the decoder runs: text plus the positions an input-space strategy puts in front of each image
-    sample. Packed or padded, a micro-batch holds at most ``samples`` rows of them."""
+    """Positions the decoder runs: text plus the positions an input-space strategy puts in the sequence for
+    each image. Packed or padded, a micro-batch holds at most ``samples`` rows of them."""
     visual_tokens: int
     """Visual feature rows per sample (N per image slot)."""
     visual_dim: int
@@ -247,7 +248,9 @@ PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 def micro_batch(cfg, shape: ModelShape) -> MicroBatch:
     samples, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
     visual_tokens = cfg.model.visual_tokens * cfg.data.max_images  # every image slot is projected
-    return MicroBatch(samples, samples * length, samples * (length + shape.prefix_positions), visual_tokens,
+    # Several images per sample: each image's positions in the text (data/collate.py: SampleEncoder).
+    in_sequence = shape.prefix_positions * cfg.data.max_images
+    return MicroBatch(samples, samples * length, samples * (length + in_sequence), visual_tokens,
                       cfg.model.visual_dim, cfg.model.projector.hidden_dim)
 
 

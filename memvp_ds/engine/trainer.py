@@ -75,11 +75,13 @@ class _Window:
 
     def add_micro_batch(self, loss: float, raw: Dict[str, Any], prefix_positions: int) -> None:
         """``prefix_positions``: what the strategy puts in front of every padded row inside the model (a packed
-        row already holds them), computed in every layer like text."""
+        row, or a multi-image sample's text, already holds them), computed in every layer like text. Tokens are
+        text tokens (negative ids mark visual positions in the text)."""
         self.loss += loss
-        self.tokens += int(raw["attention_mask"].sum())
+        self.tokens += int((raw["attention_mask"].bool() & (raw["input_ids"] >= 0)).sum())
         rows, length = raw["input_ids"].shape
-        self.positions += rows * (length + (0 if "segment_ids" in raw else prefix_positions))
+        in_sequence = "segment_ids" in raw or raw["has_image"].dim() == 2
+        self.positions += rows * (length + (0 if in_sequence else prefix_positions))
         self.samples += len(raw["keys"])  # a packed batch has fewer rows than samples
         self.skipped += raw["skipped_samples"]
 
@@ -165,7 +167,7 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------
     def _encoder(self, with_target: bool = True) -> SampleEncoder:
-        return build_encoder(self.cfg, self.tokenizer, with_target)
+        return build_encoder(self.cfg, self.tokenizer, with_target, visual_positions=self.model.strategy.prefix_positions())
 
     def _train_loader(self, skip_micro_batches: int):
         options = LoaderOptions.of(self.cfg, self.tokenizer.pad_token_id, self.dist.rank, self.dist.world_size,

@@ -31,6 +31,7 @@ def generate_records(model, batches: Iterable[Dict[str, Any]], tokenizer, max_ne
             if not valid:
                 continue
             prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+            prompt_ids = prompt_ids[prompt_ids >= 0]  # the text: negative ids are images' positions in it
             new = [t for t in tokens[row].tolist() if t != tokenizer.eos_token_id]
             records.append({
                 "id": batch["keys"][row], "fields": batch["fields"][row],

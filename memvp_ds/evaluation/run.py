@@ -27,17 +27,19 @@ def answer_tokens(cfg) -> int:
     return prompt_format(cfg.data.prompt_format).answer_tokens(cfg.eval)
 
 
-def eval_encoder(cfg, tokenizer) -> SampleEncoder:
-    """Evaluation prompts: no target; the ScienceQA context carries the caption when eval.use_caption."""
-    return build_encoder(cfg, tokenizer, with_target=False, use_caption=cfg.eval.use_caption)
+def eval_encoder(cfg, tokenizer, visual_positions: int = 0) -> SampleEncoder:
+    """Evaluation prompts: no target; the ScienceQA context carries the caption when eval.use_caption.
+    ``visual_positions``: the strategy's ``prefix_positions`` (several images per sample go in the text)."""
+    return build_encoder(cfg, tokenizer, with_target=False, use_caption=cfg.eval.use_caption,
+                         visual_positions=visual_positions)
 
 
 def evaluate_split(cfg, model, tokenizer, urls: List[str], rank: int, world_size: int,
                    stop_when_done: bool = True, device: Optional[torch.device] = None):
     """(records, metrics) for one split; metrics only on rank 0 (others get {})."""
-    batches = iterate_eval_batches(urls, eval_encoder(cfg, tokenizer), cfg.eval.batch_size, tokenizer.pad_token_id,
-                                   rank, world_size, cfg.eval.max_samples, left_pad=True,
-                                   budget=ErrorBudget.of(cfg.data))
+    encoder = eval_encoder(cfg, tokenizer, model.strategy.prefix_positions())
+    batches = iterate_eval_batches(urls, encoder, cfg.eval.batch_size, tokenizer.pad_token_id, rank, world_size,
+                                   cfg.eval.max_samples, left_pad=True, budget=ErrorBudget.of(cfg.data))
     dtype = next(p for p in model.parameters()).dtype
     records = generate_records(model, batches, tokenizer, answer_tokens(cfg), stop_when_done, dtype, device,
                                show_progress=rank == 0)

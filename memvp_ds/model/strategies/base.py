@@ -149,6 +149,32 @@ def place_visual_tokens(layout: PackedLayout, text_embeds: torch.Tensor, visual:
     return torch.where(slots[..., None], per_position.to(text_embeds.dtype), text_embeds)
 
 
+def is_multi_image(has_image: Optional[torch.Tensor]) -> bool:
+    """Whether a batch holds samples with several image slots: ``has_image`` (B, k) per slot."""
+    return has_image is not None and has_image.dim() == 2
+
+
+def place_in_text(input_ids: torch.Tensor, text_embeds: torch.Tensor, visual: torch.Tensor, has_image: torch.Tensor,
+                  layout: Optional[PackedLayout]) -> torch.Tensor:
+    """Multi-image batches: the data layer puts each image's positions at its ``<image>`` tag in the text, as
+    negative input ids, -1 - r for row r of the sample's visual tokens (``visual`` (B, k x N, d): image j's
+    token t is row j x N + t; memvp_ds.data.collate.visual_marker). Those positions get the visual tokens of
+    their own sample (a padded batch's row, a packed row's ``segment_ids``), the others keep ``text_embeds``.
+    Every image of ``has_image`` (B, k) must have its positions: a batch encoded without them would otherwise
+    train on the text alone."""
+    marked = input_ids < 0
+    if int(marked.sum()) != int(visual.shape[1] // has_image.shape[1] * has_image.sum()):
+        raise ValueError("a multi-image batch whose text lacks its images' positions: encode it with the strategy's "
+                         "prefix_positions (memvp_ds.data.collate.SampleEncoder visual_positions)")
+    if layout is None:
+        samples = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    else:
+        samples = layout.segment_ids.clamp(min=0)
+    rows = samples * visual.shape[1] + (-1 - input_ids).clamp(min=0)
+    per_position = visual.reshape(-1, visual.shape[-1])[rows]
+    return torch.where(marked[..., None], per_position.to(text_embeds.dtype), text_embeds)
+
+
 class VisualStrategy(nn.Module):
     """One way of feeding projected visual features to a frozen decoder-only LLM.
 
@@ -167,9 +193,10 @@ class VisualStrategy(nn.Module):
     reads_last_clip_block: bool = False
     """Whether ``forward`` also reads the online CLIP tower's last block output (CLS first, no ln_post), which
     the model hands over through ``set_last_clip_block`` before each call (DVP-SQA's cross-attention)."""
-    multi_image: ClassVar[bool] = False
+    multi_image: ClassVar[bool] = True
     """Takes samples with several images (data.max_images > 1): ``image_features`` (B, k x N, C), a sample's
-    images in consecutive slots of N rows, and ``has_image`` (B, k) per slot."""
+    images in consecutive slots of N rows, and ``has_image`` (B, k) per slot. A strategy with
+    ``prefix_positions`` then finds each image's positions at its tag in the text (``place_in_text``)."""
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__()

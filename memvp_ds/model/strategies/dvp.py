@@ -186,6 +186,9 @@ def hide_slot_keys(mask: Optional[torch.Tensor], slot_keys: torch.Tensor, querie
 class DVPStrategy(VisualStrategy):
     name = "dvp"
     options = DVPOptions
+    # Its one inserted token summarises one image (the cross-attention and the KAB-APP search are defined per
+    # image): several images per sample would be a method of our own.
+    multi_image = False
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)

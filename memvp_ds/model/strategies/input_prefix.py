@@ -10,7 +10,8 @@ from transformers import PreTrainedModel
 
 from memvp_ds.config import ModelConfig
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, VisualStrategy, image_indicator, place_visual_tokens
+from memvp_ds.model.strategies.base import (DecoderInputs, VisualStrategy, image_indicator, is_multi_image,
+                                            place_in_text, place_visual_tokens)
 
 
 def prepend_visual_tokens(embed_tokens: nn.Module, projector: VisualProjector, input_ids: torch.Tensor,
@@ -24,12 +25,17 @@ def prepend_visual_tokens(embed_tokens: nn.Module, projector: VisualProjector, i
     features is the text alone.
 
     In a packed batch (``layout``) the data layer reserves N positions in front of each image sample's text
-    (and none for a text-only sample); the visual tokens go there, seen by that sample's text alone.
+    (and none for a text-only sample); the visual tokens go there, seen by that sample's text alone. In a
+    multi-image batch (``has_image`` (B, k)) each image's N tokens go where the data layer put them in the
+    text, at the image's tag (``place_in_text``), padded or packed alike.
     """
     if image_features is None:
         return DecoderInputs(attention_mask=attention_mask, input_ids=input_ids)
-    text_embeds = embed_tokens(input_ids)
+    text_embeds = embed_tokens(input_ids.clamp(min=0))  # negative ids mark visual positions (multi-image)
     visual = projector(image_features).to(text_embeds.dtype)
+    if is_multi_image(has_image):
+        return DecoderInputs(attention_mask=attention_mask,
+                             inputs_embeds=place_in_text(input_ids, text_embeds, visual, has_image, layout))
     if layout is not None:
         return DecoderInputs(attention_mask=attention_mask,
                              inputs_embeds=place_visual_tokens(layout, text_embeds, visual, has_image))

@@ -14,7 +14,8 @@ exactly, keeps the text's positions and packed rows unchanged and leaves the KV 
 official evaluation caches the weights).
 
 The N visual tokens go in front of the text as in ``input_prefix`` (reserved positions in packed rows);
-rows without an image keep them masked. See docs/strategies/lavin.md for the remaining differences from
+rows without an image keep them masked. With several images per sample each image's tokens go at its tag,
+and a sample with any image routes as an image sample. See docs/strategies/lavin.md for the remaining differences from
 the official code.
 """
 
@@ -33,7 +34,7 @@ from memvp_ds.vision.routed_adapter import RoutedAdapter
 from memvp_ds.model.layer_skip import MODALITY_PASS, RoutedReplacement
 from memvp_ds.model.llm import decoder_layers
 from memvp_ds.model.projector import VisualProjector
-from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy
+from memvp_ds.model.strategies.base import DecoderInputs, PackedLayout, VisualStrategy, is_multi_image
 from memvp_ds.model.strategies.input_prefix import prepend_visual_tokens
 
 
@@ -96,7 +97,7 @@ class LavinStrategy(VisualStrategy):
         elif has_image is None:
             indicator = torch.ones(samples, dtype=torch.long, device=input_ids.device)
         else:
-            indicator = has_image.long()
+            indicator = (has_image.any(1) if is_multi_image(has_image) else has_image).long()
         self._layout = layout
         self._use_weights(self._route(self.modality(indicator)[:, None]))
         return prepend_visual_tokens(self._embed_tokens[0], self.projector, input_ids, attention_mask,

@@ -67,7 +67,6 @@ class MemVPStrategy(VisualStrategy):
 
     name = "memvp"
     options = MemVPOptions
-    multi_image = True  # a sample's images fill consecutive rows of its memory, each image's rows its own
 
     def __init__(self, cfg: ModelConfig, llm: PreTrainedModel):
         super().__init__(cfg, llm)
