@@ -149,6 +149,11 @@ def _checked_examples(source: Source) -> List[Example]:
     return examples
 
 
+def _one_or_list(arrays: list):
+    """What write_shard takes per sample: None, one image's array, or the list of a multi-image sample's."""
+    return arrays if len(arrays) > 1 else (arrays[0] if arrays else None)
+
+
 def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> Dict[str, Any]:
     """Extract (this part of) the dataset into shards; returns the manifest written.
 
@@ -164,9 +169,6 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     check_weights_available(recipe, opts.allow_download)
     all_examples = _checked_examples(source)
     max_images = max((len(example.images) for example in all_examples), default=0)
-    if max_images > 1 and IMAGE_MEMBER in stored_members(opts.store):
-        raise ValueError(f"--store {opts.store}: samples with several images (up to {max_images}) are stored as "
-                         "features only (--store features)")
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = ClipFeatureExtractor(load_visual(recipe, opts.allow_download), recipe).to(device)
     samples_per_shard = opts.samples_per_shard
@@ -241,12 +243,11 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
                 # its images would pair the others with the wrong tags.
                 if not (bad and opts.on_bad_image == "drop"):
                     kept = [] if bad else [r for r in rows if r is not None]
-                    image = None if bad else pixel_list[0]
-                    fields = {**example.fields, "has_image": bool(kept) or image is not None}
-                    if len(kept) > 1:
-                        fields[IMAGE_COUNT_FIELD] = len(kept)
-                    pending.append((example.key, fields, kept if len(kept) > 1 else (kept[0] if kept else None),
-                                    image))
+                    pictures = [] if bad else [p for p in pixel_list if p is not None]
+                    fields = {**example.fields, "has_image": bool(kept or pictures)}
+                    if max(len(kept), len(pictures)) > 1:
+                        fields[IMAGE_COUNT_FIELD] = max(len(kept), len(pictures))
+                    pending.append((example.key, fields, _one_or_list(kept), _one_or_list(pictures)))
                 rows, pixel_list, bad = [], [], []
                 seen_in_current += 1
                 if seen_in_current == len(current.examples):  # the shard's last example: close it

@@ -13,10 +13,10 @@ import numpy as np
 
 from memvp_ds.data.shard_format import (
     FIELDS_MEMBER,
-    IMAGE_MEMBER,
     encode_features,
-    features_member,
     encode_image,
+    features_member,
+    image_member,
     sha256_of,
 )
 
@@ -32,7 +32,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shard(path: str, samples: Iterable[Tuple]) -> Dict[str, Any]:
     """Write (key, fields, features-or-None[, image-or-None]) samples to ``path`` atomically; return the
     manifest entry. Features are one (N, C) array, or a list of them for a multi-image sample (stored as
-    ``features_member(i)``). An image is the (S, S, 3) uint8 RGB array after the recipe's resize."""
+    ``features_member(i)``). An image is the (S, S, 3) uint8 RGB array after the recipe's resize, or a list of
+    them (``image_member(i)``)."""
     tmp = path + ".tmp"
     count = with_image = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -41,8 +42,8 @@ def write_shard(path: str, samples: Iterable[Tuple]) -> Dict[str, Any]:
             _add_member(tar, f"{key}.{FIELDS_MEMBER}", json.dumps(fields, sort_keys=True).encode())
             for index, array in enumerate([features] if isinstance(features, np.ndarray) else features or []):
                 _add_member(tar, f"{key}.{features_member(index)}", encode_features(array))
-            if image is not None:
-                _add_member(tar, f"{key}.{IMAGE_MEMBER}", encode_image(image))
+            for index, pixels in enumerate([image] if isinstance(image, np.ndarray) else image or []):
+                _add_member(tar, f"{key}.{image_member(index)}", encode_image(pixels))
             with_image += features is not None or image is not None
             count += 1
     os.replace(tmp, path)

@@ -64,8 +64,10 @@ def verify(out_dir: str) -> List[str]:
                     non_finite = _non_finite_values(features)
                     if non_finite:
                         problems.append(f"{entry.name}: sample {key} has {non_finite}")
-                if image is not None and image.shape != image_shape:
-                    problems.append(f"{entry.name}: sample {key} has a {image.shape} image, expected {image_shape}")
+                images = image_count(fields)
+                expected_image = image_shape if images <= 1 else (images, *image_shape)  # all its images
+                if image is not None and image.shape != expected_image:
+                    problems.append(f"{entry.name}: sample {key} has a {image.shape} image, expected {expected_image}")
                 with_image += features is not None or image is not None
                 present = {FEATURES_MEMBER: features is not None, IMAGE_MEMBER: image is not None}
                 for member in (FEATURES_MEMBER, IMAGE_MEMBER):

@@ -180,7 +180,7 @@ class DataConfig:
     max_images x model.visual_tokens); APT with visual=prompt_rows takes them all as prompt rows; the strategies
     that put visual tokens in the sequence (input_prefix, llava_lora, lavin, apt) put each image's N tokens at
     its <image> tag (a sample without tags: all in front, in order), on top of data.max_seq_len text tokens.
-    DVP refuses it (its one token summarises one image)."""
+    DVP refuses it (its one token summarises one image). The online vision tower runs each image alone."""
     pad_to_multiple: int = 8
     """Batches are padded to a multiple of this length (tensor-core friendly shapes)."""
     shuffle_buffer: int = 1000

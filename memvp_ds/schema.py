@@ -102,9 +102,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         multi = ", ".join(name for name, cls in STRATEGIES.items() if cls.multi_image)
         raise ConfigError(f"data.max_images={cfg.data.max_images}: model.strategy={cfg.model.strategy} takes one image "
                           f"per sample; multi-image samples need {multi}")
-    if cfg.data.max_images > 1 and cfg.model.vision.online:
-        raise ConfigError(f"data.max_images={cfg.data.max_images}: the online vision tower (model.vision.online) takes "
-                          "one image per sample; use stored features")
     return cfg
 
 

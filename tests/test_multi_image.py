@@ -29,7 +29,7 @@ def _png(path, seed):
     return path.name
 
 
-def _extract(root, records, name):
+def _extract(root, records, name, store="features"):
     from data_prep.extract import ExtractOptions, run_extract
     from data_prep.sources import LlavaSource
     from memvp_ds.vision.clip_features import FeatureRecipe
@@ -37,7 +37,8 @@ def _extract(root, records, name):
     (root / f"{name}.json").write_text(json.dumps(records))
     recipe = FeatureRecipe(model=TINY_VIT, pretrained="random", image_size=64)
     return run_extract(LlavaSource(str(root / f"{name}.json"), str(root)), recipe,
-                       ExtractOptions(out_dir=str(root / name), samples_per_shard=10, num_workers=0, batch_size=2))
+                       ExtractOptions(out_dir=str(root / name), samples_per_shard=10, num_workers=0, batch_size=2,
+                                      store=store))
 
 
 def _turns(question, answer="Red."):
@@ -54,7 +55,7 @@ def extracted(tmp_path_factory):
                {"id": "one", "image": names[0], "conversations": _turns("<image>\nWhat colour?")},
                {"id": "three", "image": names[1:], "conversations": _turns(
                    "<image> then <image>, and <image>: which is reddest?", "The second.")}]
-    _extract(root, records, "shards")
+    _extract(root, records, "shards", store="both")  # features, and each image's pixels for the online tower
     singles = [{"id": f"single{i}", "image": name, "conversations": _turns("<image>\nWhat colour?")}
                for i, name in enumerate(names)]
     _extract(root, singles, "singles")
@@ -68,8 +69,8 @@ def test_data_prep_stores_one_feature_array_per_image(extracted):
     assert manifest.max_images == 3 and verify(str(extracted / "shards")) == []
     [shard] = [str(extracted / "shards" / s.name) for s in manifest.shards]
     raw = {sample["__key__"]: sample for sample in read_raw_samples(shard)}
-    assert set(raw["three"]) == {"__key__", "json", "npy", "1.npy", "2.npy"}
-    assert set(raw["one"]) == {"__key__", "json", "npy"} and set(raw["text"]) == {"__key__", "json"}
+    assert set(raw["three"]) == {"__key__", "json", "npy", "1.npy", "2.npy", "png", "1.png", "2.png"}
+    assert set(raw["one"]) == {"__key__", "json", "npy", "png"} and set(raw["text"]) == {"__key__", "json"}
     fields = json.loads(raw["three"]["json"])
     # a multi-image sample keeps its tags (where each image goes), a one-image sample's text loses its tag
     assert fields["image_count"] == 3 and fields["conversations"][0]["value"].count("<image>") == 3
@@ -507,3 +508,45 @@ def test_evaluation_encodes_the_images_positions(extracted, tokenizer_dir, tmp_p
                                               skip_special_tokens=True)
         assert "\ue000" not in record["prompt"] and "<image>" not in record["prompt"]
     assert len(records) == 3
+
+
+# -- the online vision tower -----------------------------------------------------------------------------------------
+
+ONLINE = ["model.vision.online=true", f"model.vision.recipe.model={TINY_VIT}", "model.vision.recipe.pretrained=random",
+          "model.vision.recipe.image_size=64"]
+
+
+def test_online_tower_sees_each_image_alone(extracted, tokenizer_dir):
+    """Pixels of every image (one .png member each) through the online tower: at initialisation (fc2 = 0) each
+    slot's features are that image's stored ones; then a multi-image model trains on pixels as on features."""
+    from memvp_ds import build_model
+    from memvp_ds.data.collate import build_encoder
+    from memvp_ds.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    [shard] = [str(extracted / "shards" / s.name) for s in read_manifest(str(extracted / "shards")).shards]
+    _, _, _, images = next(r for r in read_shard(shard, with_images=True) if r[0] == "three")
+    assert images.shape == (K, 64, 64, 3)  # its three images, stacked
+    for case, model in (("memvp", _model()), ("input_prefix", _in_text_model("input_prefix"))):
+        cfg = tiny_config(case, *MULTI, *ONLINE, "data.prompt_format=conversation")
+        torch.manual_seed(0)  # the LLM of the feature-reading model
+        online = build_model(cfg.model).eval()
+        online.strategy.load_state_dict(model.strategy.state_dict())
+        positions = online.strategy.prefix_positions()
+        encoder = build_encoder(cfg, tok, visual_positions=positions)
+        cfg.model.vision.online = False
+        stored_encoder = build_encoder(cfg, tok, visual_positions=positions)
+        raws = list(read_raw_samples(shard))
+        pixels = collate([encoder(r) for r in raws], 3, encoder.feature_shape, max_images=K)
+        stored = collate([stored_encoder(r) for r in raws], 3, (N, C), max_images=K)
+        assert pixels["images"].shape == (3, K * 3, 64, 64) and torch.equal(pixels["has_image"], stored["has_image"])
+        with torch.no_grad():
+            features = online._visual_features(None, pixels["images"]).half()
+            slots = stored["has_image"].repeat_interleave(N, dim=1)
+            torch.testing.assert_close(features[slots], stored["image_features"][slots], rtol=0, atol=2e-3)
+            # the whole model: on pixels as on the stored features (the same strategy weights)
+            out = online(pixels["input_ids"], pixels["attention_mask"], pixels["labels"], has_image=pixels["has_image"],
+                         images=pixels["images"])
+            reference = model(stored["input_ids"], stored["attention_mask"], stored["labels"],
+                              stored["image_features"].float(), stored["has_image"])
+        torch.testing.assert_close(out.loss, reference.loss, rtol=1e-3, atol=1e-3)

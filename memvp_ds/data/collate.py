@@ -11,7 +11,7 @@ import torch
 
 from memvp_ds.data.prompts import IGNORE_INDEX, IMAGE_TAG, encode_prompt
 from memvp_ds.data.shard_format import (FEATURES_MEMBER, FIELDS_MEMBER, IMAGE_MEMBER, decode_features, decode_image,
-                                        features_member, image_count)
+                                        features_member, image_count, image_member)
 
 
 class FeatureShapeError(ValueError):
@@ -26,7 +26,7 @@ class TokenizedSample:
     labels: List[int]
     features: Optional[np.ndarray]
     """(N, C) features ((n x N, C): the n images of a multi-image sample in order), or (3, S, S) uint8 pixels
-    when the encoder reads images."""
+    when the encoder reads images ((n x 3, S, S) likewise)."""
     fields: Dict[str, Any]
 
 
@@ -65,7 +65,8 @@ class SampleEncoder:
         count = image_count(fields) or int(self.member in raw)
         if count > self.max_images:
             raise ValueError(f"sample {raw['__key__']}: {count} images, data.max_images is {self.max_images}")
-        members = [features_member(i) for i in range(count)] if self.member == FEATURES_MEMBER else [self.member]
+        member_of = features_member if self.member == FEATURES_MEMBER else image_member
+        members = [member_of(i) for i in range(count)]
         missing = [m for m in members if m not in raw] if fields.get("has_image") else []
         if missing:
             raise ValueError(f"sample {raw['__key__']}: has_image but no .{missing[0]} member (a truncated shard, or "
@@ -141,8 +142,8 @@ def _visual_key(feature_shape) -> str:
 
 def _stack_features(samples: List[TokenizedSample], feature_shape, max_images: int = 1):
     """(B, N, C) fp16 features, or (B, 3, S, S) uint8 pixels for an online vision tower, zeros for text-only
-    samples, and the (B,) ``has_image`` flags. With ``max_images`` k > 1, (B, k x N, C) features, a sample's
-    n images in the first n slots of N rows each, and (B, k) ``has_image`` flags per slot."""
+    samples, and the (B,) ``has_image`` flags. With ``max_images`` k > 1, (B, k x N, C) features (or (B, k x 3,
+    S, S) pixels), a sample's n images in the first n slots, and (B, k) ``has_image`` flags per slot."""
     pixels = _visual_key(feature_shape) == "images"
     slots = (feature_shape[0] * max_images, *feature_shape[1:])
     features = torch.zeros((len(samples), *slots), dtype=torch.uint8 if pixels else torch.float16)

@@ -6,7 +6,8 @@ A data folder holds ``{split}-{index:06d}.tar`` WebDataset shards and ``manifest
 N x C, stored with numpy's format and never unpickled; a sample with several images, ``image_count`` of them in
 its fields, stores the further ones' as ``<key>.1.npy``, ``<key>.2.npy``, ... in the order of their ``<image>``
 tags, and the manifest's ``max_images`` is the most any sample has) and/or ``<key>.png`` (the image after the recipe's
-resize, 8-bit RGB, for the online vision tower), as the manifest's ``store`` says (features, images or both;
+resize, 8-bit RGB, for the online vision tower; further images ``<key>.1.png``, ... likewise), as the manifest's
+``store`` says (features, images or both;
 absent: features). The manifest lists every shard with its split, sample count, size and sha256, and the
 feature ``recipe`` (how the features were made: tokens, dim, dtype, model, image size, mean/std).
 """
@@ -55,6 +56,11 @@ def features_member(index: int) -> str:
     """Member suffix of a sample's ``index``-th image's features: ``npy`` for the first (so single-image shards
     are unchanged), ``1.npy``, ``2.npy``, ... for the further images of a multi-image sample."""
     return FEATURES_MEMBER if index == 0 else f"{index}.{FEATURES_MEMBER}"
+
+
+def image_member(index: int) -> str:
+    """Member suffix of a sample's ``index``-th stored image: ``png``, then ``1.png``, ``2.png``, ..."""
+    return IMAGE_MEMBER if index == 0 else f"{index}.{IMAGE_MEMBER}"
 
 
 def image_count(fields: Dict[str, Any]) -> int:
@@ -234,14 +240,15 @@ def read_raw_samples(path: str) -> Iterator[Dict[str, Any]]:
 def read_shard(path: str, with_images: bool = False) -> Iterator[Tuple]:
     """(key, fields, features-or-None) of every sample of a local shard, in order (a multi-image sample's
     features concatenated in image order, (n x N, C)); with ``with_images``, (key, fields, features-or-None,
-    image-or-None)."""
+    image-or-None), the image (S, S, 3) or, for a multi-image sample, its n images stacked (n, S, S, 3)."""
     for members in read_raw_samples(path):
         fields = json.loads(members[FIELDS_MEMBER])
-        arrays = [decode_features(members[features_member(i)]) for i in range(max(image_count(fields), 1))
-                  if features_member(i) in members]
+        count = max(image_count(fields), 1)
+        arrays = [decode_features(members[features_member(i)]) for i in range(count) if features_member(i) in members]
         features = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)) if arrays else None
         if with_images:
+            images = [decode_image(members[image_member(i)]) for i in range(count) if image_member(i) in members]
             yield members["__key__"], fields, features, (
-                decode_image(members[IMAGE_MEMBER]) if IMAGE_MEMBER in members else None)
+                (images[0] if len(images) == 1 else np.stack(images)) if images else None)
         else:
             yield members["__key__"], fields, features

@@ -109,13 +109,19 @@ class VisualPromptedLM(nn.Module):
 
     def _visual_features(self, image_features: Optional[torch.Tensor], images: Optional[torch.Tensor]
                          ) -> Optional[torch.Tensor]:
-        """The strategy's features: pre-extracted ones, or the online tower's from pixels."""
+        """The strategy's features: pre-extracted ones, or the online tower's from pixels ((B, k x 3, S, S) for
+        k image slots: (B, k x N, C), each slot's image through the tower alone; empty slots run too, on zero
+        pixels, and the strategy ignores them as it ignores empty slots' stored features)."""
         if self.vision is None:
             if images is not None:
                 raise ValueError("got images but the model has no online vision tower (model.vision.online=false)")
             return image_features
         if images is None:
             raise ValueError("the online vision tower (model.vision.online=true) needs images, not features")
+        if images.shape[1] > 3:  # k image slots of 3 channels (multi-image): one batch through the tower
+            slots = images.shape[1] // 3
+            features = self.vision(images.reshape(-1, 3, *images.shape[2:]))
+            return features.reshape(images.shape[0], slots * features.shape[1], features.shape[2])
         if not self.strategy.reads_last_clip_block:
             return self.vision(images)
         features, last = self.vision.forward_with_last_block(images)
