@@ -49,3 +49,46 @@ def scalars(out_dir, tag: str) -> Dict[int, float]:
     if tag not in acc.Tags()["scalars"]:
         raise KeyError(f"{tag} not logged; have {acc.Tags()['scalars']}")
     return {event.step: event.value for event in acc.Scalars(tag)}
+
+
+def assert_zero3_gradients_equal_plain_pytorch(config: str, overrides: List[str], trainable: int,
+                                               tolerance: float = 0.0, batch_check: str = "") -> None:
+    """One micro-batch of the real Trainer's loader through its one-rank ZeRO-3 engine, against plain PyTorch on
+    a model built from the same seed (torch's own F.linear, which ZeRO-3 replaces globally): the same loss bit
+    for bit, and each of the ``trainable`` tensors' gradient within ``tolerance`` of the largest (0: equal).
+    ``batch_check``: a Python statement about ``batch`` run first (what the micro-batch must hold)."""
+    script = f"""
+import sys; sys.argv = ["x"]
+import torch
+import torch.nn.functional as F
+from deepspeed.utils import safe_get_full_grad
+from memvp_ds.schema import load_config
+from memvp_ds.distributed import init_distributed
+from memvp_ds.engine.trainer import Trainer
+from memvp_ds.model import build_model
+from memvp_ds.search import skippable_layers
+torch_linear = F.linear
+cfg = load_config({config!r}, {overrides!r})
+trainer = Trainer(cfg, init_distributed())
+torch.manual_seed(cfg.train.seed)  # the engine's model was built from the same seed
+plain = build_model(cfg.model, skippable_layers(cfg))
+batch = trainer._to_device(next(iter(trainer._train_loader(0))))
+{batch_check}
+trainer.engine.train(), plain.train()
+loss = trainer.engine(**batch).loss
+trainer.engine.backward(loss)
+zero3 = {{name: safe_get_full_grad(p).detach().clone() for name, p in trainer.model.trainable_parameters().items()}}
+deepspeed_linear, F.linear = F.linear, torch_linear
+params = plain.trainable_parameters()
+reference = plain(**batch).loss
+grads = dict(zip(params, torch.autograd.grad(reference, list(params.values()))))
+F.linear = deepspeed_linear
+assert torch.equal(loss.detach(), reference.detach()), (loss.item(), reference.item())
+assert set(zero3) == set(grads), (sorted(zero3), sorted(grads))
+for name in grads:
+    error = (zero3[name] - grads[name]).abs().max().item()
+    assert error <= {tolerance!r} * grads[name].abs().max().item(), (name, error)
+print("EQUAL", len(grads))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert f"EQUAL {trainable}" in proc.stdout, proc.stderr[-3000:]

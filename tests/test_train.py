@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, run_train, scalars, train_overrides
+from tests.helpers import REPO, assert_zero3_gradients_equal_plain_pytorch, run_train, scalars, train_overrides
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -88,40 +88,7 @@ def test_zero3_engine_gradients_equal_plain_pytorch_bit_for_bit(dataset, tmp_pat
     gradients (checked here for every LoRA tensor, with LoRA's dropout off) equal PyTorch's to rounding."""
     overrides = train_overrides(dataset, tmp_path, NO_DROPOUT, "model.lora.dropout=0.0",
                                 "train.ds_config=ds_configs/zero3.json")
-    script = f"""
-import sys; sys.argv = ["x"]
-import torch
-import torch.nn.functional as F
-from deepspeed.utils import safe_get_full_grad
-from memvp_ds.schema import load_config
-from memvp_ds.distributed import init_distributed
-from memvp_ds.engine.trainer import Trainer
-from memvp_ds.model import build_model
-from memvp_ds.search import skippable_layers
-torch_linear = F.linear
-cfg = load_config({config!r}, {overrides!r})
-trainer = Trainer(cfg, init_distributed())
-torch.manual_seed(cfg.train.seed)  # the engine's model was built from the same seed
-plain = build_model(cfg.model, skippable_layers(cfg))
-batch = trainer._to_device(next(iter(trainer._train_loader(0))))
-trainer.engine.train(), plain.train()
-loss = trainer.engine(**batch).loss
-trainer.engine.backward(loss)
-zero3 = {{name: safe_get_full_grad(p).detach().clone() for name, p in trainer.model.trainable_parameters().items()}}
-deepspeed_linear, F.linear = F.linear, torch_linear
-params = plain.trainable_parameters()
-reference = plain(**batch).loss
-grads = dict(zip(params, torch.autograd.grad(reference, list(params.values()))))
-F.linear = deepspeed_linear
-assert torch.equal(loss.detach(), reference.detach()), (loss.item(), reference.item())
-assert set(zero3) == set(grads), (sorted(zero3), sorted(grads))
-for name in grads:
-    error = (zero3[name] - grads[name]).abs().max().item()
-    assert error <= {tolerance!r} * grads[name].abs().max().item(), (name, error)
-print("EQUAL", len(grads))
-"""
-    proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert f"EQUAL {trainable}" in proc.stdout, proc.stderr[-3000:]
+    assert_zero3_gradients_equal_plain_pytorch(config, overrides, trainable, tolerance)
 
 
 def test_zero3_gives_a_parameter_unused_in_a_step_a_zero_gradient():
