@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A loopback TCP port no process listens on now: tests that start process groups or servers take one each,
+    so tests running at the same time (pytest-xdist workers) never meet at one rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def train_overrides(dataset: dict, out_dir, *extra: str) -> List[str]:
@@ -25,7 +33,7 @@ def run_train(overrides: List[str], ranks: int = 1, config: str = "tiny_memvp", 
     launcher; some tests use it, see tests/test_train.py) or plain ``python`` for N = 1. Each rank builds a real
     DeepSpeed engine either way; torchrun starts and ends ~4 s sooner (DeepSpeed's launcher imports DeepSpeed
     twice before the ranks start and polls them once a second)."""
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     if ranks > 1 and launcher == "deepspeed":
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "memvp_ds/train.py"]
     elif ranks > 1:

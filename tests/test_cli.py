@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, train_overrides
+from tests.helpers import REPO, free_port, train_overrides
 
 def _entry_point(command: str):
     """argv that runs ``command`` as pyproject.toml's [project.scripts] defines it (an installed script may
@@ -142,7 +142,7 @@ def test_a_config_error_after_the_process_group_is_one_line_from_two_ranks(datas
     folder is checked once the process group is up (the config and the shards are checked before it)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    port = str(29800 + os.getpid() % 100)
+    port = str(free_port())
     proc = _run(["deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "memvp_ds.train",
                  "--config", "tiny_memvp", *train_overrides(dataset, blocker / "run")], tmp_path)
     assert "rank 1/2" in proc.stdout  # the error came after the process group was up

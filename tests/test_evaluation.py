@@ -13,7 +13,7 @@ from memvp_ds.provenance import config_sha256
 from memvp_ds.schema import load_config
 from memvp_ds.scoring.scienceqa import parse_answer, scienceqa_metrics
 from memvp_ds.scoring.vqa import normalize_answer, vqa_accuracy
-from tests.helpers import REPO, run_train, train_overrides
+from tests.helpers import REPO, free_port, run_train, train_overrides
 
 
 # (decoded output, number of choices, the official reading: first capital letter, if it is one of the choices)
@@ -81,7 +81,7 @@ def trained(dataset, tmp_path_factory):
 
 
 def _evaluate(weights, out, *extra, ranks=1, shards):
-    launcher = (["deepspeed", "--num_gpus", str(ranks), "--master_port", "29631"] if ranks > 1 else [sys.executable])
+    launcher = (["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
     cmd = [*launcher, "memvp_ds/evaluate.py", "--weights", str(weights), "--split", "test", "--shards", shards,
            "--output", str(out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -27,7 +27,7 @@ from memvp_ds.export import write_export
 from memvp_ds.run_lock import LOCK_FILE, RunFolderBusy, RunLock
 from memvp_ds.stop_signals import STOP, StopRequested
 from tests.conftest import tiny_config, tiny_model
-from tests.helpers import REPO, train_overrides
+from tests.helpers import REPO, free_port, train_overrides
 
 PYTHON = sys.executable
 
@@ -101,7 +101,7 @@ def test_one_writer_no_orphans_and_clean_stops_from_the_first_line(dataset, tmp_
     # B. torchrun with one rank; a second run on the same folder; then the launcher dies.
     log_b = tmp_path / "b.log"
     launcher = _start([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                       str(29800 + os.getpid() % 100), "memvp_ds/train.py", "--config", "tiny_memvp", *overrides],
+                       str(free_port()), "memvp_ds/train.py", "--config", "tiny_memvp", *overrides],
                       log_b, preexec_fn=umask)
     try:
         _wait_for(lambda: "step 1:" in log_b.read_text(), launcher, log_b, "step 1")

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from memvp_ds.data.prompts import build_segments, encode_segments
 from memvp_ds.export import write_export
 from memvp_ds.serve.prompting import chat_prompt
 from tests.conftest import TINY_VIT, tiny_config, tiny_model
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -39,12 +38,6 @@ QUESTIONS = ["What colour is the circle at the top?\n(A) red (B) blue", "What co
              "What is shown? (A) red (B) blue (C) circle", "What colour is the triangle at the left of the square?",
              "Which?", "What colour is the circle at the right? (A) red (B) blue",
              "Question: What colour is the square at the left?\nContext: N/A\nOptions: (A) red (B) blue", "What colour?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -87,7 +80,7 @@ def server(tiny_export):
     limits = ServeLimits(max_rows=8, max_queue=8, max_request_bytes=400_000, max_image_bytes=100_000,
                          max_image_pixels=256 * 256, max_total_tokens=200)
     service = build_service(tiny_export, limits=limits, api_key=API_KEY)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -281,7 +274,7 @@ def test_help_explains_the_server():
 
 
 def test_sigterm_during_a_stream_finishes_it_and_exits_0(tiny_export, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "memvp_ds.serve.cli", "--weights", tiny_export, "--port",
                              str(port), "--max-rows", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, assert_zero3_gradients_equal_plain_pytorch, run_train, scalars, train_overrides
+from tests.helpers import (REPO, assert_zero3_gradients_equal_plain_pytorch, free_port, run_train, scalars,
+                           train_overrides)
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -98,7 +99,7 @@ def test_zero3_gives_a_parameter_unused_in_a_step_a_zero_gradient():
     (memvp_ds/engine/zero3_gradients.py). Reference: plain PyTorch on the same two-branch model."""
     script = """
 import os
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0", WORLD_SIZE="1",
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="PORT", RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 import torch
 import deepspeed
@@ -132,7 +133,7 @@ with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
     for (name, p), q in zip(engine.module.named_parameters(), plain.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), (name, (p - q).abs().max().item())
 print("MATCH")
-"""
+""".replace("PORT", str(free_port()))
     proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert "MATCH" in proc.stdout, proc.stderr[-3000:]
 
@@ -190,7 +191,7 @@ def test_kill_and_resume_on_two_ranks_is_exact(dataset, tmp_path, config, extra)
     common = (f"train.max_steps={STEPS}", "train.save_interval=4", *extra)
     run_train(train_overrides(dataset, tmp_path / "uninterrupted", *common), ranks=2, config=config)
     overrides = train_overrides(dataset, out, *common)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 100), "memvp_ds/train.py",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "memvp_ds/train.py",
            "--config", config, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
