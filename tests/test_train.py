@@ -99,7 +99,7 @@ def test_zero3_gives_a_parameter_unused_in_a_step_a_zero_gradient():
     (memvp_ds/engine/zero3_gradients.py). Reference: plain PyTorch on the same two-branch model."""
     script = """
 import os
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="PORT", RANK="0", WORLD_SIZE="1",
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="@PORT@", RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 import torch
 import deepspeed
@@ -133,7 +133,7 @@ with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
     for (name, p), q in zip(engine.module.named_parameters(), plain.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6), (name, (p - q).abs().max().item())
 print("MATCH")
-""".replace("PORT", str(free_port()))
+""".replace("@PORT@", str(free_port()))
     proc = subprocess.run(["python", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert "MATCH" in proc.stdout, proc.stderr[-3000:]
 
