@@ -5,6 +5,7 @@ headless Chromium for the page."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -73,13 +74,21 @@ def tiny_export(tmp_path_factory, tokenizer_dir) -> str:
 @pytest.fixture(scope="session")
 def server(tiny_export):
     """(service, base URL) of a server on 127.0.0.1 in a thread of this process."""
-    from memvp_ds.serve.api import create_app
     from memvp_ds.serve.cli import build_service
     from memvp_ds.serve.limits import ServeLimits
 
     limits = ServeLimits(max_rows=8, max_queue=8, max_request_bytes=400_000, max_image_bytes=100_000,
                          max_image_pixels=256 * 256, max_total_tokens=200)
     service = build_service(tiny_export, limits=limits, api_key=API_KEY)
+    with _running(service) as base:
+        yield service, base
+
+
+@contextlib.contextmanager
+def _running(service):
+    """The base URL of ``service`` served on 127.0.0.1 in a thread of this process, until the block ends."""
+    from memvp_ds.serve.api import create_app
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -88,9 +97,11 @@ def server(tiny_export):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield service, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +129,70 @@ def _reference(service, question: str, image: bytes, max_tokens: int) -> list:
         tokens = service.engine.model.generate(ids, **visual, max_new_tokens=max_tokens,
                                                eos_token_id=service.tokenizer.eos_token_id)
     return [t for t in tokens[0].tolist() if t != service.tokenizer.eos_token_id]
+
+
+def test_several_images_go_where_their_parts_are_and_answer_as_generate(tokenizer_dir, tmp_path):
+    """A LaVIN export trained on up to two images per sample (each image's tokens at its tag): requests with
+    two, one and no images, sent together by the openai client, answer what ``model.generate`` gives each
+    alone on the prompt the training encoders build from the same conversation (an <image> tag where each
+    image part is) and each image's features; a third image is refused naming its part."""
+    from memvp_ds.data.collate import SampleEncoder, collate
+    from memvp_ds.export import write_export
+    from memvp_ds.serve.cli import build_service
+    from memvp_ds.serve.limits import ServeLimits
+    from memvp_ds.vision.clip_features import FeatureRecipe, ClipFeatureExtractor, image_transform, load_clip_visual
+
+    options = [f"data.tokenizer={tokenizer_dir}", "data.prompt_format=conversation", "data.max_images=2"]
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: (p.detach() + 0.5 * torch.randn(p.shape, generator=generator)).contiguous()
+               for name, p in tiny_model("lavin", *options).trainable_parameters().items()}
+    recipe = FeatureRecipe(model=TINY_VIT, pretrained="random", image_size=64)
+    write_export(tensors, str(tmp_path / "lavin.safetensors"), tiny_config("lavin", *options), recipe.to_dict())
+    service = build_service(str(tmp_path / "lavin.safetensors"), limits=ServeLimits(max_rows=4, max_total_tokens=200))
+    extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
+    cases = [(["Left:", IMAGES[0], "Right:", IMAGES[1], "Which is red?"], "Left: <image>\nRight: <image>\nWhich is red?"),
+             (["What colour?", IMAGES[2]], "What colour?\n<image>"), (["What is red?"], "What is red?")]
+
+    def reference(text, images):
+        raw = {"__key__": "x", "json": json.dumps({"conversations": [{"from": "human", "value": text}],
+                                                   "has_image": bool(images), "image_count": len(images)}).encode()}
+        with torch.no_grad():
+            for i, image in enumerate(images):
+                pixels = image_transform(recipe)(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+                raw["npy" if i == 0 else f"{i}.npy"] = _npy(extractor(pixels)[0].half().numpy())
+        encoder = SampleEncoder(service.tokenizer, "conversation", 128, 16, 32, with_target=False, max_images=2,
+                                visual_positions=16)
+        batch = collate([encoder(raw)], service.tokenizer.pad_token_id, (16, 32), left_pad=True, max_images=2)
+        with service.engine.hold():
+            tokens = service.engine.model.generate(batch["input_ids"], batch["attention_mask"],
+                                                   batch["image_features"].float(), batch["has_image"],
+                                                   max_new_tokens=6, eos_token_id=service.tokenizer.eos_token_id)
+        return service.tokenizer.decode([t for t in tokens[0].tolist() if t != service.tokenizer.eos_token_id],
+                                        skip_special_tokens=True)
+
+    def part(item):
+        if isinstance(item, bytes):
+            return {"type": "image_url", "image_url": {"url": _data_url(item)}}
+        return {"type": "text", "text": item}
+
+    with _running(service) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        ask = lambda parts: client.chat.completions.create(  # noqa: E731
+            model="memvp_ds-lavin", max_tokens=6, messages=[{"role": "user", "content": [part(p) for p in parts]}])
+        with ThreadPoolExecutor(len(cases)) as pool:  # decoded together, as continuous batching joins them
+            replies = list(pool.map(ask, [parts for parts, _ in cases]))
+        for (parts, text), reply in zip(cases, replies):
+            images = [p for p in parts if isinstance(p, bytes)]
+            assert reply.choices[0].message.content == reference(text, images), text
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\].content\[3\].image_url.url: at most 2 "
+                                                         r"images per request"):
+            ask(["Three:", IMAGES[0], IMAGES[1], IMAGES[2]])
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _http(base: str, path: str, body=None, key: str = API_KEY, raw: bytes = None):
@@ -387,7 +462,7 @@ def test_rows_joining_a_running_batch_decode_what_generate_gives_them_alone(vari
     for i, question in enumerate(QUESTIONS[:4]):
         ids = encode_segments(tokenizer, chat_prompt([{"role": "user", "content": question}], "qcm_a").segments,
                               1 << 30).input_ids
-        pixels = encoder.pixels(Image.open(io.BytesIO(IMAGES[i])).convert("RGB")) if i % 3 != 2 else None
+        pixels = [encoder.pixels(Image.open(io.BytesIO(IMAGES[i])).convert("RGB"))] if i % 3 != 2 else []
         visual = encoder.encode([pixels])
         max_tokens = 24 if i == 0 else 4 + 3 * i
         tokens = model.generate(torch.tensor([ids]), **visual, max_new_tokens=max_tokens,
@@ -438,7 +513,7 @@ def test_a_failed_step_fails_its_requests_the_loop_goes_on_and_timeouts_end_requ
             events[i].append((kind, payload))
             if kind in ("done", "error"):
                 finished[i].set()
-        return Request([0, 5, 6, 7], None, Sampling(max_tokens=3), emit, time.monotonic() + deadline_s)
+        return Request([0, 5, 6, 7], [], Sampling(max_tokens=3), emit, time.monotonic() + deadline_s)
 
     engine.start()
     try:

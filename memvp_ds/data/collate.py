@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -93,7 +93,9 @@ class SampleEncoder:
             tags = encoded.image_positions
             if tags and len(tags) != count:
                 raise ValueError(f"sample {raw['__key__']}: {count} images but {len(tags)} {IMAGE_TAG} tags in its text")
-            ids, labels = _with_visual_positions(ids, labels, tags or [0] * count, self.positions_per_image)
+            before, per_image = tags or [0] * count, self.positions_per_image
+            ids = insert_per_image(ids, before, per_image, lambda image, t: visual_marker(image * per_image + t))
+            labels = insert_per_image(labels, before, per_image, lambda image, t: IGNORE_INDEX)
         return TokenizedSample(raw["__key__"], ids, labels, features, fields)
 
     @property
@@ -108,15 +110,16 @@ def visual_marker(row: int) -> int:
     return -1 - row
 
 
-def _with_visual_positions(ids: List[int], labels: List[int], before: List[int], per_image: int):
-    """``ids``/``labels`` with image j's ``per_image`` markers in front of token ``before[j]`` (no loss on them)."""
-    out_ids, out_labels, done = [], [], 0
+def insert_per_image(values: List[int], before: List[int], per_image: int, item: Callable[[int, int], int]
+                     ) -> List[int]:
+    """``values`` with ``item(j, t)`` for t < ``per_image`` in front of ``values[before[j]]``, for each image j
+    (``before`` in order; an index past the end, a tag after the last answer token, means the end)."""
+    out, done = [], 0
     for image, position in enumerate(before):
-        position = min(position, len(ids))  # a tag after the last answer token, which was cut off
-        out_ids += ids[done:position] + [visual_marker(image * per_image + t) for t in range(per_image)]
-        out_labels += labels[done:position] + [IGNORE_INDEX] * per_image
-        done = max(done, position)
-    return out_ids + ids[done:], out_labels + labels[done:]
+        position = max(done, min(position, len(values)))
+        out += values[done:position] + [item(image, t) for t in range(per_image)]
+        done = position
+    return out + values[done:]
 
 
 def build_encoder(cfg, tokenizer, with_target: bool = True, use_caption: bool = False, visual_positions: int = 0

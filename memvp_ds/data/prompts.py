@@ -83,7 +83,9 @@ def strip_image_placeholder(text: str) -> str:
 def mark_image_tags(text: str) -> str:
     """``text`` with each ``<image>`` tag as an IMAGE_MARK where the tag was: without its marks it is
     ``strip_image_placeholder(text)``, each mark right before the space that replaced its tag (or at the
-    text's edge)."""
+    text's edge). Text without a tag is returned as it is."""
+    if IMAGE_TAG not in text:
+        return text
     parts = _IMAGE_PLACEHOLDER.split(text)
     marked = parts[0] + "".join(f"{IMAGE_MARK} {part}" for part in parts[1:])
     body = marked.strip(string.whitespace + IMAGE_MARK)
@@ -135,7 +137,7 @@ def conversation_segments(turns: Sequence[dict]) -> List[Segment]:
     """
     segments: List[Segment] = []
     for turn in map(normalize_turn, turns):
-        text = mark_image_tags(turn["value"])
+        text = mark_image_tags(turn["value"]).strip()
         if turn["from"] == "system":
             segments.append((f"{text}\n", False))
         elif turn["from"] == "human":
@@ -270,7 +272,7 @@ class ScienceQAFormat(PromptFormat):
 
     def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
         caption = fields.get("caption") if use_caption else None
-        prompt = scienceqa_prompt(fields["question"], fields["choices"], fields.get("hint"), caption)
+        prompt = scienceqa_prompt(mark_image_tags(fields["question"]), fields["choices"], fields.get("hint"), caption)
         if not with_target:
             return [(prompt + ANSWER_PREFIX, False)]
         return [(prompt, False), (scienceqa_target(int(fields["answer"])), True)]

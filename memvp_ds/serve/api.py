@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memvp_ds.data.collate import insert_per_image, visual_marker
 from memvp_ds.data.prompts import encode_segments
 from memvp_ds.serve.engine import Engine, QueueFull, Request, Sampling
 from memvp_ds.serve.images import ImageEncoder, read_image
@@ -44,6 +45,9 @@ class Service:
     max_total_tokens: int
     api_key: Optional[str] = None
     image_root: Optional[str] = None
+    positions_per_image: int = 0
+    """Positions each image takes in the prompt's text (the strategy's ``prefix_positions`` for a model that
+    takes several images per sample; 0: the strategy places its one image itself)."""
 
 
 def error_response(err: RequestError, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
@@ -185,17 +189,25 @@ def create_app(service: Service) -> FastAPI:
             raise RequestError(f"model: unknown model {body.get('model')!r}; this server serves "
                                f"{service.model_name!r}", "model", 404, "model_not_found")
         sampling = _sampling(body, limits)
-        prompt = chat_prompt(body.get("messages"), service.prompt_format)
-        ids = encode_segments(service.tokenizer, prompt.segments, _NO_TRUNCATION).input_ids
+        prompt = chat_prompt(body.get("messages"), service.prompt_format, service.encoder.max_images)
+        encoded = encode_segments(service.tokenizer, prompt.segments, _NO_TRUNCATION)
+        ids = encoded.input_ids
+        if service.positions_per_image and prompt.images:
+            if len(encoded.image_positions) != len(prompt.images):
+                raise RequestError(f"messages: {len(prompt.images)} images but {len(encoded.image_positions)} in the "
+                                   f"prompt; with data.prompt_format={service.prompt_format} images go in the last "
+                                   "user message's question", "messages")
+            per_image = service.positions_per_image
+            ids = insert_per_image(ids, encoded.image_positions, per_image,
+                                   lambda image, t: visual_marker(image * per_image + t))
         if len(ids) + sampling.max_tokens > service.max_total_tokens:
             raise RequestError(f"messages: {len(ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
                                f"limit of {service.max_total_tokens} tokens", "messages", 400,
                                "context_length_exceeded")
-        pixels = None
-        if prompt.image is not None:
-            field, url = prompt.image
+        pixels = []
+        for field, url in prompt.images:
             image = await run_in_threadpool(read_image, url, field, limits, service.image_root)
-            pixels = await run_in_threadpool(service.encoder.pixels, image)
+            pixels.append(await run_in_threadpool(service.encoder.pixels, image))
         request = Request(prompt_ids=ids, pixels=pixels, sampling=sampling, emit=lambda kind, payload: None,
                           deadline=time.monotonic() + limits.request_timeout_s)
         return request, len(ids)

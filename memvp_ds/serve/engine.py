@@ -47,7 +47,9 @@ class Request:
     ("delta", text), then ("done", {"finish_reason", "token_ids", "text"}) or ("error", message)."""
 
     prompt_ids: List[int]
-    pixels: Optional[torch.Tensor]
+    """Negative ids are its images' positions in the text (a model that takes several images per sample)."""
+    pixels: List[torch.Tensor]
+    """Each of its images' (3, S, S) pixels, in order (none: a text-only request)."""
     sampling: Sampling
     emit: Callable[[str, object], None]
     deadline: float

@@ -9,7 +9,7 @@ import base64
 import binascii
 import io
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from PIL import Image
@@ -77,12 +77,14 @@ def read_image(url: str, field: str, limits: ServeLimits, image_root: Optional[s
 
 class ImageEncoder:
     """Images -> what the model takes: (B, N, C) features by the export's recipe, or (B, 3, S, S) uint8
-    pixels for an online-CLIP export. Rows without an image get zeros (and has_image False)."""
+    pixels for an online-CLIP export. Rows without an image get zeros (and has_image False). With
+    ``max_images`` k > 1 (a model trained on several images per sample) each row has k slots, as training
+    batches do: (B, k x N, C) features or (B, k x 3, S, S) pixels, and (B, k) ``has_image``."""
 
     def __init__(self, recipe: Dict[str, Any], online: bool, clip_pretrained: Optional[str] = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", max_images: int = 1):
         overrides = {"pretrained": clip_pretrained} if clip_pretrained and not online else {}
-        self.recipe, self.online = FeatureRecipe.from_stored(recipe, **overrides), online
+        self.recipe, self.online, self.max_images = FeatureRecipe.from_stored(recipe, **overrides), online, max_images
         self.device = torch.device(device)
         self.extractor = None if online else ClipFeatureExtractor(load_clip_visual(self.recipe), self.recipe).to(
             self.device).eval()
@@ -91,14 +93,21 @@ class ImageEncoder:
         """(3, S, S) uint8: the recipe's resize (done per request, off the decode loop)."""
         return image_pixels(image, self.recipe)
 
-    def encode(self, pixels: List[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """The model's visual keyword arguments for a batch of rows (None: no image)."""
-        has_image = torch.tensor([p is not None for p in pixels])
+    def encode(self, rows: List[Union[None, torch.Tensor, List[torch.Tensor]]]) -> Dict[str, torch.Tensor]:
+        """The model's visual keyword arguments for a batch of rows, each None (no image), one image's pixels
+        or a list of up to ``max_images`` images' pixels."""
+        images = [[] if row is None else [row] if isinstance(row, torch.Tensor) else list(row) for row in rows]
+        slots = self.max_images
+        has_image = torch.tensor([[slot < len(row) for slot in range(slots)] for row in images])
         size = self.recipe.image_size
-        stacked = torch.stack([p if p is not None else torch.zeros(3, size, size, dtype=torch.uint8) for p in pixels])
+        empty = torch.zeros(3, size, size, dtype=torch.uint8)
+        stacked = torch.stack([row[slot] if slot < len(row) else empty for row in images for slot in range(slots)])
+        flags = has_image if slots > 1 else has_image[:, 0]
         if self.online:
-            return {"images": stacked, "has_image": has_image}
+            return {"images": stacked.view(len(rows), slots * 3, size, size), "has_image": flags}
         # Stored features are rounded to the recipe's dtype, so the model gets what it was trained on.
         features = self.extractor(normalize_pixels(stacked.to(self.device), self.recipe.mean, self.recipe.std))
         features = features.to(getattr(torch, self.recipe.dtype)).float()
-        return {"image_features": features * has_image.to(self.device).view(-1, 1, 1), "has_image": has_image}
+        features = features * has_image.view(-1, 1, 1).to(self.device)
+        return {"image_features": features.view(len(rows), slots * features.shape[1], features.shape[2]),
+                "has_image": flags}

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from memvp_ds.data.prompts import Segment, build_segments, prompt_format as format_named
+from memvp_ds.data.prompts import IMAGE_TAG, Segment, build_segments, prompt_format as format_named
 
 _OPTION = re.compile(r"\(([A-Z])\)\s*")
 _LABELLED = re.compile(r"^(Question|Context|Hint|Options):\s*(.*)$", re.IGNORECASE)
@@ -31,13 +31,16 @@ class RequestError(ValueError):
 @dataclass
 class ChatPrompt:
     segments: List[Segment]
-    """The prompt, for ``encode_segments``."""
-    image: Optional[Tuple[str, str]]
-    """(field name, image_url) of the request's one image, or None."""
+    """The prompt, for ``encode_segments`` (with an IMAGE_MARK where each image goes, for a model that takes
+    several images per sample)."""
+    images: List[Tuple[str, str]]
+    """(field name, image_url) of each of the request's images, in order."""
 
 
-def split_content(content: Any, field: str) -> Tuple[str, List[Tuple[str, str]]]:
-    """A message's ``content`` (a string, or a list of text / image_url parts) -> (text, [(field, url)])."""
+def split_content(content: Any, field: str, tag_images: bool = False) -> Tuple[str, List[Tuple[str, str]]]:
+    """A message's ``content`` (a string, or a list of text / image_url parts) -> (text, [(field, url)]), the
+    parts' texts joined by newlines; ``tag_images`` puts an ``<image>`` tag in the text where each image part
+    is (where a model that takes several images per sample finds it)."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -54,6 +57,8 @@ def split_content(content: Any, field: str) -> Tuple[str, List[Tuple[str, str]]]
             if not isinstance(url, str):
                 raise RequestError(f"{where}.image_url.url: must be a string", f"{where}.image_url.url")
             images.append((f"{where}.image_url.url", url))
+            if tag_images:
+                texts.append(IMAGE_TAG)
         else:
             raise RequestError(f"{where}: a content part is {{'type': 'text', 'text': ...}} or "
                                "{'type': 'image_url', 'image_url': {'url': ...}}", where)
@@ -86,19 +91,24 @@ def parse_multiple_choice(text: str) -> Dict[str, Any]:
     return {"question": question.strip(), "choices": texts if letters else [], "hint": hint, "answer": 0}
 
 
-def chat_prompt(messages: Any, prompt_format: str) -> ChatPrompt:
-    """The training prompt for OpenAI ``messages``; RequestError naming the field for bad input."""
+def chat_prompt(messages: Any, prompt_format: str, max_images: int = 1) -> ChatPrompt:
+    """The training prompt for OpenAI ``messages`` with up to ``max_images`` images (the model's
+    ``data.max_images``: one image goes in front, as in training; several go where their parts are);
+    RequestError naming the field for bad input."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: must be a non-empty list", "messages")
     turns, images = [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise RequestError(f"messages[{i}].role: must be system, user or assistant", f"messages[{i}].role")
-        text, found = split_content(message.get("content"), f"messages[{i}].content")
+        text, found = split_content(message.get("content"), f"messages[{i}].content", tag_images=max_images > 1)
         images += found
         turns.append({"role": message["role"], "content": text})
-    if len(images) > 1:
-        raise RequestError(f"{images[1][0]}: one image per request (the model takes one)", images[1][0])
+    if len(images) > max_images:
+        field = images[max_images][0]
+        allowed = "one image" if max_images == 1 else f"at most {max_images} images"
+        raise RequestError(f"{field}: {allowed} per request (the model was trained with data.max_images="
+                           f"{max_images})", field)
     if turns[-1]["role"] != "user":
         raise RequestError(f"messages[{len(turns) - 1}].role: the last message must be the user's",
                            f"messages[{len(turns) - 1}].role")
@@ -110,4 +120,4 @@ def chat_prompt(messages: Any, prompt_format: str) -> ChatPrompt:
             field = f"messages[{len(turns) - 1}].content"
             raise RequestError(f"{field}: no question text", field)
         segments = build_segments(fields, prompt_format if fields["choices"] else "qa", with_target=False)
-    return ChatPrompt(segments, images[0] if images else None)
+    return ChatPrompt(segments, images)
