@@ -95,9 +95,12 @@ def test_image_tags_must_match_the_images(tmp_path):
 
     (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "image": ["a.png", "b.png"], "answer": "left",
                                                   "question": "Which is larger, <image> or <image>?"}) + "\n")
-    [example] = list(JsonlQASource(str(tmp_path / "q.jsonl"), str(tmp_path)).examples())
-    assert example.images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    assert example.fields["question"] == "Which is larger, <image> or <image>?"
+    with open(tmp_path / "q.jsonl", "a") as f:
+        f.write(json.dumps({"id": "one", "image": "a.png", "answer": "red", "question": "<image>\nWhat colour?"}) + "\n")
+    several, one = list(JsonlQASource(str(tmp_path / "q.jsonl"), str(tmp_path)).examples())
+    assert several.images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert several.fields["question"] == "Which is larger, <image> or <image>?"  # which image goes where
+    assert one.fields["question"] == "What colour?"  # one image goes in front: its tag is not text
 
 
 def test_encoder_and_batches_keep_each_image_in_its_slot(extracted, tokenizer_dir):
