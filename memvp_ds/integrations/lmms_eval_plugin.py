@@ -15,7 +15,8 @@ the task renders (``doc_to_text``) is put into the prompt the export was trained
 chat message (memvp_ds.serve.prompting): a question with '(A) x (B) y' options, or in the official
 'Question: ...\\nContext: ...\\nOptions: ...' form, gets exactly memvp-eval's prompt (for ScienceQA the
 official one, ending 'The answer is'). The task's image is encoded with the export's feature recipe, through
-the same CLIP code as data_prep (memvp_ds.serve.images). The model takes one image per question.
+the same CLIP code as data_prep (memvp_ds.serve.images). The plug-in passes one image per question (memvp-serve
+takes several for a model trained with data.max_images > 1).
 
 - ``generate_until``: greedy decoding in batches of ``--batch_size``, cut at the task's ``until`` strings;
   ``max_new_tokens`` defaults to memvp-eval's (one token for ScienceQA's official protocol). Sampling and beam
@@ -83,7 +84,7 @@ def one_image(visuals: Any, where: str) -> Optional[Image.Image]:
         visuals = [visuals]
     visuals = [v for v in visuals if v is not None]
     if len(visuals) > 1:
-        raise ValueError(f"{where}: {len(visuals)} images; the memvp model takes one image per question")
+        raise ValueError(f"{where}: {len(visuals)} images; the memvp plug-in takes one image per question")
     if visuals and not isinstance(visuals[0], Image.Image):
         raise ValueError(f"{where}: a {type(visuals[0]).__name__} as visual input; the memvp model takes images "
                          "(PIL), not video or audio")
