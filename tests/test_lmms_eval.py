@@ -257,7 +257,7 @@ def test_settings_the_model_cannot_honour_are_refused_in_one_line():
     assert cut_at_stop(" A.\nB", ["\n", "."]) == " A" and cut_at_stop(" A", ["\n"]) == " A"
     image = Image.new("RGBA", (4, 4))
     assert one_image([image], "d").mode == "RGB" and one_image([], "d") is None and one_image(None, "d") is None
-    with pytest.raises(ValueError, match="task x, doc 3: 2 images; the memvp model takes one"):
+    with pytest.raises(ValueError, match="task x, doc 3: 2 images; the memvp plug-in takes one"):
         one_image([image, image], "task x, doc 3")
     with pytest.raises(ValueError, match="a str as visual input"):
         one_image(["clip.mp4"], "d")
