@@ -151,7 +151,8 @@ def test_several_images_go_where_their_parts_are_and_answer_as_generate(tokenize
     service = build_service(str(tmp_path / "lavin.safetensors"), limits=ServeLimits(max_rows=4, max_total_tokens=200))
     extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
     cases = [(["Left:", IMAGES[0], "Right:", IMAGES[1], "Which is red?"], "Left: <image>\nRight: <image>\nWhich is red?"),
-             (["What colour?", IMAGES[2]], "What colour?\n<image>"), (["What is red?"], "What is red?")]
+             (["What colour?", IMAGES[2]], "What colour?"),  # one image goes in front, as training put it
+             (["What is red?"], "What is red?")]
 
     def reference(text, images):
         raw = {"__key__": "x", "json": json.dumps({"conversations": [{"from": "human", "value": text}],
@@ -187,6 +188,45 @@ def test_several_images_go_where_their_parts_are_and_answer_as_generate(tokenize
         with pytest.raises(openai.BadRequestError, match=r"messages\[0\].content\[3\].image_url.url: at most 2 "
                                                          r"images per request"):
             ask(["Three:", IMAGES[0], IMAGES[1], IMAGES[2]])
+
+
+def test_a_chat_template_model_is_served_with_its_template(tmp_path):
+    """An export trained with data.prompt_format=chat_template (the instruct recipes): a two-turn chat is
+    rendered by the tokenizer's template, as training and memvp-eval render it, and answers what
+    ``model.generate`` gives that prompt."""
+    from memvp_ds.data.collate import SampleEncoder, collate
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.export import write_export
+    from memvp_ds.serve.cli import build_service
+    from memvp_ds.serve.limits import ServeLimits
+    from tests.chat_tokenizers import chat_tokenizer
+
+    tokenizer_dir = chat_tokenizer(str(tmp_path / "tok"), "llama3")
+    options = [f"data.tokenizer={tokenizer_dir}", "data.prompt_format=chat_template"]
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: (p.detach() + 0.5 * torch.randn(p.shape, generator=generator)).contiguous()
+               for name, p in tiny_model("memvp").trainable_parameters().items()}
+    write_export(tensors, str(tmp_path / "chat.safetensors"), tiny_config("memvp", *options),
+                 {"model": TINY_VIT, "pretrained": "random", "image_size": 64})
+    service = build_service(str(tmp_path / "chat.safetensors"), limits=ServeLimits(max_rows=2, max_total_tokens=200))
+    turns = [("user", "What colour is the circle on the left?"), ("assistant", "It is red."),
+             ("user", "And the square on the right?")]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    raw = {"__key__": "x", "json": json.dumps({"conversations": [{"from": {"user": "human"}.get(r, "gpt"), "value": t}
+                                                                  for r, t in turns]}).encode()}
+    encoded = SampleEncoder(tokenizer, "chat_template", 128, 16, 32, with_target=False)(raw)
+    assert encoded.input_ids[0] == tokenizer.bos_token_id and tokenizer.decode(encoded.input_ids).endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")  # the template's generation prompt
+    batch = collate([encoded], tokenizer.pad_token_id, (16, 32), left_pad=True)
+    tokens = service.engine.model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5,
+                                           eos_token_id=tokenizer.eos_token_id)[0].tolist()
+    expected = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
+    with _running(service) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="memvp_ds-memvp", max_tokens=5,
+                                               messages=[{"role": r, "content": t} for r, t in turns])
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == len(encoded.input_ids)
 
 
 def _npy(array) -> bytes:

@@ -92,7 +92,8 @@ class SampleEncoder:
         if self.positions_per_image and features is not None:
             tags = encoded.image_positions
             if tags and len(tags) != count:
-                raise ValueError(f"sample {raw['__key__']}: {count} images but {len(tags)} {IMAGE_TAG} tags in its text")
+                raise ValueError(f"sample {raw['__key__']}: {count} images but {len(tags)} {IMAGE_TAG} tags in its "
+                                 "text")
             before, per_image = tags or [0] * count, self.positions_per_image
             ids = insert_per_image(ids, before, per_image, lambda image, t: visual_marker(image * per_image + t))
             labels = insert_per_image(labels, before, per_image, lambda image, t: IGNORE_INDEX)

@@ -231,6 +231,9 @@ class PromptFormat:
     multi_turn = False
     """Whether the format renders a whole conversation (a chat request keeps every turn) rather than one
     question."""
+    eos_after_answer = True
+    """Whether ``tokenize`` ends a trained answer with an added EOS (a chat template writes its own
+    end-of-turn token instead)."""
 
     def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
         """The sample's segments; ``with_target=False`` gives the prompt a model answers at eval time. Only a
@@ -238,8 +241,13 @@ class PromptFormat:
         raise NotImplementedError
 
     def encode(self, tokenizer, fields: dict, with_target: bool, use_caption: bool, max_seq_len: int) -> EncodedText:
-        """The sample's token ids and labels (``encode_segments``: BOS + text + EOS after an answer)."""
-        return encode_segments(tokenizer, self.segments(fields, with_target, use_caption), max_seq_len)
+        """The sample's token ids and labels."""
+        return self.tokenize(tokenizer, self.segments(fields, with_target, use_caption, tokenizer), max_seq_len)
+
+    def tokenize(self, tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
+        """Token ids and labels of this format's segments (``encode_segments``: BOS + text + EOS after an
+        answer)."""
+        return encode_segments(tokenizer, segments, max_seq_len)
 
     def check_tokenizer(self, tokenizer, path: str) -> None:
         """Raise ConfigError when the tokenizer at ``path`` cannot render this format (pre-flight); any
@@ -389,14 +397,15 @@ class ChatTemplateFormat(ConversationFormat):
     on their template. Scored like ``conversation``."""
 
     name = "chat_template"
+    eos_after_answer = False
 
     def segments(self, fields: dict, with_target: bool, use_caption: bool, tokenizer=None) -> List[Segment]:
         if tokenizer is None:
             raise ValueError("data.prompt_format=chat_template renders prompts with a tokenizer's chat template")
         return chat_template_segments(tokenizer, fields["conversations"], with_target)
 
-    def encode(self, tokenizer, fields: dict, with_target: bool, use_caption: bool, max_seq_len: int) -> EncodedText:
-        return encode_rendered(tokenizer, self.segments(fields, with_target, use_caption, tokenizer), max_seq_len)
+    def tokenize(self, tokenizer, segments: Sequence[Segment], max_seq_len: int) -> EncodedText:
+        return encode_rendered(tokenizer, segments, max_seq_len)
 
     def check_tokenizer(self, tokenizer, path: str) -> None:
         if not getattr(tokenizer, "chat_template", None):

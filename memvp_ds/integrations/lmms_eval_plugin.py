@@ -41,7 +41,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
 from PIL import Image
 
-from memvp_ds.data.prompts import Segment, encode_segments
+from memvp_ds.data.prompts import Segment, encode_segments, prompt_format
 from memvp_ds.progress import progress
 from memvp_ds.serve.prompting import RequestError, chat_prompt
 
@@ -120,13 +120,15 @@ class MemVP(lmms):
     def _segments(self, context: str, where: str) -> List[Segment]:
         """The export's prompt for a task's question text (as memvp-serve renders a user message)."""
         try:
-            return chat_prompt([{"role": "user", "content": context}], self.cfg.data.prompt_format).segments
+            return chat_prompt([{"role": "user", "content": context}], self.cfg.data.prompt_format,
+                               tokenizer=self.tokenizer).segments
         except RequestError as err:
             raise ValueError(f"{where}: the task's question text gives no question ({err})") from None
 
     def _prompt_ids(self, context: str, task: str, where: str) -> List[int]:
         """The token ids of the export's prompt for a question text (the first of each task is logged)."""
-        ids = encode_segments(self.tokenizer, self._segments(context, where), self.cfg.data.max_seq_len).input_ids
+        ids = prompt_format(self.cfg.data.prompt_format).tokenize(self.tokenizer, self._segments(context, where),
+                                                                  self.cfg.data.max_seq_len).input_ids
         self._show_prompt(task, ids)
         return ids
 
@@ -197,6 +199,10 @@ class MemVP(lmms):
         """(the continuation's loss after the prompt: its tokens' mean negative log-probability, whether greedy
         decoding would produce it)."""
         encoded = []
+        if not prompt_format(self.cfg.data.prompt_format).eos_after_answer:
+            raise ValueError(f"log-likelihood tasks: a data.prompt_format={self.cfg.data.prompt_format} export is "
+                             "scored with generate_until tasks only (its answers end in the template's own "
+                             "end-of-turn token)")
         for request in requests:
             if len(request.args) != 6:
                 raise ValueError(f"task {request.task_name}: context-free log-likelihoods (acc_mutual_info) are "

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memvp_ds.data.collate import insert_per_image, visual_marker
-from memvp_ds.data.prompts import encode_segments
+from memvp_ds.data.prompts import prompt_format
 from memvp_ds.serve.engine import Engine, QueueFull, Request, Sampling
 from memvp_ds.serve.images import ImageEncoder, read_image
 from memvp_ds.serve.limits import ServeLimits
@@ -189,17 +189,18 @@ def create_app(service: Service) -> FastAPI:
             raise RequestError(f"model: unknown model {body.get('model')!r}; this server serves "
                                f"{service.model_name!r}", "model", 404, "model_not_found")
         sampling = _sampling(body, limits)
-        prompt = chat_prompt(body.get("messages"), service.prompt_format, service.encoder.max_images)
-        encoded = encode_segments(service.tokenizer, prompt.segments, _NO_TRUNCATION)
+        prompt = chat_prompt(body.get("messages"), service.prompt_format, service.encoder.max_images,
+                             service.tokenizer)
+        encoded = prompt_format(service.prompt_format).tokenize(service.tokenizer, prompt.segments, _NO_TRUNCATION)
         ids = encoded.input_ids
         if service.positions_per_image and prompt.images:
-            if len(encoded.image_positions) != len(prompt.images):
-                raise RequestError(f"messages: {len(prompt.images)} images but {len(encoded.image_positions)} in the "
-                                   f"prompt; with data.prompt_format={service.prompt_format} images go in the last "
-                                   "user message's question", "messages")
+            before = encoded.image_positions or [0] * len(prompt.images)  # one image: in front, as in training
+            if len(before) != len(prompt.images):
+                raise RequestError(f"messages: {len(prompt.images)} images but {len(before)} in the prompt; with "
+                                   f"data.prompt_format={service.prompt_format} images go in the last user "
+                                   "message's question", "messages")
             per_image = service.positions_per_image
-            ids = insert_per_image(ids, encoded.image_positions, per_image,
-                                   lambda image, t: visual_marker(image * per_image + t))
+            ids = insert_per_image(ids, before, per_image, lambda image, t: visual_marker(image * per_image + t))
         if len(ids) + sampling.max_tokens > service.max_total_tokens:
             raise RequestError(f"messages: {len(ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
                                f"limit of {service.max_total_tokens} tokens", "messages", 400,
@@ -210,7 +211,7 @@ def create_app(service: Service) -> FastAPI:
             pixels.append(await run_in_threadpool(service.encoder.pixels, image))
         request = Request(prompt_ids=ids, pixels=pixels, sampling=sampling, emit=lambda kind, payload: None,
                           deadline=time.monotonic() + limits.request_timeout_s)
-        return request, len(ids)
+        return request, sum(token >= 0 for token in ids)  # text tokens: negative ids are images' positions
 
     async def _stream(request: Request, queue: asyncio.Queue, completion_id: str, created: int,
                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:

@@ -58,7 +58,9 @@ def build_service(weights: str, overrides: Optional[List[str]] = None, limits: O
                          f"{vocab}: model.llm.path and data.tokenizer do not belong together")
     recipe = dataclasses.asdict(cfg.model.vision.recipe) if online else read_feature_recipe(weights)
     encoder = ImageEncoder(recipe, online, clip_pretrained, device, cfg.data.max_images)
-    positions = model.llm.config.max_position_embeddings - model.strategy.prefix_positions()
+    # Several images per sample: each image's positions are in the prompt's ids, not added by the strategy.
+    in_text = model.strategy.prefix_positions() if cfg.data.max_images > 1 else 0
+    positions = model.llm.config.max_position_embeddings - (0 if in_text else model.strategy.prefix_positions())
     max_total = limits.max_total_tokens or positions
     if max_total > positions:
         raise ValueError(f"--max-total-tokens {max_total} exceeds the {positions} positions the LLM has "
@@ -66,7 +68,6 @@ def build_service(weights: str, overrides: Optional[List[str]] = None, limits: O
     metrics = ServeMetrics()
     engine = Engine(model, tokenizer, encoder, limits, metrics.engine_stats())
     name = model_name or f"memvp_ds-{cfg.model.strategy}"
-    in_text = model.strategy.prefix_positions() if cfg.data.max_images > 1 else 0  # several images: at their tags
     return Service(engine, tokenizer, encoder, metrics, limits, name, cfg.data.prompt_format, max_total,
                    api_key, image_root, in_text)
 

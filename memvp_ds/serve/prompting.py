@@ -1,11 +1,12 @@
 """OpenAI chat messages -> the prompt the model was trained and evaluated on (memvp_ds.data.prompts).
 
 The export's ``data.prompt_format`` says which builder: ``conversation`` renders every turn as training
-did ('USER: ...\\nASSISTANT:'); ``qcm_a`` and ``qa`` answer the last user message. A multiple-choice
-question typed as a user would ("Which shape is at the top? (A) circle (B) square", or the official
-'Question: ...\\nContext: ...\\nOptions: ...' text) is parsed into question, options and context, so it gets
-the exact evaluation prompt, as memvp-predict builds it; without options it is a free-form ``qa`` question
-(as memvp-predict). The tokenizer's own chat template is not used: the model was never trained on it.
+did ('USER: ...\\nASSISTANT:'), ``chat_template`` with the tokenizer's chat template as training did; ``qcm_a``
+and ``qa`` answer the last user message. A multiple-choice question typed as a user would ("Which shape is
+at the top? (A) circle (B) square", or the official 'Question: ...\\nContext: ...\\nOptions: ...' text) is
+parsed into question, options and context, so it gets the exact evaluation prompt, as memvp-predict builds it;
+without options it is a free-form ``qa`` question (as memvp-predict). The tokenizer's chat template is used
+only for a model trained with it.
 """
 
 from __future__ import annotations
@@ -91,19 +92,22 @@ def parse_multiple_choice(text: str) -> Dict[str, Any]:
     return {"question": question.strip(), "choices": texts if letters else [], "hint": hint, "answer": 0}
 
 
-def chat_prompt(messages: Any, prompt_format: str, max_images: int = 1) -> ChatPrompt:
+def chat_prompt(messages: Any, prompt_format: str, max_images: int = 1, tokenizer=None) -> ChatPrompt:
     """The training prompt for OpenAI ``messages`` with up to ``max_images`` images (the model's
-    ``data.max_images``: one image goes in front, as in training; several go where their parts are);
+    ``data.max_images``): one image goes in front, as training put a one-image sample's; several go where
+    their parts are, as their tags did. ``tokenizer``: for a format rendered by its chat template.
     RequestError naming the field for bad input."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: must be a non-empty list", "messages")
-    turns, images = [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise RequestError(f"messages[{i}].role: must be system, user or assistant", f"messages[{i}].role")
-        text, found = split_content(message.get("content"), f"messages[{i}].content", tag_images=max_images > 1)
-        images += found
-        turns.append({"role": message["role"], "content": text})
+    contents = [split_content(m.get("content"), f"messages[{i}].content") for i, m in enumerate(messages)]
+    images = [image for _, found in contents for image in found]
+    if max_images > 1 and len(images) > 1:
+        contents = [split_content(m.get("content"), f"messages[{i}].content", tag_images=True)
+                    for i, m in enumerate(messages)]
+    turns = [{"role": m["role"], "content": text} for m, (text, _) in zip(messages, contents)]
     if len(images) > max_images:
         field = images[max_images][0]
         allowed = "one image" if max_images == 1 else f"at most {max_images} images"
@@ -113,7 +117,7 @@ def chat_prompt(messages: Any, prompt_format: str, max_images: int = 1) -> ChatP
         raise RequestError(f"messages[{len(turns) - 1}].role: the last message must be the user's",
                            f"messages[{len(turns) - 1}].role")
     if format_named(prompt_format).multi_turn:
-        segments = build_segments({"conversations": turns}, prompt_format, with_target=False)
+        segments = build_segments({"conversations": turns}, prompt_format, with_target=False, tokenizer=tokenizer)
     else:
         fields = parse_multiple_choice(turns[-1]["content"])
         if not fields["question"]:
