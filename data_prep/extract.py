@@ -174,8 +174,10 @@ def run_extract(source: Source, recipe: FeatureRecipe, opts: ExtractOptions) -> 
     samples_per_shard = opts.samples_per_shard
     if opts.shard_size_mb:
         members = stored_members(opts.store)
-        bytes_per_sample = 2048 + (FEATURES_MEMBER in members) * extractor.tokens * extractor.dim * np.dtype(
-            recipe.dtype).itemsize + (IMAGE_MEMBER in members) * 3 * recipe.image_size**2  # PNG: at most raw size
+        images_per_sample = sum(len(e.images) for e in all_examples) / max(len(all_examples), 1)
+        bytes_per_sample = 2048 + images_per_sample * (
+            (FEATURES_MEMBER in members) * extractor.tokens * extractor.dim * np.dtype(recipe.dtype).itemsize
+            + (IMAGE_MEMBER in members) * 3 * recipe.image_size**2)  # PNG: at most raw size
         samples_per_shard = max(1, int(opts.shard_size_mb * 2**20 // bytes_per_sample))
 
     plans = plan_shards(all_examples, samples_per_shard)

@@ -91,6 +91,10 @@ def test_image_tags_must_match_the_images(tmp_path):
                                                   "conversations": _turns("<image> what?")}]))
     with pytest.raises(AnnotationError, match="'image' lists 2 images but the text has 1 <image> tags"):
         list(LlavaSource(str(tmp_path / "a.json"), str(tmp_path)).examples())
+    (tmp_path / "a.json").write_text(json.dumps([{"id": "x", "image": ["a.png", "b.png"],
+                                                  "conversations": _turns("<image> what?", "<image> this")}]))
+    with pytest.raises(AnnotationError, match="an <image> tag in an answer; images go in the human turns"):
+        list(LlavaSource(str(tmp_path / "a.json"), str(tmp_path)).examples())
     from data_prep.sources import JsonlQASource
 
     (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "image": ["a.png", "b.png"], "answer": "left",

@@ -97,6 +97,10 @@ class LlavaSource(_AnnotationFileSource):
                 turns = [normalize_turn(t) for t in turns]
             except ValueError as err:
                 raise AnnotationError(f"{where}: {err}") from None
+            answers = [t["value"] for t in turns if t["from"] == "gpt"]
+            if isinstance(record.get("image"), list) and any(IMAGE_TAG in answer for answer in answers):
+                # an evaluation prompt ends before the last answer: its images would lose their tags
+                raise AnnotationError(f"{where}: an {IMAGE_TAG} tag in an answer; images go in the human turns")
             image, more = _image_paths(record, self.image_root, [t["value"] for t in turns], where)
             if not more:  # one image goes in front; several keep their tags (which image goes where)
                 turns = [{**t, "value": strip_image_placeholder(t["value"])} for t in turns]
