@@ -12,7 +12,7 @@ import torch
 
 from memvp_ds import ConfigError
 from memvp_ds.data.collate import SampleEncoder, TokenizedSample, collate, pack
-from memvp_ds.data.prompts import IGNORE_INDEX
+from memvp_ds.data.prompts import IGNORE_INDEX, IMAGE_MARK
 from memvp_ds.data.shard_format import read_manifest, read_raw_samples, read_shard
 from tests.conftest import TINY_VIT, tiny_config, tiny_model
 
@@ -215,14 +215,27 @@ def test_config_rules():
         tiny_config("dvp", "data.max_images=2")
 
 
-def test_the_plan_refuses_shards_with_more_images_than_allowed(extracted, tokenizer_dir, tmp_path):
-    from memvp_ds.engine.plan_report import dry_run_report
+def test_the_plan_refuses_too_many_images_and_shows_where_they_go(extracted, tokenizer_dir, tmp_path):
+    from memvp_ds.data.collate import build_encoder
+    from memvp_ds.data.tokenizer import load_tokenizer
+    from memvp_ds.engine.plan_report import _training_example, dry_run_report
 
     overrides = [f"data.shards={extracted / 'shards'}", f"data.tokenizer={tokenizer_dir}",
                  "data.prompt_format=conversation",
                  f"train.output_dir={tmp_path / 'run'}", "train.micro_batch_size=1"]
     plan = dry_run_report(tiny_config("memvp", *MULTI, *overrides), 1)
-    assert plan["train_samples"] == 3
+    assert plan["train_samples"] == 3 and "images_at" not in plan["example"]
+    # an input-space strategy's plan encodes with the images' positions and shows where they start (not as text)
+    cfg = tiny_config("input_prefix", f"data.max_images={K}", *overrides)
+    assert dry_run_report(cfg, 1)["example"]["prompt"] == plan["example"]["prompt"]
+    [shard] = [str(extracted / "shards" / s.name) for s in read_manifest(str(extracted / "shards")).shards]
+    three = next(raw for raw in read_raw_samples(shard) if raw["__key__"] == "three")
+    tok = load_tokenizer(tokenizer_dir)
+    shown = _training_example(build_encoder(cfg, tok, visual_positions=N), three)
+    alone = _training_example(build_encoder(cfg, tok), three)
+    assert shown["prompt"] == alone["prompt"] and IMAGE_MARK not in shown["prompt"] and "images_at" not in alone
+    placed = build_encoder(cfg, tok, visual_positions=N)(three).input_ids
+    assert shown["images_at"] == [placed.index(-1 - j * N) for j in range(K)]
     with pytest.raises(ConfigError, match="samples have up to 3 images but data.max_images is 1"):
         dry_run_report(tiny_config("memvp", *overrides), 1)
 

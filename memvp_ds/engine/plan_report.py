@@ -11,7 +11,7 @@ from memvp_ds.data.collate import SampleEncoder, build_encoder
 from memvp_ds.data.prompts import IGNORE_INDEX, prompt_format
 from memvp_ds.data.shard_format import read_raw_samples
 from memvp_ds.engine.deepspeed_config import zero_stage
-from memvp_ds.engine.memory_plan import memory_plan
+from memvp_ds.engine.memory_plan import memory_plan, model_shape
 from memvp_ds.engine.preflight import DRY_RUN, preflight
 from memvp_ds.evaluation.run import eval_encoder
 from memvp_ds.recipes import resolve_ds_config
@@ -41,15 +41,21 @@ def _first_sample(urls: List[str]) -> Optional[Dict[str, Any]]:
 
 
 def _training_example(encoder: SampleEncoder, raw: Dict[str, Any]) -> Dict[str, Any]:
-    """A training sample split as the loss sees it: prompt = tokens without loss, target = tokens with loss."""
+    """A training sample split as the loss sees it: prompt = tokens without loss, target = tokens with loss;
+    with several images per sample in the text, ``images_at``: where each image's positions start."""
     sample = encoder(raw)
     tokenizer = encoder.tokenizer
-    prompt = [t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
-    target = [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
-    return {"key": sample.key, "prompt": _decode(tokenizer, prompt), "target": _decode(tokenizer, target),
-            "prompt_tokens": len(prompt), "target_tokens": len(target),
-            "starts_with_bos": tokenizer.bos_token_id is not None and sample.input_ids[0] == tokenizer.bos_token_id,
-            "ends_with_eos": sample.input_ids[-1] == tokenizer.eos_token_id}
+    text = [(t, label) for t, label in zip(sample.input_ids, sample.labels) if t >= 0]
+    prompt = [t for t, label in text if label == IGNORE_INDEX]
+    target = [t for t, label in text if label != IGNORE_INDEX]
+    example = {"key": sample.key, "prompt": _decode(tokenizer, prompt), "target": _decode(tokenizer, target),
+               "prompt_tokens": len(prompt), "target_tokens": len(target),
+               "starts_with_bos": tokenizer.bos_token_id is not None and text[0][0] == tokenizer.bos_token_id,
+               "ends_with_eos": sample.input_ids[-1] == tokenizer.eos_token_id}
+    if encoder.positions_per_image:
+        example["images_at"] = [i for i, t in enumerate(sample.input_ids)
+                                if t < 0 and (-1 - t) % encoder.positions_per_image == 0]
+    return example
 
 
 def dry_run_report(cfg: Config, world_size: int, gpu_memory: Optional[int] = None) -> Dict[str, Any]:
@@ -59,7 +65,9 @@ def dry_run_report(cfg: Config, world_size: int, gpu_memory: Optional[int] = Non
     in ``gpu_memory`` bytes). Raises ConfigError (or FileNotFoundError) naming the problem."""
     checked = preflight(cfg, world_size, DRY_RUN)
     ds, plan, tokenizer, data = checked.ds_config, checked.data, checked.tokenizer, cfg.data
-    train_encoder = build_encoder(cfg, tokenizer)  # the training run's: features, or images for an online tower
+    shape = model_shape(cfg.model)  # on the meta device: no weights are read
+    # The training run's encoder: features, or images for an online tower; images' positions in the text.
+    train_encoder = build_encoder(cfg, tokenizer, visual_positions=shape.prefix_positions)
     first = _first_sample(plan.train_urls)
     report: Dict[str, Any] = {
         "world_size": world_size,
@@ -87,8 +95,8 @@ def dry_run_report(cfg: Config, world_size: int, gpu_memory: Optional[int] = Non
     eval_split = plan.splits.get(cfg.eval.split)
     eval_first = _first_sample(eval_split.urls) if eval_split else None
     if eval_first is not None:
-        prompt_ids = eval_encoder(cfg, tokenizer)(eval_first).input_ids
-        evaluation["example_prompt"] = _decode(tokenizer, prompt_ids)
+        prompt_ids = eval_encoder(cfg, tokenizer, shape.prefix_positions)(eval_first).input_ids
+        evaluation["example_prompt"] = _decode(tokenizer, [t for t in prompt_ids if t >= 0])
     report["eval"] = evaluation
-    report["memory"] = memory_plan(cfg, ds, world_size, gpu_memory)
+    report["memory"] = memory_plan(cfg, ds, world_size, gpu_memory, shape)
     return report
