@@ -62,11 +62,27 @@ def image_pixels_for(recipe_dict: dict, image) -> torch.Tensor:
     return image_pixels(picture, FeatureRecipe.from_stored(recipe_dict))[None]
 
 
+def question_ids(tokenizer, cfg, question: str, choices: List[str], hint: str = "") -> List[int]:
+    """The prompt of one question in the export's format (``cfg``: its config). A model trained on
+    conversations (``conversation``, ``chat_template``) is asked it as one user turn, options typed after it
+    as memvp-serve's users type them; the question formats get the evaluation prompt (``qa`` without options)."""
+    from memvp_ds.data.prompts import build_segments, prompt_format
+    from memvp_ds.scoring.scienceqa import OPTION_LETTERS
+
+    name = cfg.data.prompt_format
+    if prompt_format(name).multi_turn:
+        options = " ".join(f"({OPTION_LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
+        fields = {"conversations": [{"from": "human", "value": f"{question}\n{options}" if options else question}]}
+    else:
+        fields, name = {"question": question, "choices": choices, "hint": hint, "answer": 0}, name if choices else "qa"
+    segments = build_segments(fields, name, with_target=False, tokenizer=tokenizer)
+    return prompt_format(name).tokenize(tokenizer, segments, cfg.data.max_seq_len).input_ids
+
+
 def answer(weights: str, image: Optional[str], question: str, choices: Optional[List[str]] = None,
            hint: str = "", clip_pretrained: Optional[str] = None, max_new_tokens: int = 16,
            overrides: Optional[List[str]] = None) -> str:
     """The model's answer to one question (``overrides``: ``key=value`` on top of the export's config)."""
-    from memvp_ds.data.prompts import build_segments, encode_segments
     from memvp_ds.data.tokenizer import load_tokenizer, tokenizer_path as resolve_tokenizer
     from memvp_ds.export import load_exported, read_export_metadata, read_feature_recipe
     from memvp_ds.model.llm import check_vocab_fits
@@ -81,10 +97,7 @@ def answer(weights: str, image: Optional[str], question: str, choices: Optional[
           f"trust_remote_code={cfg.model.llm.trust_remote_code}", file=sys.stderr)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.llm.trust_remote_code)
     check_vocab_fits(len(tokenizer), tokenizer_path, cfg.model.llm)
-    fields = {"question": question, "choices": choices or [], "hint": hint, "answer": 0}
-    prompt_format = cfg.data.prompt_format if choices else "qa"
-    segments = build_segments(fields, prompt_format, with_target=False)
-    ids = torch.tensor([encode_segments(tokenizer, segments, cfg.data.max_seq_len).input_ids])
+    ids = torch.tensor([question_ids(tokenizer, cfg, question, choices or [], hint)])
     visual = {}
     if picture is not None and model.vision is not None:  # the adapted CLIP inside the model makes the features
         visual["images"] = image_pixels_for(dataclasses.asdict(cfg.model.vision.recipe), picture)

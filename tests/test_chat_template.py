@@ -80,3 +80,36 @@ def test_truncation_keeps_bos_and_the_answer(styled):
 def test_a_tokenizer_without_a_template_is_refused(tokenizer_dir):
     with pytest.raises(ConfigError, match="prompt_format=chat_template: the tokenizer at .* has no chat template"):
         prompt_format("chat_template").check_tokenizer(load_tokenizer(tokenizer_dir), tokenizer_dir)
+
+
+def test_predict_asks_a_chat_template_export_through_its_template(tmp_path):
+    """memvp-predict on an instruct export: the question (options typed after it) is one user turn rendered by
+    the template, and the answer is generate's on that prompt."""
+    import torch
+
+    from memvp_ds.data.collate import collate
+    from memvp_ds.export import write_export
+    from memvp_ds.predict import answer
+    from tests.conftest import TINY_VIT, tiny_config, tiny_model
+
+    tokenizer_dir = chat_tokenizer(str(tmp_path / "tok"), "qwen2")
+    options = [f"data.tokenizer={tokenizer_dir}", "data.prompt_format=chat_template"]
+    model = tiny_model("memvp")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    weights = str(tmp_path / "chat.safetensors")
+    write_export({n: p.detach().contiguous() for n, p in model.trainable_parameters().items()}, weights,
+                 tiny_config("memvp", *options), {"model": TINY_VIT, "pretrained": "random", "image_size": 64})
+    tokenizer = load_tokenizer(tokenizer_dir)
+    turn = {"from": "human", "value": "What colour is the circle?\n(A) red (B) blue"}
+    raw = {"__key__": "q", "json": json.dumps({"conversations": [turn]}).encode()}
+    batch = collate([SampleEncoder(tokenizer, "chat_template", 128, 16, 32, with_target=False)(raw)],
+                    tokenizer.pad_token_id, (16, 32), left_pad=True)
+    assert tokenizer.decode(batch["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        tokens = model.eval().generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
+                                       eos_token_id=tokenizer.eos_token_id)[0].tolist()
+    expected = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
+    assert answer(weights, None, "What colour is the circle?", ["red", "blue"], max_new_tokens=6) == expected
