@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from memvp_ds import ConfigError
+from memvp_ds import ConfigError, build_model
 from memvp_ds.data.collate import SampleEncoder, TokenizedSample, collate, pack
 from memvp_ds.data.prompts import IGNORE_INDEX, IMAGE_MARK
 from memvp_ds.data.shard_format import read_manifest, read_raw_samples, read_shard
@@ -127,10 +127,20 @@ def test_encoder_and_batches_keep_each_image_in_its_slot(extracted, tokenizer_di
             next(raw for raw in read_raw_samples(shard) if raw["__key__"] == "three"))
 
 
-def _model():
-    model = tiny_model("memvp", "model.memvp.dropout=0.0", *MULTI)
+IN_TEXT = ["input_prefix", "llava_lora", "lavin", "apt"]
+"""The strategies with visual positions in the sequence (prefix_positions N)."""
+STRATEGY_CASES = {"memvp": ("memvp", *MULTI), **{name: (name,) for name in IN_TEXT},
+                  "apt_prompt_rows": ("apt", "model.apt.visual=prompt_rows")}
+"""Every strategy that takes several images per sample: MemVP and APT's prompt rows hold them as rows, the
+others in the sequence at their tags."""
+
+
+def _multi_image_model(case, max_images=K):
+    """The tiny model of ``case``, every trainable tensor non-trivial (zero-initialised ones included)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(*STRATEGY_CASES[case], f"data.max_images={max_images}").model)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every trainable tensor non-trivial (P2 starts at zero)
+    with torch.no_grad():
         for p in model.trainable_parameters().values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model.eval()
@@ -155,7 +165,7 @@ def _run(model, batch):
 
 def test_memory_holds_each_images_rows_apart():
     """K = Z + P1 with Z the projector applied to each image alone, stacked in order, zero for empty slots."""
-    model, samples = _model(), _samples()
+    model, samples = _multi_image_model("memvp"), _samples()
     batch = collate(samples, 3, (N, C), max_images=K)
     with torch.no_grad():
         _run(model, batch)
@@ -168,41 +178,6 @@ def test_memory_holds_each_images_rows_apart():
             for i, image in enumerate(images):  # one image at a time, into its own N rows
                 z[i * N:(i + 1) * N] = projector(torch.from_numpy(image).float()[None])[0]
             torch.testing.assert_close(keys[b], z + p1, rtol=0, atol=1e-6)
-
-
-def test_a_sample_computes_the_same_alone_padded_with_others_and_packed():
-    model, samples = _model(), _samples()
-    with torch.no_grad():
-        alone = [_run(model, collate([s], 3, (N, C), max_images=K)) for s in samples]
-        padded = _run(model, collate(samples, 3, (N, C), max_images=K))
-        packed_batch = pack(samples, 3, (N, C), 128, max_images=K)
-        packed = _run(model, packed_batch)
-    assert packed_batch["input_ids"].shape[0] == 1  # all three share one row
-    for b, sample in enumerate(samples):
-        rows, cols = (packed_batch["segment_ids"] == b).nonzero(as_tuple=True)
-        length = len(sample.input_ids)
-        torch.testing.assert_close(padded.logits[b, :length], alone[b].logits[0, :length], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(packed.logits[rows, cols], alone[b].logits[0, :length], rtol=1e-4, atol=1e-5)
-    # the images are told apart: swapping the three-image sample's first two images changes its output
-    swapped = _samples()
-    first, second = swapped[2].features[:N].copy(), swapped[2].features[N:2 * N].copy()
-    swapped[2].features[:N], swapped[2].features[N:2 * N] = second, first
-    with torch.no_grad():
-        other = _run(model, collate([swapped[2]], 3, (N, C), max_images=K))
-    assert not torch.allclose(other.logits, alone[2].logits, atol=1e-4)
-
-
-def test_generation_of_a_mixed_batch_equals_each_sample_alone():
-    model, samples = _model(), _samples()
-    prompts = [TokenizedSample(s.key, s.input_ids[:6], [IGNORE_INDEX] * 6, s.features, {}) for s in samples]
-
-    def generate(batch):
-        return model.generate(batch["input_ids"], batch["attention_mask"], batch["image_features"].float(),
-                              batch["has_image"], max_new_tokens=5, stop_when_done=False)
-
-    together = generate(collate(prompts, 3, (N, C), left_pad=True, max_images=K))
-    for b, prompt in enumerate(prompts):
-        assert together[b].tolist() == generate(collate([prompt], 3, (N, C), left_pad=True, max_images=K))[0].tolist()
 
 
 def test_config_rules():
@@ -263,10 +238,6 @@ def test_zero3_engine_gradients_on_a_mixed_batch_equal_plain_pytorch_bit_for_bit
 
 
 # -- each image's tokens at its tag: input_prefix, llava_lora, lavin, apt ------------------------------------------
-
-IN_TEXT = ["input_prefix", "llava_lora", "lavin", "apt"]
-"""The strategies with visual positions in the sequence (prefix_positions N), and apt with visual rows instead."""
-STRATEGY_CASES = {name: (name,) for name in IN_TEXT} | {"apt_prompt_rows": ("apt", "model.apt.visual=prompt_rows")}
 
 
 def _conversation(text, answer="The circle."):
@@ -347,19 +318,6 @@ def test_the_encoder_puts_each_images_positions_at_its_tag(extracted, tokenizer_
     assert memory(wrong).features.shape == (K * N, C)  # MemVP reads no tags
 
 
-def _in_text_model(case, max_images=K):
-    torch.manual_seed(0)
-    cfg = tiny_config(*STRATEGY_CASES[case][:1], *STRATEGY_CASES[case][1:], f"data.max_images={max_images}")
-    from memvp_ds import build_model
-
-    model = build_model(cfg.model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every trainable tensor non-trivial (zero-initialised ones included)
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 TAGS = {0: [], 1: [0], 3: [2, 7, 7]}
 """Text positions each image precedes: the one-image sample's in front, two of the three-image one's adjacent."""
 
@@ -384,7 +342,7 @@ def _visual_positions(model):
 def test_each_images_tokens_are_the_projection_of_that_image_at_its_tag():
     """The inputs the strategy hands the decoder: the text's embeddings, and at image j's N positions the
     projector applied to image j alone; then the whole forward against the frozen LLM run by hand on them."""
-    model = _in_text_model("input_prefix")
+    model = _multi_image_model("input_prefix")
     samples = _tagged_samples(N)
     batch = collate(samples, 3, (N, C), max_images=K)
     embed, projector = model.llm.get_input_embeddings(), model.strategy.projector
@@ -409,8 +367,8 @@ def test_each_images_tokens_are_the_projection_of_that_image_at_its_tag():
 
 
 @pytest.mark.parametrize("case", list(STRATEGY_CASES))
-def test_in_text_sample_computes_the_same_alone_padded_with_others_and_packed(case):
-    model = _in_text_model(case)
+def test_a_sample_computes_the_same_alone_padded_with_others_and_packed(case):
+    model = _multi_image_model(case)
     samples = _tagged_samples(_visual_positions(model))
     with torch.no_grad():
         alone = [_run(model, collate([s], 3, (N, C), max_images=K)) for s in samples]
@@ -437,7 +395,7 @@ def test_in_text_sample_computes_the_same_alone_padded_with_others_and_packed(ca
 def test_one_image_in_front_computes_what_a_single_image_run_computes(case):
     """A one-image sample without a tag in a three-image batch layout: the same logits as the single-image
     path (the strategy's own prefix, checked against the official code elsewhere), for the same weights."""
-    multi, single = _in_text_model(case), _in_text_model(case, max_images=1)
+    multi, single = _multi_image_model(case), _multi_image_model(case, max_images=1)
     single.load_state_dict(multi.state_dict())
     sample = _samples()[1]
     [placed] = [s for s in _tagged_samples(_visual_positions(multi)) if s.key == sample.key]
@@ -450,8 +408,8 @@ def test_one_image_in_front_computes_what_a_single_image_run_computes(case):
 
 
 @pytest.mark.parametrize("case", list(STRATEGY_CASES))
-def test_in_text_generation_of_a_mixed_batch_equals_each_sample_alone(case):
-    model = _in_text_model(case)
+def test_generation_of_a_mixed_batch_equals_each_sample_alone(case):
+    model = _multi_image_model(case)
     prompts = [TokenizedSample(s.key, s.input_ids[:-4], [IGNORE_INDEX] * (len(s.input_ids) - 4), s.features, {})
                for s in _tagged_samples(_visual_positions(model))]
 
@@ -474,7 +432,7 @@ def test_the_memory_plan_counts_every_images_positions():
 
 
 def test_a_batch_encoded_without_the_images_positions_is_refused():
-    model = _in_text_model("input_prefix")
+    model = _multi_image_model("input_prefix")
     batch = collate(_samples(), 3, (N, C), max_images=K)  # MemVP's encoding: no positions in the text
     with pytest.raises(ValueError, match="a multi-image batch whose text lacks its images' positions"):
         _run(model, batch)
@@ -488,7 +446,7 @@ def test_evaluation_encodes_the_images_positions(extracted, tokenizer_dir, tmp_p
 
     cfg = tiny_config("input_prefix", f"data.max_images={K}", "data.prompt_format=conversation",
                       "eval.max_new_tokens=4", "eval.batch_size=2")
-    model, tok = _in_text_model("input_prefix"), load_tokenizer(tokenizer_dir)
+    model, tok = _multi_image_model("input_prefix"), load_tokenizer(tokenizer_dir)
     [shard] = [str(extracted / "shards" / s.name) for s in read_manifest(str(extracted / "shards")).shards]
     records, _ = evaluate_split(cfg, model, tok, [shard], 0, 1)
     encoder = SampleEncoder(tok, "conversation", cfg.data.max_seq_len, N, C, with_target=False, max_images=K,
@@ -513,7 +471,6 @@ ONLINE = ["model.vision.online=true", f"model.vision.recipe.model={TINY_VIT}", "
 def test_online_tower_sees_each_image_alone(extracted, tokenizer_dir):
     """Pixels of every image (one .png member each) through the online tower: at initialisation (fc2 = 0) each
     slot's features are that image's stored ones; then a multi-image model trains on pixels as on features."""
-    from memvp_ds import build_model
     from memvp_ds.data.collate import build_encoder
     from memvp_ds.data.tokenizer import load_tokenizer
 
@@ -521,7 +478,8 @@ def test_online_tower_sees_each_image_alone(extracted, tokenizer_dir):
     [shard] = [str(extracted / "shards" / s.name) for s in read_manifest(str(extracted / "shards")).shards]
     _, _, _, images = next(r for r in read_shard(shard, with_images=True) if r[0] == "three")
     assert images.shape == (K, 64, 64, 3)  # its three images, stacked
-    for case, model in (("memvp", _model()), ("input_prefix", _in_text_model("input_prefix"))):
+    for case in ("memvp", "input_prefix"):
+        model = _multi_image_model(case)
         cfg = tiny_config(case, *MULTI, *ONLINE, "data.prompt_format=conversation")
         torch.manual_seed(0)  # the LLM of the feature-reading model
         online = build_model(cfg.model).eval()
