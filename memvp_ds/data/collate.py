@@ -95,7 +95,7 @@ class SampleEncoder:
                 raise ValueError(f"sample {raw['__key__']}: {count} images but {len(tags)} {IMAGE_TAG} tags in its "
                                  "text")
             before, per_image = tags or [0] * count, self.positions_per_image
-            ids = insert_per_image(ids, before, per_image, lambda image, t: visual_marker(image * per_image + t))
+            ids = with_visual_positions(ids, before, per_image)
             labels = insert_per_image(labels, before, per_image, lambda image, t: IGNORE_INDEX)
         return TokenizedSample(raw["__key__"], ids, labels, features, fields)
 
@@ -109,6 +109,11 @@ def visual_marker(row: int) -> int:
     """The input id of the position that takes row ``row`` of its sample's visual tokens (image j's token t is
     row j x N + t); the strategies read it back (memvp_ds/model/strategies/base.py: ``place_in_text``)."""
     return -1 - row
+
+
+def with_visual_positions(ids: List[int], before: List[int], per_image: int) -> List[int]:
+    """``ids`` with image j's ``per_image`` positions (``visual_marker`` ids) in front of ``ids[before[j]]``."""
+    return insert_per_image(ids, before, per_image, lambda image, t: visual_marker(image * per_image + t))
 
 
 def insert_per_image(values: List[int], before: List[int], per_image: int, item: Callable[[int, int], int]

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from memvp_ds.data.collate import insert_per_image, visual_marker
+from memvp_ds.data.collate import with_visual_positions
 from memvp_ds.data.prompts import prompt_format
 from memvp_ds.serve.engine import Engine, QueueFull, Request, Sampling
 from memvp_ds.serve.images import ImageEncoder, read_image
@@ -199,8 +199,7 @@ def create_app(service: Service) -> FastAPI:
                 raise RequestError(f"messages: {len(prompt.images)} images but {len(before)} in the prompt; with "
                                    f"data.prompt_format={service.prompt_format} images go in the last user "
                                    "message's question", "messages")
-            per_image = service.positions_per_image
-            ids = insert_per_image(ids, before, per_image, lambda image, t: visual_marker(image * per_image + t))
+            ids = with_visual_positions(ids, before, service.positions_per_image)
         if len(ids) + sampling.max_tokens > service.max_total_tokens:
             raise RequestError(f"messages: {len(ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
                                f"limit of {service.max_total_tokens} tokens", "messages", 400,
