@@ -23,6 +23,23 @@ def tiny_model(strategy: str = "memvp", *overrides: str):
     return build_model(tiny_config(strategy, *overrides).model)
 
 
+def dvp_batch(visual_tokens: int = 16, visual_dim: int = 32):
+    """A batch for DVP's formula tests: (ids, mask, labels, features, has_image). Row 0: image; row 1: image,
+    left-padded by 3; row 2: no image. Prompts end at 4, 6 and 5."""
+    g = torch.Generator().manual_seed(5)
+    ids, feats = torch.randint(4, 512, (3, 10), generator=g), torch.randn(3, visual_tokens, visual_dim, generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    labels = ids.clone()
+    labels[0, :5], labels[1, :7], labels[2, :6] = -100, -100, -100
+    return ids, mask, labels, feats, torch.tensor([True, True, False])
+
+
+def additive_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean ``keep`` attention mask as the additive float mask a decoder block takes."""
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     from memvp_ds.data.tokenizer import train_tokenizer

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from memvp_ds.model.llm import load_frozen_llm
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import additive_mask, dvp_batch, tiny_config, tiny_model
 
 N, C = 16, 32
 
@@ -183,21 +183,6 @@ def test_dvp_adapters_are_on_by_default_start_as_identity_and_train():
 THREE_LAYERS = "model.llm.config.num_hidden_layers=3"
 
 
-def _dvp_batch():
-    """Row 0: image; row 1: image, left-padded by 3; row 2: no image. Prompts end at 4, 6 and 5."""
-    g = torch.Generator().manual_seed(5)
-    ids, feats = torch.randint(4, 512, (3, 10), generator=g), torch.randn(3, N, C, generator=g)
-    mask = torch.ones(3, 10, dtype=torch.long)
-    mask[1, :3] = 0
-    labels = ids.clone()
-    labels[0, :5], labels[1, :7], labels[2, :6] = -100, -100, -100
-    return ids, mask, labels, feats, torch.tensor([True, True, False])
-
-
-def _additive(keep):
-    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
-
-
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_dvp_token_equals_a_layer_by_layer_computation(layer):
     """The paper's method written out with the decoder blocks called one by one: a zero slot in front of
@@ -205,7 +190,7 @@ def test_dvp_token_equals_a_layer_by_layer_computation(layer):
     cross-attention over the features queried by the mean prompt state, and visible from K on."""
     model = tiny_model("dvp", THREE_LAYERS, f"model.dvp.layer={layer}", "model.dvp.adapters=false").eval()
     _randomise_trainable(model)
-    ids, mask, labels, feats, has_image = _dvp_batch()
+    ids, mask, labels, feats, has_image = dvp_batch()
     prompt_end = torch.tensor([4, 6, 5])
     gen = model.strategy.generators[str(layer)]
     with torch.no_grad():
@@ -224,7 +209,7 @@ def test_dvp_token_equals_a_layer_by_layer_computation(layer):
                     in_prompt = [j for j in range(10) if mask[row, j] and j <= prompt_end[row]]
                     query = h[row, [1 + j for j in in_prompt]].mean(0, keepdim=True)
                     h[row, 0] = _manual_cross_attention(gen, query, feats[row : row + 1])[0]
-            h = block(h, attention_mask=_additive(hidden_slot if i < layer else keep), position_ids=positions,
+            h = block(h, attention_mask=additive_mask(hidden_slot if i < layer else keep), position_ids=positions,
                       position_embeddings=rotary)
         expected = reference.lm_head(reference.model.norm(h))[:, 1:]
         plain = reference(input_ids=ids[2:]).logits
@@ -249,7 +234,7 @@ def _layer_outputs(model, ids, mask, feats, has_image):
 def test_dvp_token_below_k_nothing_sees_the_image_from_k_on_every_later_token_does(layer):
     model = tiny_model("dvp", THREE_LAYERS, f"model.dvp.layer={layer}").eval()
     _randomise_trainable(model)
-    ids, mask, _, feats, _ = _dvp_batch()
+    ids, mask, _, feats, _ = dvp_batch()
     has_image = torch.ones(3, dtype=torch.bool)
     a = _layer_outputs(model, ids, mask, feats, has_image)
     b = _layer_outputs(model, ids, mask, torch.randn(3, N, C), has_image)
@@ -274,7 +259,7 @@ def test_dvp_token_needs_a_backend_that_takes_a_4d_mask():
 
 def test_dvp_token_eager_equals_sdpa():
     """eager gets an additive float mask, sdpa a boolean one (or None without padding): same model."""
-    ids, mask, labels, feats, has_image = _dvp_batch()
+    ids, mask, labels, feats, has_image = dvp_batch()
     logits = []
     for backend in ("sdpa", "eager"):
         model = tiny_model("dvp", f"model.llm.attn_implementation={backend}").eval()

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from memvp_ds import build_model, load_config
 from memvp_ds.model.llm import load_frozen_llm
-from tests.conftest import CONFIGS, TINY_VIT, tiny_config, tiny_model
+from tests.conftest import CONFIGS, TINY_VIT, additive_mask, dvp_batch, tiny_config, tiny_model
 
 B, T, N, C = 3, 9, 16, 32
 
@@ -35,6 +35,20 @@ def _official_adapter(adapter, x):
     return out.transpose(1, 2)
 
 
+def _with_official_adapters(llm, adapters):
+    """``llm`` with the official adapter on each block's attention input."""
+    for block, adapter in zip(llm.model.layers, adapters):
+        block.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, a=adapter: (args, {**kwargs, "hidden_states": _official_adapter(
+                a, kwargs["hidden_states"])}), with_kwargs=True)
+
+
+def _official_visual(projector, feats):
+    """LaVIN's adapter_proj: fc2(SiLU(fc1 f))."""
+    return F.linear(F.silu(F.linear(feats, projector.fc1.weight, projector.fc1.bias)), projector.fc2.weight,
+                    projector.fc2.bias)
+
+
 def _official_logits(cfg, strategy, ids, feats, has_image, replaced=None):
     """Per sample, LaVIN's sequence [modality token, visual tokens (image samples only), text] with the
     modality token masked from every later position, adapters on each block's attention input; the text's
@@ -48,13 +62,8 @@ def _official_logits(cfg, strategy, ids, feats, has_image, replaced=None):
             n = module.input_layernorm(x)
             return x + (_official_adapter(a, n) - n)
         llm.model.layers[index].register_forward_hook(skip, with_kwargs=True)
-    for layer, adapter in zip(llm.model.layers, strategy.adapters):
-        layer.self_attn.register_forward_pre_hook(
-            lambda module, args, kwargs, a=adapter: (args, {**kwargs, "hidden_states": _official_adapter(
-                a, kwargs["hidden_states"])}), with_kwargs=True)
-    proj = strategy.projector
-    visual = F.linear(F.silu(F.linear(feats, proj.fc1.weight, proj.fc1.bias)), proj.fc2.weight, proj.fc2.bias)
-    visual = visual * cfg.model.projector.output_scale
+    _with_official_adapters(llm, strategy.adapters)
+    visual = _official_visual(strategy.projector, feats) * cfg.model.projector.output_scale
     rows = []
     for i in range(ids.shape[0]):
         parts = [strategy.modality.weight[int(has_image[i])][None]]
@@ -171,10 +180,6 @@ def _randomise_trainable_module(module, seed=2):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def _additive(keep):
-    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
-
-
 @pytest.mark.parametrize("layer", [0, 1])
 def test_dvp_on_lavin_equals_the_official_formulas(layer):
     """DVP-SQA (the authors' code on LaVIN) written out with the blocks called one by one: [modality token,
@@ -187,25 +192,15 @@ def test_dvp_on_lavin_equals_the_official_formulas(layer):
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     _randomise_trainable(model)
-    g = torch.Generator().manual_seed(5)
-    ids, feats = torch.randint(4, 512, (3, 10), generator=g), torch.randn(3, N, C, generator=g)
-    mask = torch.ones(3, 10, dtype=torch.long)
-    mask[1, :3] = 0
-    labels = ids.clone()
-    labels[0, :5], labels[1, :7], labels[2, :6] = -100, -100, -100
+    ids, mask, labels, feats, has_image = dvp_batch(N, C)
     prompt_end, first = torch.tensor([4, 6, 5]), torch.tensor([0, 3, 0])
-    has_image = torch.tensor([True, True, False])
     strategy, gen = model.strategy, model.strategy.generators[str(layer)]
     lavin = strategy.base
     with torch.no_grad():
         ours = model(ids, mask, labels=labels, image_features=feats, has_image=has_image).logits
         ref = load_frozen_llm(cfg.model.llm).eval()
-        for block, adapter in zip(ref.model.layers, lavin.adapters):
-            block.self_attn.register_forward_pre_hook(
-                lambda module, args, kwargs, a=adapter: (args, {**kwargs, "hidden_states": _official_adapter(
-                    a, kwargs["hidden_states"])}), with_kwargs=True)
-        proj = lavin.projector
-        visual = F.linear(F.silu(F.linear(feats, proj.fc1.weight, proj.fc1.bias)), proj.fc2.weight, proj.fc2.bias)
+        _with_official_adapters(ref, lavin.adapters)
+        visual = _official_visual(lavin.projector, feats)
         h = torch.cat([lavin.modality.weight[has_image.long()][:, None], visual * cfg.model.projector.output_scale,
                        strategy.slot.expand(3, 1, -1), ref.model.embed_tokens(ids)], dim=1)
         slot, text0, length = 1 + N, 2 + N, 2 + N + 10
@@ -225,7 +220,7 @@ def test_dvp_on_lavin_equals_the_official_formulas(layer):
                     heads = gen.heads
                     scores = torch.einsum("hd,nhd->hn", q.view(heads, -1), k.view(N, heads, -1)) / (q.shape[0] // heads) ** 0.5
                     h[row, slot] = gen.out(torch.einsum("hn,nhd->hd", scores.softmax(-1), v.view(N, heads, -1)).reshape(-1))
-            h = block(h, attention_mask=_additive(hidden_slot if i < layer else keep), position_ids=positions,
+            h = block(h, attention_mask=additive_mask(hidden_slot if i < layer else keep), position_ids=positions,
                       position_embeddings=rotary)
         expected = ref.lm_head(ref.model.norm(h))[:, text0:]
     valid = mask.bool()
