@@ -23,6 +23,16 @@ def tiny_model(strategy: str = "memvp", *overrides: str):
     return build_model(tiny_config(strategy, *overrides).model)
 
 
+def randomise_trainable(module: torch.nn.Module, seed: int = 1, std: float = 0.3) -> None:
+    """Every trainable tensor of ``module`` drawn anew, N(0, std^2) from a generator seeded with ``seed``: tests
+    then see non-trivial values everywhere (zero-initialised output maps included), the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def dvp_batch(visual_tokens: int = 16, visual_dim: int = 32):
     """A batch for DVP's formula tests: (ids, mask, labels, features, has_image). Row 0: image; row 1: image,
     left-padded by 3; row 2: no image. Prompts end at 4, 6 and 5."""

@@ -5,16 +5,9 @@ import torch
 from torch.nn import functional as F
 
 from memvp_ds.model.llm import load_frozen_llm
-from tests.conftest import additive_mask, dvp_batch, tiny_config, tiny_model
+from tests.conftest import additive_mask, dvp_batch, randomise_trainable, tiny_config, tiny_model
 
 N, C = 16, 32
-
-
-def _randomise_trainable(model, seed=1, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _plain_llm(strategy, *overrides):
@@ -39,7 +32,7 @@ def test_apt_sequence_equals_the_formula_with_the_image_in_the_sequence():
     left-padded row and a row without an image (its visual tokens masked) in the same batch."""
     model = tiny_model("apt").eval()
     assert model.strategy.cfg.apt.visual == "sequence"  # the default
-    _randomise_trainable(model, std=0.1)
+    randomise_trainable(model, std=0.1)
     ids, feats = torch.randint(4, 512, (3, 9)), torch.randn(3, N, C)
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, :3] = 0
@@ -65,7 +58,7 @@ def test_apt_sequence_equals_the_formula_with_the_image_in_the_sequence():
 def test_apt_prompt_rows_equals_the_formula_recomputed_on_a_plain_llm():
     """This project's extension: no visual tokens in the sequence, P = [visual features; prompts]."""
     model = tiny_model("apt", "model.apt.visual=prompt_rows").eval()
-    _randomise_trainable(model, std=0.1)
+    randomise_trainable(model, std=0.1)
     ids, feats = torch.randint(4, 512, (2, 9)), torch.randn(2, N, C)
     has_image = torch.tensor([True, False])
     strategy = model.strategy
@@ -84,7 +77,7 @@ def test_apt_prompt_rows_equals_the_formula_recomputed_on_a_plain_llm():
 def test_apt_term_is_per_token_so_earlier_positions_ignore_later_tokens(visual):
     """Changing the last tokens changes nothing before them: no attention across tokens through the term."""
     model = tiny_model("apt", f"model.apt.visual={visual}").eval()
-    _randomise_trainable(model, std=0.1)
+    randomise_trainable(model, std=0.1)
     ids, feats = torch.randint(4, 512, (1, 10)), torch.randn(1, N, C)
     changed = ids.clone()
     changed[0, 6:] = torch.randint(4, 512, (4,))
@@ -97,7 +90,7 @@ def test_apt_term_is_per_token_so_earlier_positions_ignore_later_tokens(visual):
 @pytest.mark.parametrize("visual", ["sequence", "prompt_rows"])
 def test_apt_gradients_reach_every_trainable_tensor(visual):
     model = tiny_model("apt", f"model.apt.visual={visual}")
-    _randomise_trainable(model, std=0.1)
+    randomise_trainable(model, std=0.1)
     ids = torch.randint(4, 512, (2, 8))
     model(ids, labels=ids, image_features=torch.randn(2, N, C)).loss.backward()
     for name, p in model.trainable_parameters().items():
@@ -119,7 +112,7 @@ def _manual_cross_attention(gen, text_state, features):
 @pytest.mark.parametrize("layer", [0, 1])
 def test_dvp_residual_equals_the_formula_recomputed_on_a_plain_llm(layer):
     model = tiny_model("dvp", f"model.dvp.layer={layer}", "model.dvp.insert=residual", "model.dvp.adapters=false").eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     ids, feats = torch.randint(4, 512, (2, 9)), torch.randn(2, N, C)
     labels = ids.clone()
     labels[0, :5], labels[1, :7] = -100, -100  # prompts end at positions 4 and 6
@@ -151,7 +144,7 @@ def test_dvp_search_model_has_a_generator_per_layer_and_switches_between_them():
     model = tiny_model("dvp", "model.dvp.layer=null", "train.mode=dvp_search", "data.val_shards=x").eval()
     strategy = model.strategy
     assert strategy.candidate_layers == [0, 1]
-    _randomise_trainable(model)
+    randomise_trainable(model)
     ids, feats = torch.randint(4, 512, (1, 8)), torch.randn(1, N, C)
     outputs = []
     for layer in (0, 1):
@@ -189,7 +182,7 @@ def test_dvp_token_equals_a_layer_by_layer_computation(layer):
     the text, hidden from the other tokens below K by an explicit mask, overwritten at K with the
     cross-attention over the features queried by the mean prompt state, and visible from K on."""
     model = tiny_model("dvp", THREE_LAYERS, f"model.dvp.layer={layer}", "model.dvp.adapters=false").eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     ids, mask, labels, feats, has_image = dvp_batch()
     prompt_end = torch.tensor([4, 6, 5])
     gen = model.strategy.generators[str(layer)]
@@ -233,7 +226,7 @@ def _layer_outputs(model, ids, mask, feats, has_image):
 @pytest.mark.parametrize("layer", [1, 2])
 def test_dvp_token_below_k_nothing_sees_the_image_from_k_on_every_later_token_does(layer):
     model = tiny_model("dvp", THREE_LAYERS, f"model.dvp.layer={layer}").eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     ids, mask, _, feats, _ = dvp_batch()
     has_image = torch.ones(3, dtype=torch.bool)
     a = _layer_outputs(model, ids, mask, feats, has_image)
@@ -263,7 +256,7 @@ def test_dvp_token_eager_equals_sdpa():
     logits = []
     for backend in ("sdpa", "eager"):
         model = tiny_model("dvp", f"model.llm.attn_implementation={backend}").eval()
-        _randomise_trainable(model)
+        randomise_trainable(model)
         with torch.no_grad():
             logits.append(model(ids, mask, labels=labels, image_features=feats, has_image=has_image).logits)
             logits.append(model(ids[:1], labels=labels[:1], image_features=feats[:1]).logits)  # no padding

@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from tests.conftest import randomise_trainable, tiny_model
 
 N, C = 16, 32
-
-
-def _randomise_trainable(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_input_prefix_text_logits_equal_manual_inputs_embeds():
@@ -71,7 +64,7 @@ def test_generate_matches_repeated_full_forwards(strategy, overrides):
     reproduces greedy decoding by full forwards over the growing sequence. DVP's token: the slot's cache
     entries below K hold the masked placeholder, from K on the prompt; decoded tokens see it from K on."""
     model = tiny_model(strategy, *overrides).eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 512, (n,), generator=g) for n in (3, 8, 5)]
     feats = torch.randn(3, N, C, generator=g)
@@ -97,7 +90,7 @@ def test_dvp_token_decode_logits_equal_one_full_forward(overrides):
     left-padded prompts plus the generated tokens. A decoded token that saw the slot below K (its cache
     entry there holds the placeholder's K/V) would differ."""
     model = tiny_model("dvp", *overrides).eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     g = torch.Generator().manual_seed(4)
     batch, feats = torch.randint(4, 512, (3, 8), generator=g), torch.randn(3, N, C, generator=g)
     mask = torch.ones(3, 8, dtype=torch.long)

@@ -8,16 +8,10 @@ from torch.nn import functional as F
 
 from memvp_ds import build_model, load_config
 from memvp_ds.model.llm import load_frozen_llm
-from tests.conftest import CONFIGS, TINY_VIT, additive_mask, dvp_batch, tiny_config, tiny_model
+from tests.conftest import (CONFIGS, TINY_VIT, additive_mask, dvp_batch, randomise_trainable, tiny_config,
+                            tiny_model)
 
 B, T, N, C = 3, 9, 16, 32
-
-
-def _randomise_trainable(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _official_adapter(adapter, x):
@@ -85,7 +79,7 @@ def test_matches_official_formulas(mode):
     cfg = tiny_config("lavin", "model.lavin.dropout=0.0")
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    _randomise_trainable(model)
+    randomise_trainable(model)
     model.train(mode != "eval")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 512, (B, T), generator=g)
@@ -156,7 +150,7 @@ def test_routed_clip_block_and_cls_taps_match_the_official_formulas(tmp_path):
     recipe = FeatureRecipe(model=str(path), pretrained="random", image_size=64, layer="cls_every_4", ln_post=False)
     tower = build_vision_tower(VisionOptions(online=True, recipe=recipe, adapter_form="routed_attention",
                                              adapter_dim=8, adapter_scale=1.0, adapter_temperature=5.0)).eval()
-    _randomise_trainable_module(tower)
+    randomise_trainable(tower, seed=2)
     assert tower.tokens == 1
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -172,14 +166,6 @@ def test_routed_clip_block_and_cls_taps_match_the_official_formulas(tmp_path):
         torch.testing.assert_close(tower(pixels), x[:, :1], rtol=1e-5, atol=1e-5)
 
 
-def _randomise_trainable_module(module, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 @pytest.mark.parametrize("layer", [0, 1])
 def test_dvp_on_lavin_equals_the_official_formulas(layer):
     """DVP-SQA (the authors' code on LaVIN) written out with the blocks called one by one: [modality token,
@@ -191,7 +177,7 @@ def test_dvp_on_lavin_equals_the_official_formulas(layer):
                       "model.lavin.dropout=0.0")
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     ids, mask, labels, feats, has_image = dvp_batch(N, C)
     prompt_end, first = torch.tensor([4, 6, 5]), torch.tensor([0, 3, 0])
     strategy, gen = model.strategy, model.strategy.generators[str(layer)]
@@ -236,7 +222,7 @@ def test_lavin_das_replacement_equals_the_official_formula():
     cfg = tiny_config("lavin", "model.lavin.dropout=0.0", "model.skip.layers=[0]", "model.skip.adapter_dim=null")
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    _randomise_trainable(model)
+    randomise_trainable(model)
     replacement = model.llm.model.layers[0].adapter
     assert isinstance(replacement, RoutedReplacement) and replacement.adapter.down.out_features == 32
     g = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from memvp_ds.model.llm import load_frozen_llm
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import randomise_trainable, tiny_config, tiny_model
 
 B, T, N, C = 3, 9, 16, 32
 
@@ -15,13 +15,6 @@ def _batch(seed=0):
     ids = torch.randint(4, 512, (B, T), generator=g)
     feats = torch.randn(B, N, C, generator=g)
     return ids, feats
-
-
-def _randomise_trainable(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def _reference_logits(cfg, strategy, ids, feats, has_image):
@@ -59,7 +52,7 @@ def test_text_only_logits_equal_frozen_llm_exactly_at_init():
 
 def test_images_change_logits_and_differ_between_images():
     model = tiny_model("memvp").eval()
-    _randomise_trainable(model)
+    randomise_trainable(model, std=0.5)
     ids, feats = _batch()
     with torch.no_grad():
         text_only = model(ids).logits
@@ -76,7 +69,7 @@ def test_matches_independent_formula(mode):
     from memvp_ds import build_model
 
     model = build_model(cfg.model)
-    _randomise_trainable(model)
+    randomise_trainable(model, std=0.5)
     model.train(mode != "eval")
     ids, feats = _batch()
     has_image = torch.tensor([True, False, True])
@@ -88,7 +81,7 @@ def test_matches_independent_formula(mode):
 
 def test_dropout_only_in_training():
     model = tiny_model("memvp", "model.memvp.dropout=0.5")
-    _randomise_trainable(model)
+    randomise_trainable(model, std=0.5)
     ids, feats = _batch()
     with torch.no_grad():
         model.eval()
@@ -138,7 +131,7 @@ def test_gradients_reach_trainable_only_and_match_with_checkpointing(strategy, o
     model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", "model.lavin.dropout=0.0",
                        *overrides).train()
     if strategy != "input_prefix":
-        _randomise_trainable(model)  # zero-initialised output maps would leave their inputs without gradient
+        randomise_trainable(model, std=0.5)  # zero-initialised output maps would leave their inputs without gradient
     ids, feats = _batch()
     labels = ids.clone()
     labels[:, :4] = -100

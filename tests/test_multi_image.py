@@ -14,7 +14,7 @@ from memvp_ds import ConfigError, build_model
 from memvp_ds.data.collate import SampleEncoder, TokenizedSample, collate, pack
 from memvp_ds.data.prompts import IGNORE_INDEX, IMAGE_MARK
 from memvp_ds.data.shard_format import read_manifest, read_raw_samples, read_shard
-from tests.conftest import TINY_VIT, tiny_config, tiny_model
+from tests.conftest import TINY_VIT, randomise_trainable, tiny_config, tiny_model
 
 N, C, K = 16, 32, 3
 MULTI = ["data.max_images=3", "model.memvp.memory_rows=56"]  # 3 x 16 image rows + 8 free memory slots
@@ -139,10 +139,7 @@ def _multi_image_model(case, max_images=K):
     """The tiny model of ``case``, every trainable tensor non-trivial (zero-initialised ones included)."""
     torch.manual_seed(0)
     model = build_model(tiny_config(*STRATEGY_CASES[case], f"data.max_images={max_images}").model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomise_trainable(model)
     return model.eval()
 
 

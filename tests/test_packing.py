@@ -8,7 +8,7 @@ import torch
 from memvp_ds.data.collate import TokenizedSample, collate, pack, pack_rows
 from memvp_ds.data.prompts import IGNORE_INDEX
 from memvp_ds.model.strategies import STRATEGIES
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import randomise_trainable, tiny_config, tiny_model
 
 N, C, PAD = 16, 32, 3
 # Sample 0 is the longest, so packing puts it first in its row, in front of samples it could leak into.
@@ -40,10 +40,7 @@ def _model(strategy, overrides, attn="sdpa"):
     model = tiny_model(strategy, "model.memvp.dropout=0.0", "model.dvp.dropout=0.0", "model.lavin.dropout=0.0",
                        "model.lora.dropout=0.0",
                        f"model.llm.attn_implementation={attn}", *overrides)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every trainable tensor non-trivial (zero-initialised output maps included)
-        for p in model.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomise_trainable(model)
     return model
 
 
