@@ -33,6 +33,21 @@ def randomise_trainable(module: torch.nn.Module, seed: int = 1, std: float = 0.3
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def write_tiny_export(path, tokenizer_dir: str, strategy: str = "memvp", *overrides: str) -> str:
+    """An export of the tiny ``strategy`` without training: its trainable tensors perturbed (a fresh memory
+    has zero values and would add nothing), the tiny CLIP recipe, the official ScienceQA prompt format unless
+    ``overrides`` say otherwise."""
+    from memvp_ds.export import write_export
+
+    options = [f"data.tokenizer={tokenizer_dir}", "data.prompt_format=qcm_a", *overrides]
+    generator = torch.Generator().manual_seed(1)
+    tensors = {name: (p.detach() + 0.5 * torch.randn(p.shape, generator=generator)).contiguous()
+               for name, p in tiny_model(strategy, *options).trainable_parameters().items()}
+    write_export(tensors, str(path), tiny_config(strategy, *options),
+                 {"model": TINY_VIT, "pretrained": "random", "image_size": 64})
+    return str(path)
+
+
 def dvp_batch(visual_tokens: int = 16, visual_dim: int = 32):
     """A batch for DVP's formula tests: (ids, mask, labels, features, has_image). Row 0: image; row 1: image,
     left-padded by 3; row 2: no image. Prompts end at 4, 6 and 5."""

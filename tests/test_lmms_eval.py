@@ -270,16 +270,13 @@ def test_settings_the_model_cannot_honour_are_refused_in_one_line():
 
 def test_a_chat_template_export_answers_generate_until_tasks_only(tmp_path):
     """Its answers end in the template's end-of-turn token, not the EOS a log-likelihood continuation drops."""
-    from memvp_ds.export import write_export
     from memvp_ds.integrations.lmms_eval_plugin import MemVP
     from tests.chat_tokenizers import chat_tokenizer
-    from tests.conftest import TINY_VIT, tiny_model
+    from tests.conftest import write_tiny_export
 
-    options = [f"data.tokenizer={chat_tokenizer(str(tmp_path / 'tok'), 'qwen2')}", "data.prompt_format=chat_template"]
-    tensors = {name: p.detach().contiguous() for name, p in tiny_model("memvp").trainable_parameters().items()}
-    write_export(tensors, str(tmp_path / "chat.safetensors"), tiny_config("memvp", *options),
-                 {"model": TINY_VIT, "pretrained": "random", "image_size": 64})
-    model = MemVP(weights=str(tmp_path / "chat.safetensors"))
+    tokenizer_dir = chat_tokenizer(str(tmp_path / "tok"), "qwen2")
+    model = MemVP(weights=write_tiny_export(tmp_path / "chat.safetensors", tokenizer_dir, "memvp",
+                                            "data.prompt_format=chat_template"))
     ids = model._prompt_ids("What colour is the circle?", "t", "doc 0")
     assert model.tokenizer.decode(ids).startswith("<|im_start|>system")  # the template renders the prompt
     with pytest.raises(ValueError, match="data.prompt_format=chat_template export is scored with generate_until"):

@@ -26,9 +26,8 @@ import torch
 from PIL import Image
 
 from memvp_ds.data.prompts import build_segments, encode_segments
-from memvp_ds.export import write_export
 from memvp_ds.serve.prompting import chat_prompt
-from tests.conftest import TINY_VIT, tiny_config, tiny_model
+from tests.conftest import TINY_VIT, tiny_model, write_tiny_export
 from tests.helpers import REPO, free_port
 
 openai = pytest.importorskip("openai")
@@ -52,18 +51,6 @@ def _data_url(data: bytes, kind: str = "png") -> str:
 
 
 IMAGES = [_png(np.random.default_rng(i).integers(0, 255, (40 + 8 * i, 50, 3), dtype=np.uint8)) for i in range(8)]
-
-
-def write_tiny_export(path, tokenizer_dir: str) -> str:
-    """A MemVP export without training: the tiny model's trainable tensors perturbed (a fresh memory has
-    zero values and would add nothing), the tiny CLIP recipe, the official ScienceQA prompt format."""
-    cfg = tiny_config("memvp", f"data.tokenizer={tokenizer_dir}", "data.prompt_format=qcm_a")
-    generator = torch.Generator().manual_seed(1)
-    tensors = {name: (p.detach() + 0.5 * torch.randn(p.shape, generator=generator)).contiguous()
-               for name, p in tiny_model("memvp").trainable_parameters().items()}
-    recipe = {"model": TINY_VIT, "pretrained": "random", "image_size": 64}
-    write_export(tensors, str(path), cfg, recipe)
-    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -137,18 +124,14 @@ def test_several_images_go_where_their_parts_are_and_answer_as_generate(tokenize
     alone on the prompt the training encoders build from the same conversation (an <image> tag where each
     image part is) and each image's features; a third image is refused naming its part."""
     from memvp_ds.data.collate import SampleEncoder, collate
-    from memvp_ds.export import write_export
     from memvp_ds.serve.cli import build_service
     from memvp_ds.serve.limits import ServeLimits
     from memvp_ds.vision.clip_features import FeatureRecipe, ClipFeatureExtractor, image_transform, load_clip_visual
 
-    options = [f"data.tokenizer={tokenizer_dir}", "data.prompt_format=conversation", "data.max_images=2"]
-    generator = torch.Generator().manual_seed(1)
-    tensors = {name: (p.detach() + 0.5 * torch.randn(p.shape, generator=generator)).contiguous()
-               for name, p in tiny_model("lavin", *options).trainable_parameters().items()}
+    weights = write_tiny_export(tmp_path / "lavin.safetensors", tokenizer_dir, "lavin",
+                                "data.prompt_format=conversation", "data.max_images=2")
+    service = build_service(weights, limits=ServeLimits(max_rows=4, max_total_tokens=200))
     recipe = FeatureRecipe(model=TINY_VIT, pretrained="random", image_size=64)
-    write_export(tensors, str(tmp_path / "lavin.safetensors"), tiny_config("lavin", *options), recipe.to_dict())
-    service = build_service(str(tmp_path / "lavin.safetensors"), limits=ServeLimits(max_rows=4, max_total_tokens=200))
     extractor = ClipFeatureExtractor(load_clip_visual(recipe), recipe)
     cases = [(["Left:", IMAGES[0], "Right:", IMAGES[1], "Which is red?"], "Left: <image>\nRight: <image>\nWhich is red?"),
              (["What colour?", IMAGES[2]], "What colour?"),  # one image goes in front, as training put it
@@ -196,19 +179,14 @@ def test_a_chat_template_model_is_served_with_its_template(tmp_path):
     ``model.generate`` gives that prompt."""
     from memvp_ds.data.collate import SampleEncoder, collate
     from memvp_ds.data.tokenizer import load_tokenizer
-    from memvp_ds.export import write_export
     from memvp_ds.serve.cli import build_service
     from memvp_ds.serve.limits import ServeLimits
     from tests.chat_tokenizers import chat_tokenizer
 
     tokenizer_dir = chat_tokenizer(str(tmp_path / "tok"), "llama3")
-    options = [f"data.tokenizer={tokenizer_dir}", "data.prompt_format=chat_template"]
-    generator = torch.Generator().manual_seed(1)
-    tensors = {name: (p.detach() + 0.5 * torch.randn(p.shape, generator=generator)).contiguous()
-               for name, p in tiny_model("memvp").trainable_parameters().items()}
-    write_export(tensors, str(tmp_path / "chat.safetensors"), tiny_config("memvp", *options),
-                 {"model": TINY_VIT, "pretrained": "random", "image_size": 64})
-    service = build_service(str(tmp_path / "chat.safetensors"), limits=ServeLimits(max_rows=2, max_total_tokens=200))
+    weights = write_tiny_export(tmp_path / "chat.safetensors", tokenizer_dir, "memvp",
+                                "data.prompt_format=chat_template")
+    service = build_service(weights, limits=ServeLimits(max_rows=2, max_total_tokens=200))
     turns = [("user", "What colour is the circle on the left?"), ("assistant", "It is red."),
              ("user", "And the square on the right?")]
     tokenizer = load_tokenizer(tokenizer_dir)
