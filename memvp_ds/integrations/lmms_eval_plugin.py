@@ -146,7 +146,7 @@ class MemVP(lmms):
 
     def _visual_inputs(self, images: Sequence[Optional[Image.Image]]) -> Dict[str, torch.Tensor]:
         """The model's visual keyword arguments for a batch (features in the model's dtype, as memvp-eval)."""
-        encoded = self.encoder.encode([None if image is None else self.encoder.pixels(image) for image in images])
+        encoded = self.encoder.encode([[] if image is None else [self.encoder.pixels(image)] for image in images])
         return {name: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
                 for name, value in encoded.items()}
 

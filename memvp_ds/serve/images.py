@@ -9,7 +9,7 @@ import base64
 import binascii
 import io
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import torch
 from PIL import Image
@@ -93,10 +93,9 @@ class ImageEncoder:
         """(3, S, S) uint8: the recipe's resize (done per request, off the decode loop)."""
         return image_pixels(image, self.recipe)
 
-    def encode(self, rows: List[Union[None, torch.Tensor, List[torch.Tensor]]]) -> Dict[str, torch.Tensor]:
-        """The model's visual keyword arguments for a batch of rows, each None (no image), one image's pixels
-        or a list of up to ``max_images`` images' pixels."""
-        images = [[] if row is None else [row] if isinstance(row, torch.Tensor) else list(row) for row in rows]
+    def encode(self, images: List[List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The model's visual keyword arguments for a batch of rows, each the list of its images' pixels (up to
+        ``max_images``; none for a text-only row)."""
         slots = self.max_images
         has_image = torch.tensor([[slot < len(row) for slot in range(slots)] for row in images])
         size = self.recipe.image_size
@@ -104,10 +103,10 @@ class ImageEncoder:
         stacked = torch.stack([row[slot] if slot < len(row) else empty for row in images for slot in range(slots)])
         flags = has_image if slots > 1 else has_image[:, 0]
         if self.online:
-            return {"images": stacked.view(len(rows), slots * 3, size, size), "has_image": flags}
+            return {"images": stacked.view(len(images), slots * 3, size, size), "has_image": flags}
         # Stored features are rounded to the recipe's dtype, so the model gets what it was trained on.
         features = self.extractor(normalize_pixels(stacked.to(self.device), self.recipe.mean, self.recipe.std))
         features = features.to(getattr(torch, self.recipe.dtype)).float()
         features = features * has_image.view(-1, 1, 1).to(self.device)
-        return {"image_features": features.view(len(rows), slots * features.shape[1], features.shape[2]),
+        return {"image_features": features.view(len(images), slots * features.shape[1], features.shape[2]),
                 "has_image": flags}
