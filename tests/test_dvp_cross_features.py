@@ -8,8 +8,8 @@ import torch
 
 from memvp_ds import ConfigError, build_model
 from memvp_ds.vision.clip_features import load_clip_visual, normalize_pixels
-from tests.conftest import TINY_VIT, tiny_config
-from tests.test_model_lavin import _official_adapter, _randomise_trainable_module
+from tests.conftest import TINY_VIT, randomise_trainable, tiny_config
+from tests.test_model_lavin import _official_adapter
 
 
 def _online_lavin_dvp(tmp_path, *overrides):
@@ -58,7 +58,7 @@ def test_cross_attention_reads_the_last_clip_block_with_cls_through_the_adapters
     assert got.shape == (2, 17, 32)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Trained adapters: LaVIN's CLIP block x + attn(RepAdapter_Router(ln_1 x)) (router per token) by hand.
-    _randomise_trainable_module(model.vision)
+    randomise_trainable(model.vision, seed=2)
     with torch.no_grad():
         x = model.vision.embed(normalized)
         for routed in model.vision.blocks:
